@@ -1,0 +1,44 @@
+# The two commands of the README: `make run` and `make test`. Both build .venv first, from the
+# pinned versions in constraints.txt, and skip that step when nothing it depends on has changed.
+SHELL := /bin/bash
+PYTHON ?= $(shell command -v python3.11 || command -v python3)
+VENV := .venv
+BIN := $(VENV)/bin
+STAMP := $(VENV)/.installed
+EXTRAS := hf,dev
+export MLFLOW_DISABLE_TELEMETRY := true
+export ITERATIVE_DO_NOT_TRACK := 1
+export PREFECT_SERVER_ANALYTICS_ENABLED := false
+
+.PHONY: venv run test bench lint lock clean
+
+venv: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+run: $(STAMP)
+	$(BIN)/tisslm init-model --out models/demo
+	$(BIN)/tisslm info --model models/demo
+	$(BIN)/tisslm generate --model models/demo --prompt "def " --max-new-tokens 48 --seed 0
+	@echo "Results: models/demo (config.json, model.safetensors, tokenizer.json)"
+
+test: $(STAMP)
+	$(BIN)/python -m pytest
+
+bench: $(STAMP)
+	$(BIN)/python benchmarks/bench_model.py
+
+lint: $(STAMP)
+	$(BIN)/ruff check src stages pipelines tests benchmarks
+	$(BIN)/ruff format --check src stages pipelines tests benchmarks
+
+# Rewrite constraints.txt from the current environment (after changing dependencies).
+lock: $(STAMP)
+	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
+	mv constraints.txt.new constraints.txt
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache

@@ -1,0 +1,125 @@
+"""Autoregressive generation over a batch of prompts of different lengths.
+
+Prompts are left-padded to a common length so that every row's next token sits in the last
+column; the model masks the pads and counts positions from each row's first real token, so a
+batched row decodes exactly as it would alone.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Sequence
+
+import torch
+
+from tisslm.errors import TissLMError
+from tisslm.model import KVCache, TissLM
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the nucleus of mass top_p.
+
+    The nucleus is the smallest set of most likely tokens whose probabilities sum to at least
+    top_p (Holtzman et al., 2019); the most likely token is always kept.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = filter_logits(logits.float() / temperature, top_k, top_p)
+    probs = logits.softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
+    """Reject sampling settings that have no meaning, with a one-line message."""
+    if temperature < 0:
+        raise TissLMError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
+    if top_k is not None and top_k < 1:
+        raise TissLMError(f"top_k={top_k}: must be >= 1")
+    if top_p is not None and not 0 < top_p <= 1:
+        raise TissLMError(f"top_p={top_p}: must be in (0, 1]")
+    if max_new_tokens < 0:
+        raise TissLMError(f"max_new_tokens={max_new_tokens}: must be >= 0")
+
+
+@torch.inference_mode()
+def generate(
+    model: TissLM,
+    prompts: Sequence[Sequence[int]],
+    max_new_tokens: int,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    seed: int | None = None,
+    use_cache: bool = True,
+    stop_tokens: Iterable[int] = (),
+    vocab_limit: int | None = None,
+) -> list[list[int]]:
+    """Continue each prompt (a list of token ids); return the new tokens of each, stop token excluded.
+
+    `vocab_limit` keeps sampling below the tokenizer's vocabulary when the model's embedding
+    has more rows than the tokenizer has tokens.
+    """
+    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    if not prompts or any(len(p) == 0 for p in prompts):
+        raise TissLMError("every prompt needs at least one token")
+    config = model.config
+    longest = max(len(p) for p in prompts)
+    if longest + max_new_tokens > config.max_seq_len:
+        raise TissLMError(
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={config.max_seq_len}"
+        )
+    device = next(model.parameters()).device
+    batch = len(prompts)
+    pads = [longest - len(p) for p in prompts]
+    idx = torch.tensor([[0] * pad + list(p) for pad, p in zip(pads, prompts)], dtype=torch.long, device=device)
+    left_pad = torch.tensor(pads, device=device) if any(pads) else None
+    generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
+    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+
+    was_training = model.training
+    model.eval()
+    try:
+        cache = None
+        if use_cache:
+            dtype = next(model.parameters()).dtype
+            cache = KVCache(config, batch, longest + max_new_tokens, dtype, device, left_pad)
+        logits = model(idx, cache=cache, left_pad=None if use_cache else left_pad)[:, -1]  # (B, V)
+        new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+        finished = torch.zeros(batch, dtype=torch.bool, device=device)
+        lengths = torch.full((batch,), max_new_tokens, device=device)
+        for step in range(max_new_tokens):
+            if vocab_limit is not None:
+                logits[:, vocab_limit:] = float("-inf")
+            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            new_tokens = torch.cat((new_tokens, next_token[:, None]), dim=1)  # (B, step + 1)
+            just_stopped = torch.isin(next_token, stop) & ~finished
+            lengths[just_stopped] = step
+            finished |= just_stopped
+            if finished.all() or step == max_new_tokens - 1:
+                break
+            if use_cache:
+                logits = model(next_token[:, None], cache=cache)[:, -1]
+            else:
+                logits = model(torch.cat((idx, new_tokens), dim=1), left_pad=left_pad)[:, -1]
+    finally:
+        model.train(was_training)
+    return [row[:n].tolist() for row, n in zip(new_tokens, lengths.tolist())]

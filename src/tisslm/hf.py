@@ -1,0 +1,125 @@
+"""Convert between TissLM and Hugging Face `transformers`' LlamaForCausalLM.
+
+TissLM is a Llama: same norm, same rotary convention, same feed-forward. Only the names differ,
+and TissLM stores q/k/v and gate/up each fused in one matrix, which Llama keeps apart. Needs the
+optional extra `tisslm[hf]`.
+"""
+
+from __future__ import annotations
+
+from typing import TYPE_CHECKING
+
+import torch
+
+from tisslm.model import ModelConfig, TissLM
+
+if TYPE_CHECKING:
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+
+def llama_config(config: ModelConfig) -> LlamaConfig:
+    from transformers import LlamaConfig
+
+    return LlamaConfig(
+        vocab_size=config.vocab_size,
+        hidden_size=config.d_model,
+        intermediate_size=config.d_ff,
+        num_hidden_layers=config.n_layers,
+        num_attention_heads=config.n_heads,
+        num_key_value_heads=config.n_kv_heads,
+        head_dim=config.head_dim,
+        max_position_embeddings=config.max_seq_len,
+        rms_norm_eps=config.norm_eps,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        tie_word_embeddings=config.tie_embeddings,
+        attention_dropout=config.dropout,
+        hidden_act="silu",
+        attention_bias=False,
+        mlp_bias=False,
+    )
+
+
+def model_config_from_llama(hf_config: LlamaConfig) -> ModelConfig:
+    rope = hf_config.rope_parameters or {}
+    if rope.get("rope_type", "default") != "default":
+        raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; TissLM uses plain RoPE")
+    return ModelConfig(
+        vocab_size=hf_config.vocab_size,
+        d_model=hf_config.hidden_size,
+        n_layers=hf_config.num_hidden_layers,
+        n_heads=hf_config.num_attention_heads,
+        n_kv_heads=hf_config.num_key_value_heads,
+        d_ff=hf_config.intermediate_size,
+        max_seq_len=hf_config.max_position_embeddings,
+        rope_theta=rope.get("rope_theta", 10000.0),
+        norm_eps=hf_config.rms_norm_eps,
+        dropout=float(hf_config.attention_dropout or 0.0),
+        tie_embeddings=hf_config.tie_word_embeddings,
+    )
+
+
+def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str], list[int]]]:
+    """(TissLM key, Llama keys, row sizes) for the fused matrices of one layer."""
+    kv_rows = config.n_kv_heads * config.head_dim
+    ours, theirs = f"layers.{layer}.", f"model.layers.{layer}."
+    return [
+        (
+            ours + "attn.qkv.weight",
+            [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"],
+            [config.n_heads * config.head_dim, kv_rows, kv_rows],
+        ),
+        (ours + "ffn.gate_up.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], [config.d_ff] * 2),
+    ]
+
+
+def _renames(config: ModelConfig) -> dict[str, str]:
+    """TissLM key -> Llama key for the tensors that map one to one."""
+    names = {"tok_emb.weight": "model.embed_tokens.weight", "norm.weight": "model.norm.weight"}
+    if not config.tie_embeddings:
+        names["lm_head.weight"] = "lm_head.weight"
+    for i in range(config.n_layers):
+        ours, theirs = f"layers.{i}.", f"model.layers.{i}."
+        names[ours + "attn_norm.weight"] = theirs + "input_layernorm.weight"
+        names[ours + "attn.o_proj.weight"] = theirs + "self_attn.o_proj.weight"
+        names[ours + "ffn_norm.weight"] = theirs + "post_attention_layernorm.weight"
+        names[ours + "ffn.down.weight"] = theirs + "mlp.down_proj.weight"
+    return names
+
+
+def to_llama_state_dict(model: TissLM) -> dict[str, torch.Tensor]:
+    config, state = model.config, model.state_dict()
+    out = {theirs: state[ours] for ours, theirs in _renames(config).items()}
+    for i in range(config.n_layers):
+        for ours, theirs, sizes in _fused_layout(config, i):
+            out.update(zip(theirs, state[ours].split(sizes, dim=0)))
+    return {k: v.detach().clone() for k, v in out.items()}
+
+
+def from_llama_state_dict(state: dict[str, torch.Tensor], config: ModelConfig) -> dict[str, torch.Tensor]:
+    out = {ours: state[theirs] for ours, theirs in _renames(config).items()}
+    for i in range(config.n_layers):
+        for ours, theirs, _ in _fused_layout(config, i):
+            out[ours] = torch.cat([state[k] for k in theirs], dim=0)
+    if config.tie_embeddings:
+        out["lm_head.weight"] = out["tok_emb.weight"]
+    return out
+
+
+def to_hf(model: TissLM) -> LlamaForCausalLM:
+    """A LlamaForCausalLM with the same weights, in the same dtype, in eval mode."""
+    from transformers import LlamaForCausalLM
+
+    hf_model = LlamaForCausalLM(llama_config(model.config))
+    hf_model.load_state_dict(to_llama_state_dict(model), strict=not model.config.tie_embeddings)
+    if model.config.tie_embeddings:
+        hf_model.tie_weights()
+    return hf_model.to(next(model.parameters()).dtype).eval()
+
+
+def from_hf(hf_model: LlamaForCausalLM) -> TissLM:
+    config = model_config_from_llama(hf_model.config)
+    model = TissLM(config)
+    model.load_state_dict(from_llama_state_dict(hf_model.state_dict(), config))
+    if config.tie_embeddings:
+        model.lm_head.weight = model.tok_emb.weight
+    return model.to(next(hf_model.parameters()).dtype).eval()

@@ -1,0 +1,332 @@
+"""TissLM: a small Llama-style decoder-only transformer in one readable file.
+
+Pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings in Hugging Face Llama's
+rotate-half convention (so weights map one to one onto `LlamaForCausalLM`, see `tisslm.hf`),
+grouped-query attention through `F.scaled_dot_product_attention`, optional tied embeddings, and
+a preallocated KV cache for incremental decoding.
+
+The query/key/value projections and the SwiGLU gate/up projections are each fused into one
+matrix: on a CPU, one larger matmul is markedly faster than three small ones.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+
+import torch
+import torch.nn as nn
+import torch.nn.functional as F
+from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
+from safetensors import SafetensorError
+from safetensors.torch import load_file, save_file
+from tokenizers import Tokenizer
+
+from tisslm.errors import TissLMError, parse
+from tisslm.io import atomic_dir
+
+CONFIG_FILE = "config.json"
+WEIGHTS_FILE = "model.safetensors"
+TOKENIZER_FILE = "tokenizer.json"
+
+
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters; the `model` section of params.yaml and a model's config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: PositiveInt = 8192  # rows of the embedding; may exceed the tokenizer's vocabulary
+    d_model: PositiveInt = 256  # width of the residual stream
+    n_layers: PositiveInt = 6  # number of transformer blocks
+    n_heads: PositiveInt = 8  # query heads; head_dim = d_model // n_heads
+    n_kv_heads: PositiveInt = 2  # key/value heads shared by groups of query heads (1 = MQA)
+    d_ff: PositiveInt = 704  # hidden width of the SwiGLU feed-forward
+    max_seq_len: PositiveInt = 512  # longest context: sizes the RoPE tables and the KV cache
+    rope_theta: float = Field(10000.0, gt=0)  # RoPE base; larger stretches the longest wavelength
+    norm_eps: float = Field(1e-5, gt=0)  # added to the mean square in RMSNorm
+    dropout: float = Field(0.0, ge=0, lt=1)  # on embeddings, attention weights and residual branches
+    tie_embeddings: bool = True  # share the embedding matrix with the output head
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class RMSNorm(nn.Module):
+    """Root-mean-square norm, computed in at least float32 as Llama does, then scaled."""
+
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        compute_dtype = torch.promote_types(x.dtype, torch.float32)
+        normed = F.rms_norm(x.to(compute_dtype), (x.size(-1),), eps=self.eps)
+        return self.weight * normed.to(x.dtype)
+
+
+def rope_tables(head_dim: int, max_seq_len: int, theta: float) -> tuple[torch.Tensor, torch.Tensor]:
+    """cos and sin tables (max_seq_len, head_dim), computed exactly as Hugging Face Llama does."""
+    inv_freq = 1.0 / (theta ** (torch.arange(0, head_dim, 2, dtype=torch.float) / head_dim))
+    freqs = torch.arange(max_seq_len, dtype=torch.float)[:, None] * inv_freq  # (T, head_dim/2)
+    angles = torch.cat((freqs, freqs), dim=-1)  # (T, head_dim)
+    return angles.cos(), angles.sin()
+
+
+def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
+    """Rotate x (..., T, head_dim) by position: the rotate-half pairing (i, i + head_dim/2)."""
+    x1, x2 = x.chunk(2, dim=-1)
+    rotated = torch.cat((-x2, x1), dim=-1)
+    return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+class KVCache:
+    """Preallocated keys and values of every layer, filled as decoding proceeds.
+
+    Rows of a left-padded batch record their pad length, so that positions count from each
+    row's first real token and no query ever attends to a pad.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        batch_size: int,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+        left_pad: torch.Tensor | None = None,
+    ):
+        self.max_len = max_len or config.max_seq_len
+        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
+        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv_heads, S_max, head_dim)
+        self.values = torch.zeros(shape, dtype=dtype, device=device)
+        self.length = 0  # positions filled so far, pads included
+        self.left_pad = left_pad  # (B,) pad tokens at the start of each row, or None
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Write k, v (B, n_kv_heads, T, head_dim) at `start`; return all keys and values so far."""
+        end = start + k.size(2)
+        self.keys[layer, :, :, start:end] = k
+        self.values[layer, :, :, start:end] = v
+        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_heads, end, head_dim)
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.layer = layer
+        self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
+        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
+        self.dropout = config.dropout
+        self.resid_dropout = nn.Dropout(config.dropout)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+        cache: KVCache | None,
+        start: int,
+    ) -> torch.Tensor:
+        B, T, _ = x.shape
+        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
+        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
+        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
+        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
+        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        if cache is not None:
+            k, v = cache.update(self.layer, start, k, v)  # (B, n_kv_heads, S, head_dim)
+        y = F.scaled_dot_product_attention(
+            q,
+            k,
+            v,
+            attn_mask=mask,
+            is_causal=mask is None and T > 1,
+            dropout_p=self.dropout if self.training else 0.0,
+            enable_gqa=self.n_kv_heads != self.n_heads,
+        )  # (B, n_heads, T, head_dim)
+        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_heads * head_dim)
+        return self.resid_dropout(self.o_proj(y))
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.d_ff = config.d_ff
+        self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
+        self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
+        self.dropout = nn.Dropout(config.dropout)
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        gate, up = self.gate_up(x).split(self.d_ff, dim=-1)  # (B, T, d_ff) each
+        return self.dropout(self.down(F.silu(gate) * up))
+
+
+class Block(nn.Module):
+    def __init__(self, config: ModelConfig, layer: int):
+        super().__init__()
+        self.attn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.attn = Attention(config, layer)
+        self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
+        self.ffn = SwiGLU(config)
+
+    def forward(self, x, cos, sin, mask, cache, start):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+        return x + self.ffn(self.ffn_norm(x))
+
+
+class TissLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
+        self.emb_dropout = nn.Dropout(config.dropout)
+        self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
+        self.norm = RMSNorm(config.d_model, config.norm_eps)
+        self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
+        if config.tie_embeddings:
+            self.lm_head.weight = self.tok_emb.weight
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        self.register_buffer("rope_cos", cos, persistent=False)  # (max_seq_len, head_dim)
+        self.register_buffer("rope_sin", sin, persistent=False)
+        self.apply(self._init_weights)
+        # GPT-2's scaled init: each residual branch adds variance, so its output projection
+        # starts smaller in proportion to the depth.
+        for name, param in self.named_parameters():
+            if name.endswith(("o_proj.weight", "down.weight")):
+                nn.init.normal_(param, mean=0.0, std=0.02 / math.sqrt(2 * config.n_layers))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+
+    def num_parameters(self, exclude_embeddings: bool = False) -> int:
+        total = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
+        return total - self.tok_emb.weight.numel() if exclude_embeddings else total
+
+    def flops_per_token(self, seq_len: int) -> float:
+        """Training FLOPs per token (forward + backward), as in the PaLM paper's MFU.
+
+        6 per matmul weight per token (the embedding lookup is no matmul, the output head is),
+        plus 12 * n_layers * d_model * seq_len for the attention scores and their weighted sum.
+        """
+        matmul_weights = sum(m.weight.numel() for m in self.modules() if isinstance(m, nn.Linear))
+        c = self.config
+        return 6 * matmul_weights + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
+
+    def forward(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        left_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T).
+
+        With `cache`, idx continues the sequences the cache holds (and the cache's pad lengths
+        apply); without, idx is whole and `left_pad` (B,) says how many leading tokens are pads.
+        """
+        B, T = idx.shape
+        start = cache.length if cache is not None else 0
+        end = start + T
+        if end > self.config.max_seq_len:
+            raise TissLMError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        if cache is not None:
+            if end > cache.max_len:
+                raise TissLMError(f"KV cache holds {cache.max_len} positions, {end} requested")
+            left_pad = cache.left_pad
+        cos, sin, mask = self._positions(B, T, start, left_pad, idx.device)
+
+        x = self.emb_dropout(self.tok_emb(idx))  # (B, T, d_model)
+        for block in self.layers:
+            x = block(x, cos, sin, mask, cache, start)
+        if cache is not None:
+            cache.length = end
+        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+
+    def _positions(self, B: int, T: int, start: int, left_pad: torch.Tensor | None, device: torch.device):
+        """RoPE tables for the new positions and the attention mask (None: plain causal or decode)."""
+        end = start + T
+        if left_pad is None:
+            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, head_dim)
+            if start == 0 or T == 1:  # SDPA's is_causal covers prefill; one new token sees all
+                return cos, sin, None
+            query_pos = torch.arange(start, end, device=device)[:, None]  # (T, 1)
+            return cos, sin, torch.arange(end, device=device) <= query_pos  # (T, S)
+        # Left-padded rows: positions count from each row's first real token.
+        query_pos = torch.arange(start, end, device=device)  # (T,)
+        positions = (query_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        key_pos = torch.arange(end, device=device)  # (S,)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        real_key = key_pos[None, :] >= left_pad[:, None]  # (B, S)
+        # A pad query may attend to itself, so no row of the mask is empty (SDPA would give NaN).
+        self_key = key_pos[None, :] == query_pos[:, None]  # (T, S)
+        mask = (causal[None] & real_key[:, None, :]) | self_key[None]  # (B, T, S)
+        return cos, sin, mask.unsqueeze(1)  # (B, 1, T, S)
+
+    # ---- persistence: safetensors + config.json, the layout Hugging Face tools expect ----
+
+    def save_pretrained(self, directory: str | Path, tokenizer: Tokenizer | None = None) -> Path:
+        """Write config.json, model.safetensors (and tokenizer.json) atomically into `directory`."""
+        state = {k: v.detach().contiguous() for k, v in self.state_dict().items()}
+        if self.config.tie_embeddings:
+            del state["lm_head.weight"]  # safetensors stores no aliases; tying restores it on load
+        with atomic_dir(directory) as tmp:
+            (tmp / CONFIG_FILE).write_text(json.dumps(self.config.model_dump(), indent=2) + "\n")
+            save_file(state, tmp / WEIGHTS_FILE, metadata={"format": "pt"})
+            if tokenizer is not None:
+                tokenizer.save(str(tmp / TOKENIZER_FILE))
+        return Path(directory)
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: torch.device | str = "cpu") -> TissLM:
+        directory = Path(directory)
+        config_path, weights_path = directory / CONFIG_FILE, directory / WEIGHTS_FILE
+        for path in (config_path, weights_path):
+            if not path.is_file():
+                raise TissLMError(f"{path}: not found (is {directory} a TissLM model directory?)")
+        try:
+            raw_config = json.loads(config_path.read_text())
+        except (json.JSONDecodeError, UnicodeDecodeError) as err:
+            raise TissLMError(f"{config_path}: not valid JSON ({err})") from None
+        config = parse(ModelConfig, raw_config, str(config_path))
+        try:
+            state = load_file(weights_path, device=str(device))
+        except (SafetensorError, OSError) as err:
+            raise TissLMError(f"{weights_path}: unreadable safetensors file ({err})") from None
+        with torch.device("meta"):
+            model = cls(config)
+        model = model.to_empty(device=device)
+        cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
+        model.rope_cos.copy_(cos)
+        model.rope_sin.copy_(sin)
+        if config.tie_embeddings:
+            state["lm_head.weight"] = state.get("tok_emb.weight")
+        expected = set(model.state_dict())
+        if set(state) != expected:
+            missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
+            raise TissLMError(f"{weights_path}: tensors do not match config (missing {missing}, unexpected {unexpected})")
+        try:
+            model.load_state_dict(state, strict=True, assign=True)
+        except RuntimeError as err:
+            raise TissLMError(f"{weights_path}: {str(err).splitlines()[-1].strip()}") from None
+        if config.tie_embeddings:
+            model.lm_head.weight = model.tok_emb.weight
+        return model

@@ -1,0 +1,117 @@
+"""Sampling filters and batched generation."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from tisslm.errors import TissLMError
+from tisslm.generate import filter_logits, generate, sample_next
+
+PROMPTS = [[5, 17, 3, 44, 9, 2, 71], [8], [60, 61, 62, 63]]
+
+
+def draws(logits: torch.Tensor, n: int = 3000, **kw) -> set[int]:
+    g = torch.Generator().manual_seed(0)
+    return set(sample_next(logits.expand(n, -1), generator=g, **kw).tolist())
+
+
+def test_top_k_never_samples_outside_the_k_best():
+    torch.manual_seed(1)
+    logits = torch.randn(1, 50) * 0.3  # flat: without the cut, all 50 would be drawn
+    best = set(torch.topk(logits, 5).indices[0].tolist())
+    assert draws(logits, top_k=5) == best
+    assert len(draws(logits)) > 40
+
+
+@pytest.mark.parametrize(
+    "top_p, nucleus",
+    [(0.5, {0}), (0.75, {0, 1}), (0.79, {0, 1}), (0.81, {0, 1, 2}), (1.0, {0, 1, 2, 3, 4})],
+)
+def test_top_p_samples_exactly_the_minimal_nucleus(top_p, nucleus):
+    probs = torch.tensor([[0.5, 0.3, 0.1, 0.06, 0.04]], dtype=torch.float64)
+    order = torch.tensor([3, 0, 4, 1, 2])  # shuffle so the result cannot lean on index order
+    logits = probs.log()[:, order]
+    assert draws(logits, top_p=top_p) == {int((order == i).nonzero()) for i in nucleus}
+
+
+def test_top_p_on_random_logits_matches_an_independent_nucleus():
+    torch.manual_seed(2)
+    logits = torch.randn(4, 40) * 2
+    kept = torch.isfinite(filter_logits(logits, top_p=0.9))
+    for row, mask in zip(logits.softmax(-1), kept):
+        probs, order = row.sort(descending=True)
+        size = int((probs.cumsum(0) < 0.9).sum()) + 1  # smallest prefix reaching 0.9
+        assert set(order[:size].tolist()) == set(mask.nonzero().squeeze(-1).tolist())
+
+
+def test_top_k_and_top_p_compose():
+    logits = torch.tensor([[4.0, 3.9, 3.8, 0.0, -1.0]])
+    kept = torch.isfinite(filter_logits(logits, top_k=2, top_p=0.99))
+    assert kept.tolist() == [[True, True, False, False, False]]
+
+
+def test_tiny_temperature_equals_greedy(tiny_model):
+    greedy = generate(tiny_model, PROMPTS, 12, temperature=0)
+    assert generate(tiny_model, PROMPTS, 12, temperature=1e-4, seed=3) == greedy
+
+
+def test_same_seed_same_tokens_other_seed_other_tokens(tiny_model):
+    a = generate(tiny_model, PROMPTS, 16, temperature=1.0, seed=7)
+    assert generate(tiny_model, PROMPTS, 16, temperature=1.0, seed=7) == a
+    assert generate(tiny_model, PROMPTS, 16, temperature=1.0, seed=8) != a
+
+
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_batched_equals_one_by_one(tiny_model, use_cache):
+    batched = generate(tiny_model, PROMPTS, 15, temperature=0, use_cache=use_cache)
+    alone = [generate(tiny_model, [p], 15, temperature=0, use_cache=use_cache)[0] for p in PROMPTS]
+    assert batched == alone
+    assert all(len(out) == 15 for out in batched)
+
+
+def test_cache_and_no_cache_agree(tiny_model):
+    assert generate(tiny_model, PROMPTS, 20, temperature=0, use_cache=True) == generate(
+        tiny_model, PROMPTS, 20, temperature=0, use_cache=False
+    )
+
+
+def test_stop_token_ends_each_row_and_is_excluded(tiny_model):
+    free = generate(tiny_model, PROMPTS, 12, temperature=0)
+    stop = free[0][4]
+    out = generate(tiny_model, PROMPTS, 12, temperature=0, stop_tokens=[stop])
+    for free_row, row in zip(free, out):
+        expected = free_row[: free_row.index(stop)] if stop in free_row else free_row
+        assert row == expected
+
+
+def test_vocab_limit_keeps_ids_below_it(tiny_model):
+    out = generate(tiny_model, PROMPTS, 30, temperature=2.0, seed=0, vocab_limit=10)
+    assert all(0 <= t < 10 for row in out for t in row)
+
+
+def test_generation_leaves_training_mode_as_it_was():
+    model = make_model(dropout=0.1).train()
+    generate(model, [[1, 2]], 3, temperature=0)
+    assert model.training
+
+
+@pytest.mark.parametrize(
+    "kwargs, message",
+    [
+        (dict(temperature=-0.5), "temperature=-0.5"),
+        (dict(top_k=0), "top_k=0"),
+        (dict(top_p=1.5), "top_p=1.5"),
+        (dict(max_new_tokens=60), "exceeds max_seq_len=64"),
+    ],
+)
+def test_invalid_sampling_arguments_are_refused(tiny_model, kwargs, message):
+    args = {"max_new_tokens": 5, **kwargs}
+    with pytest.raises(TissLMError, match=message):
+        generate(tiny_model, PROMPTS, **args)
+
+
+def test_empty_prompt_is_refused(tiny_model):
+    with pytest.raises(TissLMError, match="at least one token"):
+        generate(tiny_model, [[1], []], 3)

@@ -1,0 +1,196 @@
+"""Numerical properties of the TissLM forward pass."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+from conftest import make_model
+
+from tisslm.model import KVCache, ModelConfig, RMSNorm, apply_rope, rope_tables
+
+
+def reference_logits(model, idx: torch.Tensor) -> torch.Tensor:
+    """The same network written out with explicit softmax attention and repeated K/V heads."""
+    c = model.config
+    B, T = idx.shape
+    hd, group = c.head_dim, c.n_heads // c.n_kv_heads
+    cos, sin = rope_tables(hd, T, c.rope_theta)
+
+    def rms(x, weight):
+        return weight * x / torch.sqrt(x.pow(2).mean(-1, keepdim=True) + c.norm_eps)
+
+    def rotate(x):  # x (B, H, T, hd), rotate-half convention written with explicit pairs
+        half = hd // 2
+        a, b = x[..., :half], x[..., half:]
+        return torch.cat((a * cos[:, :half] - b * sin[:, :half], b * cos[:, half:] + a * sin[:, half:]), -1)
+
+    x = model.tok_emb.weight[idx]
+    causal = torch.ones(T, T, dtype=torch.bool).tril()
+    for layer in model.layers:
+        h = rms(x, layer.attn_norm.weight)
+        w_q, w_k, w_v = layer.attn.qkv.weight.split([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd])
+        q = (h @ w_q.T).view(B, T, c.n_heads, hd).transpose(1, 2)
+        k = (h @ w_k.T).view(B, T, c.n_kv_heads, hd).transpose(1, 2).repeat_interleave(group, dim=1)
+        v = (h @ w_v.T).view(B, T, c.n_kv_heads, hd).transpose(1, 2).repeat_interleave(group, dim=1)
+        scores = rotate(q) @ rotate(k).transpose(-1, -2) / math.sqrt(hd)
+        attn = scores.masked_fill(~causal, float("-inf")).softmax(-1) @ v
+        x = x + attn.transpose(1, 2).reshape(B, T, -1) @ layer.attn.o_proj.weight.T
+        h = rms(x, layer.ffn_norm.weight)
+        gate, up = (h @ layer.ffn.gate_up.weight.T).split(c.d_ff, dim=-1)
+        x = x + (F.silu(gate) * up) @ layer.ffn.down.weight.T
+    return rms(x, model.norm.weight) @ model.lm_head.weight.T
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_forward_matches_explicit_reference(n_kv_heads):
+    model = make_model(n_kv_heads=n_kv_heads, dtype=torch.float64)
+    idx = torch.randint(0, 97, (2, 20))
+    torch.testing.assert_close(model(idx), reference_logits(model, idx), atol=1e-10, rtol=0)
+
+
+def test_gqa_with_all_heads_equals_multi_head_attention():
+    """A GQA model equals the MHA model whose K/V heads are its own repeated per group."""
+    gqa = make_model(n_kv_heads=2)
+    mha = make_model(n_kv_heads=4)
+    c, hd = gqa.config, gqa.config.head_dim
+    shared = {k: v for k, v in gqa.state_dict().items() if not k.endswith("qkv.weight")}
+    mha.load_state_dict(shared, strict=False)
+    with torch.no_grad():
+        for g_layer, m_layer in zip(gqa.layers, mha.layers):
+            w_q, w_k, w_v = g_layer.attn.qkv.weight.split([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd])
+            repeat = c.n_heads // c.n_kv_heads
+            w_k = w_k.view(c.n_kv_heads, hd, -1).repeat_interleave(repeat, dim=0).reshape(-1, c.d_model)
+            w_v = w_v.view(c.n_kv_heads, hd, -1).repeat_interleave(repeat, dim=0).reshape(-1, c.d_model)
+            m_layer.attn.qkv.weight.copy_(torch.cat((w_q, w_k, w_v)))
+    idx = torch.randint(0, 97, (3, 17))
+    torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("left_pad", [None, [0, 3, 5]])
+def test_causality(left_pad):
+    model = make_model()
+    pad = None if left_pad is None else torch.tensor(left_pad)
+    idx = torch.randint(0, 97, (3, 24))
+    base = model(idx, left_pad=pad)
+    for t in (5, 11, 22):
+        changed = idx.clone()
+        changed[:, t + 1 :] = torch.randint(0, 97, changed[:, t + 1 :].shape)
+        out = model(changed, left_pad=pad)
+        torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
+        assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the future did change
+
+
+def test_left_padding_equals_unpadded_rows():
+    model = make_model()
+    rows = [torch.randint(0, 97, (n,)) for n in (9, 14, 6)]
+    longest = 14
+    idx = torch.stack([torch.cat((torch.zeros(longest - len(r), dtype=torch.long), r)) for r in rows])
+    pad = torch.tensor([longest - len(r) for r in rows])
+    padded = model(idx, left_pad=pad)
+    for i, row in enumerate(rows):
+        torch.testing.assert_close(padded[i, pad[i] :], model(row[None])[0], atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("left_pad", [None, [4, 0]])
+@pytest.mark.parametrize("chunks", [[10, 1, 1, 1, 1, 1], [6, 3, 1, 4]], ids=["decode", "chunked-prefill"])
+def test_cached_decoding_equals_full_forward(left_pad, chunks):
+    model = make_model()
+    idx = torch.randint(0, 97, (2, sum(chunks)))
+    pad = None if left_pad is None else torch.tensor(left_pad)
+    full = model(idx, left_pad=pad)
+    cache = KVCache(model.config, batch_size=2, left_pad=pad)
+    start = 0
+    for size in chunks:
+        step = model(idx[:, start : start + size], cache=cache)
+        torch.testing.assert_close(step, full[:, start : start + size], atol=1e-5, rtol=0)
+        start += size
+    assert cache.length == sum(chunks)
+
+
+def test_rope_scores_depend_only_on_relative_offset():
+    head_dim = 16
+    cos, sin = rope_tables(head_dim, 128, 10000.0)
+    q, k = torch.randn(head_dim, dtype=torch.float64), torch.randn(head_dim, dtype=torch.float64)
+    cos, sin = cos.double(), sin.double()
+
+    def score(m, n):
+        return (apply_rope(q, cos[m], sin[m]) @ apply_rope(k, cos[n], sin[n])).item()
+
+    for m, n in [(3, 1), (10, 10), (7, 30)]:
+        for shift in (1, 17, 60):
+            assert score(m, n) == pytest.approx(score(m + shift, n + shift), abs=1e-5)  # float32 tables
+    assert score(5, 1) != pytest.approx(score(5, 2), abs=1e-3)  # it does depend on the offset
+
+
+def test_rmsnorm_and_rope_pass_gradcheck():
+    norm = RMSNorm(8, eps=1e-5).double()
+    with torch.no_grad():
+        norm.weight.uniform_(0.5, 1.5)
+    x = torch.randn(3, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(norm, (x,))
+    cos, sin = rope_tables(8, 5, 10000.0)
+    x = torch.randn(2, 5, 8, dtype=torch.float64, requires_grad=True)
+    assert torch.autograd.gradcheck(lambda t: apply_rope(t, cos.double(), sin.double()), (x,))
+
+
+def test_dropout_active_only_in_training():
+    model = make_model(dropout=0.2)
+    idx = torch.randint(0, 97, (2, 10))
+    model.train()
+    assert not torch.equal(model(idx), model(idx))
+    model.eval()
+    assert torch.equal(model(idx), model(idx))
+
+
+def test_tied_embeddings_share_one_matrix():
+    tied, untied = make_model(tie_embeddings=True), make_model(tie_embeddings=False)
+    assert tied.lm_head.weight is tied.tok_emb.weight
+    assert untied.lm_head.weight is not untied.tok_emb.weight
+    assert untied.num_parameters() - tied.num_parameters() == 97 * 32
+
+
+def test_scaled_init_shrinks_residual_projections():
+    torch.manual_seed(0)
+    from tisslm.model import TissLM
+
+    model = TissLM(ModelConfig(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=256))
+    assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
+    assert model.layers[0].attn.o_proj.weight.std().item() == pytest.approx(0.02 / 4, rel=0.05)
+
+
+def test_training_step_reduces_loss():
+    model = make_model().train()
+    idx = torch.randint(0, 97, (4, 16))
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-2)
+    losses = []
+    for _ in range(5):
+        logits = model(idx[:, :-1])
+        loss = F.cross_entropy(logits.reshape(-1, 97), idx[:, 1:].reshape(-1))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] * 0.8
+
+
+@pytest.mark.parametrize(
+    "bad, message",
+    [
+        (dict(d_model=30, n_heads=10, n_kv_heads=5), "head_dim=d_model/n_heads=3 must be even"),
+        (dict(n_heads=4, n_kv_heads=3), "n_kv_heads=3 must divide n_heads=4"),
+        (dict(d_model=30, n_heads=7), "n_heads=7 must divide d_model=30"),
+    ],
+)
+def test_config_rejects_impossible_shapes(bad, message):
+    with pytest.raises(ValueError, match=message):
+        ModelConfig(**{**dict(vocab_size=10, d_ff=8), **bad})
+
+
+def test_sequence_longer_than_context_is_refused(tiny_model):
+    from tisslm.errors import TissLMError
+
+    with pytest.raises(TissLMError, match="max_seq_len=64"):
+        tiny_model(torch.zeros(1, 65, dtype=torch.long))
