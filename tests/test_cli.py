@@ -61,7 +61,16 @@ def test_cli_invalid_params_exit_2_with_one_line(tmp_path):
 
 def test_cli_init_info_generate(tmp_path):
     model_dir = tmp_path / "m"
-    small = ["--set", "model.d_model=32", "--set", "model.n_layers=2", "--set", "model.n_heads=4", "--set", "model.d_ff=64"]
+    small = [
+        "--set",
+        "model.d_model=32",
+        "--set",
+        "model.n_layers=2",
+        "--set",
+        "model.n_heads=4",
+        "--set",
+        "model.d_ff=64",
+    ]
     assert tisslm("init-model", "--out", str(model_dir), *small).returncode == 0
     info = json.loads(tisslm("info", "--model", str(model_dir), "--json").stdout)
     assert info["config"]["d_model"] == 32 and info["tokenizer_vocab_size"] == 257

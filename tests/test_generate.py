@@ -40,7 +40,7 @@ def test_top_p_on_random_logits_matches_an_independent_nucleus():
     torch.manual_seed(2)
     logits = torch.randn(4, 40) * 2
     kept = torch.isfinite(filter_logits(logits, top_p=0.9))
-    for row, mask in zip(logits.softmax(-1), kept):
+    for row, mask in zip(logits.softmax(-1), kept, strict=True):
         probs, order = row.sort(descending=True)
         size = int((probs.cumsum(0) < 0.9).sum()) + 1  # smallest prefix reaching 0.9
         assert set(order[:size].tolist()) == set(mask.nonzero().squeeze(-1).tolist())
@@ -81,7 +81,7 @@ def test_stop_token_ends_each_row_and_is_excluded(tiny_model):
     free = generate(tiny_model, PROMPTS, 12, temperature=0)
     stop = free[0][4]
     out = generate(tiny_model, PROMPTS, 12, temperature=0, stop_tokens=[stop])
-    for free_row, row in zip(free, out):
+    for free_row, row in zip(free, out, strict=True):
         expected = free_row[: free_row.index(stop)] if stop in free_row else free_row
         assert row == expected
 

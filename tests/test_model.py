@@ -59,7 +59,7 @@ def test_gqa_with_all_heads_equals_multi_head_attention():
     shared = {k: v for k, v in gqa.state_dict().items() if not k.endswith("qkv.weight")}
     mha.load_state_dict(shared, strict=False)
     with torch.no_grad():
-        for g_layer, m_layer in zip(gqa.layers, mha.layers):
+        for g_layer, m_layer in zip(gqa.layers, mha.layers, strict=True):
             w_q, w_k, w_v = g_layer.attn.qkv.weight.split([c.n_heads * hd, c.n_kv_heads * hd, c.n_kv_heads * hd])
             repeat = c.n_heads // c.n_kv_heads
             w_k = w_k.view(c.n_kv_heads, hd, -1).repeat_interleave(repeat, dim=0).reshape(-1, c.d_model)
@@ -194,3 +194,46 @@ def test_sequence_longer_than_context_is_refused(tiny_model):
 
     with pytest.raises(TissLMError, match="max_seq_len=64"):
         tiny_model(torch.zeros(1, 65, dtype=torch.long))
+
+
+@pytest.mark.parametrize("tie", [True, False])
+def test_fused_loss_equals_cross_entropy_of_logits(tie):
+    """Same loss and same gradients as F.cross_entropy over materialised logits."""
+    fused_model, plain_model = make_model(tie_embeddings=tie), make_model(tie_embeddings=tie)
+    idx = torch.randint(0, 97, (3, 40))
+    targets = torch.randint(0, 97, (3, 40))
+    targets[0, :7] = -100  # ignored positions count neither in the sum nor the mean
+    from tisslm.model import linear_cross_entropy
+
+    fused = fused_model.loss(idx, targets)
+    plain = F.cross_entropy(plain_model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
+    torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
+    fused.backward()
+    plain.backward()
+    for (name, a), b in zip(fused_model.named_parameters(), plain_model.parameters(), strict=True):
+        torch.testing.assert_close(a.grad, b.grad, atol=1e-6, rtol=1e-5, msg=name)
+    with torch.no_grad():  # the no-grad path (evaluation) gives the same value
+        hidden = fused_model.hidden_states(idx).flatten(0, 1)
+        value = linear_cross_entropy(hidden, fused_model.lm_head.weight, targets.flatten(), chunk_rows=16)
+    torch.testing.assert_close(value, plain.detach(), atol=1e-6, rtol=0)
+
+
+def test_fused_loss_passes_gradcheck():
+    from tisslm.model import linear_cross_entropy
+
+    hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
+    weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
+    targets = torch.tensor([0, 3, 12, -100, 5, 5, 7, 1, -100, 2])
+    assert torch.autograd.gradcheck(lambda h, w: linear_cross_entropy(h, w, targets, chunk_rows=3), (hidden, weight))
+
+
+def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
+    model = make_model()
+    idx, targets = torch.randint(0, 97, (2, 30)), torch.randint(0, 97, (2, 30))
+    reference = model.loss(idx, targets).item()
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        low = model.loss(idx, targets)
+    assert low.dtype == torch.float32
+    assert low.item() == pytest.approx(reference, rel=2e-2)
+    low.backward()
+    assert all(torch.isfinite(p.grad).all() for p in model.parameters())

@@ -27,7 +27,9 @@ app = typer.Typer(
     help="TissLM: train, evaluate, quantize, export and serve a small language model.",
 )
 
-ModelDir = Annotated[Path, typer.Option("--model", help="Model directory (config.json, model.safetensors, tokenizer.json).")]
+ModelDir = Annotated[
+    Path, typer.Option("--model", help="Model directory (config.json, model.safetensors, tokenizer.json).")
+]
 ParamsFile = Annotated[
     Path | None, typer.Option("--params", help="params.yaml to read (default: ./params.yaml if present).")
 ]
@@ -72,7 +74,7 @@ def generate(
         stop_tokens=() if stop is None else (stop,),
         vocab_limit=tokenizer.get_vocab_size(),
     )
-    for i, (text, new_ids) in enumerate(zip(texts, outputs)):
+    for i, (text, new_ids) in enumerate(zip(texts, outputs, strict=True)):
         if i:
             typer.echo("-" * 40)
         typer.echo(text + tokenizer.decode(new_ids))
@@ -105,7 +107,9 @@ def info(
         typer.echo(json.dumps(facts, indent=2))
         return
     typer.echo(f"model       {facts['model']}")
-    typer.echo(f"parameters  {facts['parameters'] / 1e6:.2f}M ({facts['non_embedding_parameters'] / 1e6:.2f}M non-embedding)")
+    typer.echo(
+        f"parameters  {facts['parameters'] / 1e6:.2f}M ({facts['non_embedding_parameters'] / 1e6:.2f}M non-embedding)"
+    )
     typer.echo(f"weights     {facts['dtype']}, {facts['bytes_on_disk'] / 1e6:.1f} MB on disk")
     typer.echo(f"tokenizer   {facts['tokenizer_vocab_size'] or 'none'} tokens")
     typer.echo("config      " + " ".join(f"{k}={v}" for k, v in facts["config"].items()))

@@ -90,7 +90,9 @@ def generate(
     device = next(model.parameters()).device
     batch = len(prompts)
     pads = [longest - len(p) for p in prompts]
-    idx = torch.tensor([[0] * pad + list(p) for pad, p in zip(pads, prompts)], dtype=torch.long, device=device)
+    idx = torch.tensor(
+        [[0] * pad + list(p) for pad, p in zip(pads, prompts, strict=True)], dtype=torch.long, device=device
+    )
     left_pad = torch.tensor(pads, device=device) if any(pads) else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
     stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
@@ -103,23 +105,26 @@ def generate(
             dtype = next(model.parameters()).dtype
             cache = KVCache(config, batch, longest + max_new_tokens, dtype, device, left_pad)
         logits = model(idx, cache=cache, left_pad=None if use_cache else left_pad)[:, -1]  # (B, V)
-        new_tokens = torch.empty(batch, 0, dtype=torch.long, device=device)
+        new_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), max_new_tokens, device=device)
         for step in range(max_new_tokens):
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            new_tokens = torch.cat((new_tokens, next_token[:, None]), dim=1)  # (B, step + 1)
-            just_stopped = torch.isin(next_token, stop) & ~finished
-            lengths[just_stopped] = step
-            finished |= just_stopped
-            if finished.all() or step == max_new_tokens - 1:
+            new_tokens[:, step] = next_token
+            if stop.numel():
+                just_stopped = torch.isin(next_token, stop) & ~finished
+                lengths[just_stopped] = step
+                finished |= just_stopped
+                if finished.all():
+                    break
+            if step == max_new_tokens - 1:
                 break
             if use_cache:
                 logits = model(next_token[:, None], cache=cache)[:, -1]
             else:
-                logits = model(torch.cat((idx, new_tokens), dim=1), left_pad=left_pad)[:, -1]
+                logits = model(torch.cat((idx, new_tokens[:, : step + 1]), dim=1), left_pad=left_pad)[:, -1]
     finally:
         model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(new_tokens, lengths.tolist())]
+    return [row[:n].tolist() for row, n in zip(new_tokens, lengths.tolist(), strict=True)]

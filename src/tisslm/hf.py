@@ -68,7 +68,11 @@ def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str],
             [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"],
             [config.n_heads * config.head_dim, kv_rows, kv_rows],
         ),
-        (ours + "ffn.gate_up.weight", [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"], [config.d_ff] * 2),
+        (
+            ours + "ffn.gate_up.weight",
+            [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"],
+            [config.d_ff] * 2,
+        ),
     ]
 
 
@@ -91,7 +95,7 @@ def to_llama_state_dict(model: TissLM) -> dict[str, torch.Tensor]:
     out = {theirs: state[ours] for ours, theirs in _renames(config).items()}
     for i in range(config.n_layers):
         for ours, theirs, sizes in _fused_layout(config, i):
-            out.update(zip(theirs, state[ours].split(sizes, dim=0)))
+            out.update(zip(theirs, state[ours].split(sizes, dim=0), strict=True))
     return {k: v.detach().clone() for k, v in out.items()}
 
 

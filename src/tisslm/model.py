@@ -72,8 +72,9 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        compute_dtype = torch.promote_types(x.dtype, torch.float32)
-        normed = F.rms_norm(x.to(compute_dtype), (x.size(-1),), eps=self.eps)
+        if x.dtype in (torch.float32, torch.float64):
+            return F.rms_norm(x, (x.size(-1),), self.weight, self.eps)
+        normed = F.rms_norm(x.float(), (x.size(-1),), eps=self.eps)  # half precision: normalise in fp32
         return self.weight * normed.to(x.dtype)
 
 
@@ -90,6 +91,68 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     x1, x2 = x.chunk(2, dim=-1)
     rotated = torch.cat((-x2, x1), dim=-1)
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
+
+
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    weight: torch.Tensor,
+    targets: torch.Tensor,
+    ignore_index: int = -100,
+    chunk_rows: int = 256,
+) -> torch.Tensor:
+    """Mean cross-entropy of `targets` (N,) under logits `hidden @ weight.T`, chunk by chunk.
+
+    The (N, vocab) logits of a training batch are the largest tensor of a small LM's step and
+    are read and written several times by a plain cross-entropy; here each chunk of rows gets
+    its logits, loss and gradients while it is still in cache, and the full matrix never exists.
+    """
+    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
+        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
+    return _linear_cross_entropy_chunks(hidden, weight, targets, ignore_index, chunk_rows, with_grads=False)[0]
+
+
+def _linear_cross_entropy_chunks(hidden, weight, targets, ignore_index, chunk_rows, with_grads):
+    device_type = hidden.device.type
+    # Under autocast the matmuls run in the autocast dtype, as nn.Linear's would; sums stay fp32.
+    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
+    acc_dtype = torch.promote_types(dtype, torch.float32)  # softmax and sums: at least fp32
+    with torch.autocast(device_type, enabled=False):
+        w = weight.to(dtype)
+        valid = targets != ignore_index
+        # Each row's share of the mean, folded into the narrow (rows, d_model) side of the matmuls.
+        scale = (valid.to(acc_dtype) / valid.sum().clamp(min=1))[:, None]  # (N, 1)
+        safe_targets = targets.masked_fill(~valid, 0)[:, None]  # (N, 1)
+        loss = hidden.new_zeros((), dtype=acc_dtype)
+        grad_hidden = torch.empty_like(hidden) if with_grads else None
+        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if with_grads else None
+        for start in range(0, hidden.size(0), chunk_rows):
+            rows = slice(start, start + chunk_rows)
+            h, t, s = hidden[rows].to(dtype), safe_targets[rows], scale[rows]
+            log_probs = torch.log_softmax((h @ w.T).to(acc_dtype), dim=-1)  # (rows, vocab)
+            loss -= (log_probs.gather(1, t) * s).sum()
+            if with_grads:
+                grad_logits = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=acc_dtype))
+                grad_logits = grad_logits.to(dtype)  # softmax - one_hot, unscaled: (rows, vocab)
+                grad_hidden[rows] = (grad_logits @ w) * s
+                grad_weight.add_(grad_logits.T @ (h * s.to(dtype)))
+    return loss, grad_hidden, grad_weight
+
+
+class _LinearCrossEntropy(torch.autograd.Function):
+    """Computes the gradients in the forward pass, chunk by chunk, and scales them in backward."""
+
+    @staticmethod
+    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
+        loss, grad_hidden, grad_weight = _linear_cross_entropy_chunks(
+            hidden, weight, targets, ignore_index, chunk_rows, with_grads=True
+        )
+        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
+        return loss
+
+    @staticmethod
+    def backward(ctx, grad_loss):
+        grad_hidden, grad_weight = ctx.saved_tensors
+        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
 
 
 class KVCache:
@@ -131,7 +194,6 @@ class Attention(nn.Module):
         self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
-        self.resid_dropout = nn.Dropout(config.dropout)
 
     def forward(
         self,
@@ -143,12 +205,11 @@ class Attention(nn.Module):
         start: int,
     ) -> torch.Tensor:
         B, T, _ = x.shape
-        q_size, kv_size = self.n_heads * self.head_dim, self.n_kv_heads * self.head_dim
-        q, k, v = self.qkv(x).split([q_size, kv_size, kv_size], dim=-1)
-        q = q.view(B, T, self.n_heads, self.head_dim).transpose(1, 2)  # (B, n_heads, T, head_dim)
-        k = k.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        v = v.view(B, T, self.n_kv_heads, self.head_dim).transpose(1, 2)  # (B, n_kv_heads, T, head_dim)
-        q, k = apply_rope(q, cos, sin), apply_rope(k, cos, sin)
+        heads = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, n_heads + 2 * n_kv_heads, T, head_dim): queries, then keys, then values
+        qk = apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin)  # one rotation for q and k
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)  # (B, n_heads | n_kv_heads, T, head_dim)
+        v = heads[:, self.n_heads + self.n_kv_heads :]  # (B, n_kv_heads, T, head_dim)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, n_kv_heads, S, head_dim)
         y = F.scaled_dot_product_attention(
@@ -160,8 +221,8 @@ class Attention(nn.Module):
             dropout_p=self.dropout if self.training else 0.0,
             enable_gqa=self.n_kv_heads != self.n_heads,
         )  # (B, n_heads, T, head_dim)
-        y = y.transpose(1, 2).reshape(B, T, q_size)  # (B, T, n_heads * head_dim)
-        return self.resid_dropout(self.o_proj(y))
+        y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
+        return F.dropout(y, self.dropout, training=True) if self.dropout and self.training else y
 
 
 class SwiGLU(nn.Module):
@@ -170,11 +231,12 @@ class SwiGLU(nn.Module):
         self.d_ff = config.d_ff
         self.gate_up = nn.Linear(config.d_model, 2 * config.d_ff, bias=False)
         self.down = nn.Linear(config.d_ff, config.d_model, bias=False)
-        self.dropout = nn.Dropout(config.dropout)
+        self.dropout = config.dropout
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         gate, up = self.gate_up(x).split(self.d_ff, dim=-1)  # (B, T, d_ff) each
-        return self.dropout(self.down(F.silu(gate) * up))
+        y = self.down(F.silu(gate) * up)  # (B, T, d_model)
+        return F.dropout(y, self.dropout, training=True) if self.dropout and self.training else y
 
 
 class Block(nn.Module):
@@ -195,7 +257,6 @@ class TissLM(nn.Module):
         super().__init__()
         self.config = config
         self.tok_emb = nn.Embedding(config.vocab_size, config.d_model)
-        self.emb_dropout = nn.Dropout(config.dropout)
         self.layers = nn.ModuleList(Block(config, i) for i in range(config.n_layers))
         self.norm = RMSNorm(config.d_model, config.norm_eps)
         self.lm_head = nn.Linear(config.d_model, config.vocab_size, bias=False)
@@ -241,6 +302,20 @@ class TissLM(nn.Module):
         With `cache`, idx continues the sequences the cache holds (and the cache's pad lengths
         apply); without, idx is whole and `left_pad` (B,) says how many leading tokens are pads.
         """
+        return self.lm_head(self.hidden_states(idx, cache, left_pad))  # (B, T, vocab_size)
+
+    def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
+        """Mean cross-entropy of targets (B, T) after idx (B, T); the logits are never materialised."""
+        hidden = self.hidden_states(idx).flatten(0, 1)  # (B * T, d_model)
+        return linear_cross_entropy(hidden, self.lm_head.weight, targets.flatten(), ignore_index)
+
+    def hidden_states(
+        self,
+        idx: torch.Tensor,
+        cache: KVCache | None = None,
+        left_pad: torch.Tensor | None = None,
+    ) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d_model): what the output head reads."""
         B, T = idx.shape
         start = cache.length if cache is not None else 0
         end = start + T
@@ -252,12 +327,14 @@ class TissLM(nn.Module):
             left_pad = cache.left_pad
         cos, sin, mask = self._positions(B, T, start, left_pad, idx.device)
 
-        x = self.emb_dropout(self.tok_emb(idx))  # (B, T, d_model)
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        if self.config.dropout and self.training:
+            x = F.dropout(x, self.config.dropout, training=True)
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start)
         if cache is not None:
             cache.length = end
-        return self.lm_head(self.norm(x))  # (B, T, vocab_size)
+        return self.norm(x)
 
     def _positions(self, B: int, T: int, start: int, left_pad: torch.Tensor | None, device: torch.device):
         """RoPE tables for the new positions and the attention mask (None: plain causal or decode)."""
@@ -322,7 +399,9 @@ class TissLM(nn.Module):
         expected = set(model.state_dict())
         if set(state) != expected:
             missing, unexpected = sorted(expected - set(state)), sorted(set(state) - expected)
-            raise TissLMError(f"{weights_path}: tensors do not match config (missing {missing}, unexpected {unexpected})")
+            raise TissLMError(
+                f"{weights_path}: tensors do not match config (missing {missing}, unexpected {unexpected})"
+            )
         try:
             model.load_state_dict(state, strict=True, assign=True)
         except RuntimeError as err:

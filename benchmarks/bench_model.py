@@ -1,0 +1,223 @@
+"""Model benchmarks, side by side in one run: writes benchmarks/results/model.json.
+
+(a) decode tokens/s with and without the KV cache, batch 1 and 8;
+(b) TissLM against transformers' LlamaForCausalLM with the same config and weights: greedy
+    decode tokens/s, and training-step tokens/s in fp32 and bf16 autocast;
+(c) model FLOPs utilisation of the training step against the matmul peak measured in this run.
+
+Competing measurements alternate (ours, theirs, ours, ...) and report medians, so that a burst of
+load on a shared machine hits both sides alike. Usage: python benchmarks/bench_model.py [--quick]
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import platform
+import statistics
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import torch
+import transformers
+
+from tisslm.generate import generate
+from tisslm.hf import to_hf
+from tisslm.io import atomic_write_json
+from tisslm.model import ModelConfig, TissLM
+
+RESULTS = Path(__file__).parent / "results" / "model.json"
+# The reference shapes of ../shared/STACK_NOTES.md: the default model and a d_model=512 one.
+SMALL = ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=1024)
+WIDE = ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1408, max_seq_len=1024)
+
+
+def timed(fn: Callable[[], object]) -> float:
+    start = time.perf_counter()
+    fn()
+    return time.perf_counter() - start
+
+
+def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 1) -> dict[str, float]:
+    """Median seconds of each fn, run in turns so that noise falls on all of them alike."""
+    for _ in range(warmup):
+        for fn in fns.values():
+            fn()
+    times: dict[str, list[float]] = {name: [] for name in fns}
+    for _ in range(repeats):
+        for name, fn in fns.items():
+            times[name].append(timed(fn))
+    return {name: statistics.median(t) for name, t in times.items()}
+
+
+def matmul_peak(dtype: torch.dtype, repeats: int) -> dict[str, float]:
+    """GFLOP/s of the shapes a small-LM training step is made of; the best is the peak."""
+    shapes = {"2048x512x512": (2048, 512, 512), "2048x512x1408": (2048, 512, 1408),
+              "2048x512x8192": (2048, 512, 8192), "2048^3": (2048, 2048, 2048)}  # fmt: skip
+    result = {}
+    for name, (m, k, n) in shapes.items():
+        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
+        seconds = alternate({name: lambda a=a, b=b: a @ b}, repeats)[name]
+        result[name] = 2 * m * k * n / seconds / 1e9
+    return result
+
+
+def paired_models(config: ModelConfig) -> tuple[TissLM, torch.nn.Module]:
+    torch.manual_seed(0)
+    ours = TissLM(config).eval()
+    return ours, to_hf(ours)
+
+
+def decode_with_and_without_cache(model: TissLM, new_tokens: int, batches: list[int]) -> dict:
+    out = {}
+    for batch in batches:
+        prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
+        seconds = alternate(
+            {
+                cached: (
+                    lambda cached=cached, prompts=prompts: generate(
+                        model, prompts, new_tokens, temperature=0, use_cache=cached
+                    )
+                )
+                for cached in (True, False)
+            },
+            repeats=1,
+            warmup=0,
+        )
+        out[f"batch_{batch}"] = {
+            "cache_tokens_per_s": batch * new_tokens / seconds[True],
+            "no_cache_tokens_per_s": batch * new_tokens / seconds[False],
+            "speedup": seconds[False] / seconds[True],
+        }
+    return out
+
+
+def decode_against_transformers(ours: TissLM, theirs, new_tokens: int, batch: int, repeats: int) -> dict:
+    prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
+    input_ids = torch.tensor(prompts)
+
+    def run_theirs():
+        with torch.inference_mode():
+            theirs.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens, do_sample=False,
+                            eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+    seconds = alternate(
+        {"tisslm": lambda: generate(ours, prompts, new_tokens, temperature=0), "transformers": run_theirs}, repeats
+    )
+    tokens = batch * new_tokens
+    return {
+        "batch": batch,
+        "new_tokens": new_tokens,
+        "tisslm_tokens_per_s": tokens / seconds["tisslm"],
+        "transformers_tokens_per_s": tokens / seconds["transformers"],
+        "speedup": seconds["transformers"] / seconds["tisslm"],
+    }
+
+
+def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool) -> Callable[[], None]:
+    model.train()
+    optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
+    inputs, targets = batch[:, :-1], batch[:, 1:]
+
+    def step():
+        autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
+        with autocast:  # each model's own loss path: transformers' `labels`, TissLM's fused loss
+            loss = (
+                model(input_ids=inputs, labels=targets, shift_labels=targets).loss
+                if hf
+                else model.loss(inputs, targets)
+            )
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+
+    return step
+
+
+def train_against_transformers(config: ModelConfig, batch: int, seq_len: int, repeats: int, peak: dict) -> dict:
+    ours, theirs = paired_models(config)
+    data = torch.randint(0, config.vocab_size, (batch, seq_len + 1))
+    tokens = batch * seq_len
+    flops = ours.flops_per_token(seq_len)
+    out = {"batch": batch, "seq_len": seq_len, "flops_per_token": flops}
+    for precision, bf16 in (("fp32", False), ("bf16_autocast", True)):
+        seconds = alternate(
+            {
+                "tisslm": train_step_fn(ours, data, bf16, hf=False),
+                "transformers": train_step_fn(theirs, data, bf16, hf=True),
+            },
+            repeats,
+        )
+        peak_gflops = max(peak["bf16" if bf16 else "fp32"].values())
+        ours_tps, theirs_tps = tokens / seconds["tisslm"], tokens / seconds["transformers"]
+        out[precision] = {
+            "tisslm_tokens_per_s": ours_tps,
+            "transformers_tokens_per_s": theirs_tps,
+            "speedup": ours_tps / theirs_tps,
+            "tisslm_mfu": ours_tps * flops / (peak_gflops * 1e9),
+            "transformers_mfu": theirs_tps * flops / (peak_gflops * 1e9),
+            "peak_gflops": peak_gflops,
+        }
+    return out
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats, for a smoke run")
+    args = parser.parse_args()
+    new_tokens, repeats = (64, 2) if args.quick else (512, 5)
+
+    report: dict = {
+        "machine": {
+            "cpu": platform.processor() or platform.machine(),
+            "threads": torch.get_num_threads(),
+            "torch": torch.__version__,
+            "transformers": transformers.__version__,
+        },
+        "quick": args.quick,
+    }
+    print("measuring matmul peak ...", flush=True)
+    peak = {"fp32": matmul_peak(torch.float32, repeats), "bf16": matmul_peak(torch.bfloat16, repeats)}
+    report["matmul_peak_gflops"] = peak
+
+    ours, theirs = paired_models(SMALL)
+    print(f"decode with / without KV cache, {new_tokens} new tokens ...", flush=True)
+    report["kv_cache_decode"] = {
+        "config": SMALL.model_dump(),
+        **decode_with_and_without_cache(ours, new_tokens, [1, 8]),
+    }
+    print("decode against transformers ...", flush=True)
+    report["decode_vs_transformers"] = {
+        f"batch_{b}": decode_against_transformers(ours, theirs, new_tokens, b, max(1, repeats // 2)) for b in (1, 8)
+    }
+    for name, config in (("d_model_256", SMALL), ("d_model_512", WIDE)):
+        print(f"training step against transformers, {name} ...", flush=True)
+        report[f"train_step_{name}"] = {
+            "config": config.model_dump(),
+            **train_against_transformers(config, 8, 256, repeats, peak),
+        }
+
+    decode, wide = report["decode_vs_transformers"], report["train_step_d_model_512"]
+    report["goals"] = {
+        "kv_cache_speedup_ge_5x": min(
+            v["speedup"] for k, v in report["kv_cache_decode"].items() if k.startswith("batch")
+        )
+        >= 5,
+        "decode_vs_transformers_ge_1_5x": min(v["speedup"] for v in decode.values()) >= 1.5,
+        "train_vs_transformers_ge_1x": min(
+            report[f"train_step_{n}"][p]["speedup"]
+            for n in ("d_model_256", "d_model_512")
+            for p in ("fp32", "bf16_autocast")
+        )
+        >= 1.0,
+        "bf16_mfu_d_model_512_ge_40pct": wide["bf16_autocast"]["tisslm_mfu"] >= 0.40,
+    }
+    atomic_write_json(RESULTS, report)
+    print(json.dumps(report["goals"], indent=2))
+    print(f"wrote {RESULTS}")
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,1 @@
+"""Prefect flows that run the DVC stages in DAG order (full pipeline, retraining, HPO)."""
