@@ -119,7 +119,7 @@ def decode_against_transformers(ours: TissLM, theirs, new_tokens: int, batch: in
 def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
-    inputs, targets = batch[:, :-1], batch[:, 1:]
+    inputs, targets = batch[:, :-1].contiguous(), batch[:, 1:].contiguous()
 
     def step():
         autocast = torch.autocast("cpu", dtype=torch.bfloat16) if bf16 else contextlib.nullcontext()
