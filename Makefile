@@ -9,6 +9,9 @@ EXTRAS := hf,dev
 export MLFLOW_DISABLE_TELEMETRY := true
 export ITERATIVE_DO_NOT_TRACK := 1
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
+export GX_ANALYTICS_ENABLED := false
+# dvc.yaml's commands say `python`: the project's interpreter must come first.
+export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 .PHONY: venv run test bench lint lock clean
 
@@ -20,16 +23,20 @@ $(STAMP): pyproject.toml constraints.txt
 	@touch $@
 
 run: $(STAMP)
-	$(BIN)/tisslm init-model --out models/demo
-	$(BIN)/tisslm info --model models/demo
-	$(BIN)/tisslm generate --model models/demo --prompt "def " --max-new-tokens 48 --seed 0
-	@echo "Results: models/demo (config.json, model.safetensors, tokenizer.json)"
+	$(BIN)/dvc repro
+	@$(BIN)/dvc metrics show
+	@echo
+	@echo "Results:"
+	@echo "  data/raw/, data/clean/         parquet shards (ingested; cleaned, deduplicated, anonymised)"
+	@echo "  metrics/*.json                 counts per stage and validation results (dvc metrics show)"
+	@echo "  reports/data_docs/index.html   Great Expectations data docs"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_data.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages pipelines tests benchmarks

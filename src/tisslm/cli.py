@@ -15,7 +15,7 @@ import torch
 import typer
 
 from tisslm.config import DEFAULT_PARAMS, Params, load_params
-from tisslm.errors import TissLMError
+from tisslm.errors import run_main
 from tisslm.generate import generate as generate_tokens
 from tisslm.model import TissLM
 from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer, load_tokenizer
@@ -130,11 +130,7 @@ def init_model(
 
 
 def main() -> None:
-    try:
-        app()
-    except TissLMError as err:
-        typer.echo(f"error: {err}", err=True)
-        raise SystemExit(2) from None
+    run_main(app)
 
 
 if __name__ == "__main__":

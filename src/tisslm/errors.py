@@ -7,6 +7,8 @@ allowed, not a traceback.
 
 from __future__ import annotations
 
+import sys
+from collections.abc import Callable
 from typing import Any, TypeVar
 
 from pydantic import BaseModel, ValidationError
@@ -17,9 +19,26 @@ M = TypeVar("M", bound=BaseModel)
 class TissLMError(Exception):
     """A problem with the user's input (params, files, arguments), reported in one line."""
 
+    exit_code = 2
+
 
 class ConfigError(TissLMError):
     """Invalid parameters: names the source, the key path, the bad value and what is allowed."""
+
+
+class DataValidationError(TissLMError):
+    """Data failed its Great Expectations suite: the stage stops and writes no output."""
+
+    exit_code = 1
+
+
+def run_main(main: Callable[[], object]) -> None:
+    """Run an entry point (CLI, stage); a TissLMError becomes one line on stderr and its exit code."""
+    try:
+        main()
+    except TissLMError as err:
+        print(f"error: {err}", file=sys.stderr)
+        raise SystemExit(err.exit_code) from None
 
 
 def _describe(error: dict[str, Any], prefix: str) -> str:

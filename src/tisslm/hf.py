@@ -17,22 +17,28 @@ if TYPE_CHECKING:
     from transformers import LlamaConfig, LlamaForCausalLM
 
 
+# ModelConfig field -> LlamaConfig field, for the settings that mean the same in both.
+CONFIG_FIELDS = {
+    "vocab_size": "vocab_size",
+    "d_model": "hidden_size",
+    "d_ff": "intermediate_size",
+    "n_layers": "num_hidden_layers",
+    "n_heads": "num_attention_heads",
+    "n_kv_heads": "num_key_value_heads",
+    "max_seq_len": "max_position_embeddings",
+    "norm_eps": "rms_norm_eps",
+    "dropout": "attention_dropout",
+    "tie_embeddings": "tie_word_embeddings",
+}
+
+
 def llama_config(config: ModelConfig) -> LlamaConfig:
     from transformers import LlamaConfig
 
     return LlamaConfig(
-        vocab_size=config.vocab_size,
-        hidden_size=config.d_model,
-        intermediate_size=config.d_ff,
-        num_hidden_layers=config.n_layers,
-        num_attention_heads=config.n_heads,
-        num_key_value_heads=config.n_kv_heads,
+        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
         head_dim=config.head_dim,
-        max_position_embeddings=config.max_seq_len,
-        rms_norm_eps=config.norm_eps,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        tie_word_embeddings=config.tie_embeddings,
-        attention_dropout=config.dropout,
         hidden_act="silu",
         attention_bias=False,
         mlp_bias=False,
@@ -43,19 +49,8 @@ def model_config_from_llama(hf_config: LlamaConfig) -> ModelConfig:
     rope = hf_config.rope_parameters or {}
     if rope.get("rope_type", "default") != "default":
         raise ValueError(f"rope_type {rope['rope_type']!r} is not supported; TissLM uses plain RoPE")
-    return ModelConfig(
-        vocab_size=hf_config.vocab_size,
-        d_model=hf_config.hidden_size,
-        n_layers=hf_config.num_hidden_layers,
-        n_heads=hf_config.num_attention_heads,
-        n_kv_heads=hf_config.num_key_value_heads,
-        d_ff=hf_config.intermediate_size,
-        max_seq_len=hf_config.max_position_embeddings,
-        rope_theta=rope.get("rope_theta", 10000.0),
-        norm_eps=hf_config.rms_norm_eps,
-        dropout=float(hf_config.attention_dropout or 0.0),
-        tie_embeddings=hf_config.tie_word_embeddings,
-    )
+    fields = {ours: getattr(hf_config, theirs) for ours, theirs in CONFIG_FIELDS.items()}
+    return ModelConfig(**fields, rope_theta=rope.get("rope_theta", 10000.0))
 
 
 def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str], list[int]]]:

@@ -1,0 +1,52 @@
+"""Document tables on disk: parquet shards written with `datasets`, one directory per stage output."""
+
+from __future__ import annotations
+
+import hashlib
+from pathlib import Path
+
+import datasets
+import pyarrow.parquet as pq
+
+from tisslm.errors import TissLMError
+from tisslm.io import atomic_dir
+
+COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256")
+
+
+def doc_id(source: str, path: str) -> str:
+    """Stable id of a document: the same source and path give the same id on every run."""
+    return hashlib.sha256(f"{source}\0{path}".encode()).hexdigest()[:16]
+
+
+def text_sha256(text: str) -> str:
+    return hashlib.sha256(text.encode("utf-8")).hexdigest()
+
+
+def write_shards(table: datasets.Dataset, directory: str | Path, shard_rows: int) -> list[Path]:
+    """Replace `directory` atomically with `table` as shard-00000.parquet, shard-00001.parquet, ..."""
+    names = []
+    with atomic_dir(directory) as tmp:
+        n_shards = max(1, -(-len(table) // shard_rows))
+        for i in range(n_shards):
+            shard = table.select(range(i * shard_rows, min(len(table), (i + 1) * shard_rows)))
+            name = f"shard-{i:05d}.parquet"
+            shard.to_parquet(str(tmp / name))
+            names.append(name)
+    return [Path(directory) / n for n in names]
+
+
+def read_shards(directory: str | Path) -> datasets.Dataset:
+    """The shards of `directory`, in order, as one in-memory Dataset; a one-line error if unusable."""
+    directory = Path(directory)
+    files = sorted(directory.glob("shard-*.parquet"))
+    if not files:
+        raise TissLMError(f"{directory}: no shard-*.parquet files (run the stage that writes it first)")
+    for file in files:
+        try:
+            columns = set(pq.read_schema(file).names)
+        except Exception as err:  # pyarrow raises several types for a damaged file
+            raise TissLMError(f"{file}: not a readable parquet file ({err})") from None
+        if missing := set(COLUMNS) - columns:
+            raise TissLMError(f"{file}: missing columns {sorted(missing)}")
+    return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)
