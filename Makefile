@@ -24,11 +24,10 @@ $(STAMP): pyproject.toml constraints.txt
 
 run: $(STAMP)
 	$(BIN)/dvc repro
-	@$(BIN)/dvc metrics show
 	@echo
 	@echo "Results:"
 	@echo "  data/raw/, data/clean/         parquet shards (ingested; cleaned, deduplicated, anonymised)"
-	@echo "  metrics/*.json                 counts per stage and validation results (dvc metrics show)"
+	@echo "  metrics/*.json                 counts per stage and validation results (.venv/bin/dvc metrics show)"
 	@echo "  reports/data_docs/index.html   Great Expectations data docs"
 
 test: $(STAMP)

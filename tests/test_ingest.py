@@ -80,8 +80,9 @@ def test_hf_source_loads_through_datasets_from_local_files(tmp_path):
     assert table["source"] == ["hf:json"] * 3 and report.kept == 3
 
 
-def test_hf_source_that_cannot_be_reached_is_one_line_error(tmp_path):
-    source = HFSource(type="hf", name=str(tmp_path / "no-such-dataset"))
+def test_local_hf_source_without_loadable_data_is_one_line_error(tmp_path):
+    (tmp_path / "empty-dataset").mkdir()
+    source = HFSource(type="hf", name=str(tmp_path / "empty-dataset"))
     with pytest.raises(TissLMError, match="cannot load") as err:
         ingest(IngestParams(sources=[source]))
     assert "\n" not in str(err.value)
@@ -110,3 +111,14 @@ def test_corrupt_shard_is_one_line_error(tmp_path):
         read_shards(tmp_path / "raw")
     with pytest.raises(TissLMError, match="no shard"):
         read_shards(tmp_path / "elsewhere")
+
+
+def test_hub_dataset_without_a_reachable_hub_fails_fast_in_one_line(monkeypatch):
+    from huggingface_hub import constants
+
+    monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")  # RFC 2606: never resolves
+    monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)
+    source = HFSource(type="hf", name="some-org/some-dataset")
+    with pytest.raises(TissLMError, match=r"hf 'some-org/some-dataset': the hub \(hub.invalid\) is unreachable") as err:
+        ingest(IngestParams(sources=[source]))
+    assert "\n" not in str(err.value)
