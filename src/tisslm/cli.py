@@ -129,6 +129,27 @@ def init_model(
     typer.echo(f"wrote {out}")
 
 
+@app.command("train")
+def train_command(
+    tokens: Annotated[Path, typer.Option(help="Token directory (train.bin, val.bin, meta.json).")],
+    tokenizer: Annotated[Path, typer.Option(help="Directory holding tokenizer.json.")],
+    checkpoints: Annotated[Path, typer.Option(help="Checkpoint directory; training resumes from its newest.")],
+    out: Annotated[Path, typer.Option("--out", help="Where the final model goes.")],
+    metrics: Annotated[Path | None, typer.Option(help="Write the final metrics JSON here.")] = None,
+    overrides: Overrides = None,
+    params: ParamsFile = None,
+) -> None:
+    """Train (or resume) a model; with train.nproc > 1, relaunch under torchrun."""
+    from tisslm.train.launch import launch
+    from tisslm.train.trainer import Paths
+
+    paths = Paths(tokens=tokens, tokenizer=tokenizer, checkpoints=checkpoints, model=out, metrics=metrics)
+    argv = ["-m", "tisslm.cli", *sys.argv[1:]]
+    result = launch(_params(params, overrides or []), paths, argv)
+    if result:
+        typer.echo(f"val bits/byte {result['val_bits_per_byte']:.3f}; model in {out}")
+
+
 def main() -> None:
     run_main(app)
 

@@ -117,6 +117,43 @@ class CleanParams(_Section):
     min_rows: NonNegativeInt = 1  # validation: fewer clean documents fail the stage
 
 
+class TokenizerParams(_Section):
+    vocab_size: PositiveInt = 8192  # tokens including the special ones; model.vocab_size must hold them
+    min_frequency: PositiveInt = 2  # a pair must occur this often to be merged
+    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]  # the first ends every document
+
+
+class TokenizeParams(_Section):
+    val_fraction: float = Field(0.05, gt=0, lt=1)  # share of documents (by id hash) held out for validation
+    batch_docs: PositiveInt = 256  # documents per encode_batch call
+    baseline_context_bytes: NonNegativeInt = 4_000_000  # train text xz may see before the val bytes
+
+
+class TrainParams(_Section):
+    seed: int = 1337  # fixes init, batches (a function of seed, step, rank) and dropout
+    max_steps: PositiveInt = 1200  # optimizer steps
+    batch_size: PositiveInt = 16  # sequences per process per micro-step
+    seq_len: PositiveInt = 256  # tokens per sequence (at most model.max_seq_len)
+    grad_accum: PositiveInt = 1  # micro-steps per optimizer step
+    lr: float = Field(3e-3, gt=0)  # peak learning rate
+    min_lr: float = Field(3e-4, ge=0)  # floor of the cosine decay
+    warmup_steps: NonNegativeInt = 50  # linear warmup from 0 to lr
+    weight_decay: float = Field(0.1, ge=0)  # AdamW decay, on matrices only
+    beta1: float = Field(0.9, ge=0, lt=1)
+    beta2: float = Field(0.95, ge=0, lt=1)
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CPU and CUDA
+    compile: bool = False  # torch.compile the model (pays a compile time up front)
+    eval_interval: PositiveInt = 200  # steps between validations
+    eval_batches: PositiveInt = 10  # batches per validation
+    log_interval: PositiveInt = 10  # steps between logged metrics
+    checkpoint_interval: PositiveInt = 200  # steps between checkpoints
+    keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept
+    nproc: PositiveInt = 1  # processes on this host; > 1 relaunches the stage under torchrun
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    mlflow: bool = True  # log to MLflow (MLFLOW_TRACKING_URI, default sqlite at the repo root)
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -124,6 +161,9 @@ class Params(_Section):
     generate: GenerateParams = GenerateParams()
     ingest: IngestParams = IngestParams()
     clean: CleanParams = CleanParams()
+    tokenizer: TokenizerParams = TokenizerParams()
+    tokenize: TokenizeParams = TokenizeParams()
+    train: TrainParams = TrainParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

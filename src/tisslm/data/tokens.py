@@ -1,0 +1,120 @@
+"""Token shards: the clean corpus split by document, encoded, and laid out as flat memmaps.
+
+Training samples random windows from data/tokens/train.bin; every document ends with
+<|endoftext|>. meta.json records what a reader needs (dtype, counts, the tokenizer's hash) and
+the bytes each split came from, so losses convert to bits per byte.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import lzma
+from pathlib import Path
+
+import numpy as np
+from tokenizers import Tokenizer
+from tqdm import tqdm
+
+from tisslm.errors import TissLMError
+from tisslm.io import atomic_dir
+from tisslm.tokenizer import END_OF_TEXT
+
+META_FILE = "meta.json"
+SPLITS = ("train", "val")
+
+
+def is_val(doc_id: str, val_fraction: float) -> bool:
+    """Document-level split by a hash of the id: stable across runs and across corpus changes."""
+    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < val_fraction
+
+
+def token_dtype(vocab_size: int) -> np.dtype:
+    return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
+
+
+def encode_documents(texts: list[str], tokenizer: Tokenizer, batch_docs: int, desc: str) -> np.ndarray:
+    """All documents' ids, each followed by <|endoftext|>, in one flat array (Rust encodes on every core)."""
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    if end is None:
+        raise TissLMError(f"the tokenizer has no {END_OF_TEXT!r} token")
+    dtype = token_dtype(tokenizer.get_vocab_size())
+    pieces = []
+    for start in tqdm(range(0, len(texts), batch_docs), desc=desc, unit=" batches"):
+        for encoding in tokenizer.encode_batch(texts[start : start + batch_docs], add_special_tokens=False):
+            pieces.append(np.asarray(encoding.ids + [end], dtype=dtype))
+    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
+
+
+def xz_bits_per_byte(target: bytes, context: bytes = b"") -> float:
+    """Bits per byte xz -9e spends on `target`, after having seen `context` (0 bytes: unconditional)."""
+    preset = 9 | lzma.PRESET_EXTREME
+    extra = len(lzma.compress(context + target, preset=preset)) - (
+        len(lzma.compress(context, preset=preset)) if context else 0
+    )
+    return 8 * extra / len(target)
+
+
+def read_meta(tokens_dir: str | Path) -> dict:
+    path = Path(tokens_dir) / META_FILE
+    try:
+        return json.loads(path.read_text())
+    except FileNotFoundError:
+        raise TissLMError(f"{path}: not found (run the tokenize stage first)") from None
+    except json.JSONDecodeError as err:
+        raise TissLMError(f"{path}: not valid JSON ({err})") from None
+
+
+def load_split(tokens_dir: str | Path, split: str) -> np.memmap:
+    meta = read_meta(tokens_dir)
+    path = Path(tokens_dir) / f"{split}.bin"
+    expected = meta[split]["tokens"] * np.dtype(meta["dtype"]).itemsize
+    if not path.is_file() or path.stat().st_size != expected:
+        raise TissLMError(f"{path}: missing or not the {expected} bytes meta.json promises")
+    return np.memmap(path, dtype=meta["dtype"], mode="r")
+
+
+def tokenize_corpus(
+    ids: list[str],
+    texts: list[str],
+    tokenizer: Tokenizer,
+    tokenizer_path: Path,
+    out_dir: Path,
+    val_fraction: float,
+    batch_docs: int,
+    baseline_context_bytes: int,
+) -> dict:
+    """Write out_dir/{train,val}.bin and meta.json; return the meta."""
+    val = [is_val(i, val_fraction) for i in ids]
+    split_texts = {
+        "train": [t for t, v in zip(texts, val, strict=True) if not v],
+        "val": [t for t, v in zip(texts, val, strict=True) if v],
+    }
+    if not split_texts["train"] or not split_texts["val"]:
+        raise TissLMError(f"tokenize.val_fraction={val_fraction}: one split is empty with {len(ids)} documents")
+    meta: dict = {
+        "dtype": token_dtype(tokenizer.get_vocab_size()).name,
+        "vocab_size": tokenizer.get_vocab_size(),
+        "tokenizer_sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
+        "val_fraction": val_fraction,
+    }
+    split_bytes = {}
+    with atomic_dir(out_dir) as tmp:  # the .bin files and meta.json appear together or not at all
+        for split in SPLITS:
+            tokens = encode_documents(split_texts[split], tokenizer, batch_docs, f"tokenize {split}")
+            tokens.tofile(tmp / f"{split}.bin")  # raw array bytes, read back with np.memmap
+            split_bytes[split] = "".join(split_texts[split]).encode("utf-8")
+            meta[split] = {
+                "documents": len(split_texts[split]),
+                "tokens": len(tokens),
+                "bytes": len(split_bytes[split]),
+                "bytes_per_token": len(split_bytes[split]) / max(1, len(tokens)),
+            }
+        context = split_bytes["train"][-baseline_context_bytes:] if baseline_context_bytes else b""
+        meta["val_baselines_bits_per_byte"] = {
+            "xz_9e": xz_bits_per_byte(split_bytes["val"]),
+            "xz_9e_after_train_text": xz_bits_per_byte(split_bytes["val"], context),
+            "train_context_bytes": len(context),
+        }
+        (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
+    return meta

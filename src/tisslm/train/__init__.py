@@ -1,0 +1,1 @@
+"""Training: the loop (trainer), checkpoints that resume exactly (checkpoint), MLflow (tracking)."""

@@ -1,0 +1,43 @@
+"""DVC stage `tokenize`: data/clean + models/tokenizer -> data/tokens/{train,val}.bin + meta.json."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from tisslm.config import load_params
+from tisslm.data.shards import read_shards
+from tisslm.data.tokens import tokenize_corpus
+from tisslm.errors import run_main
+from tisslm.model import TOKENIZER_FILE
+from tisslm.tokenizer import load_tokenizer
+
+CLEAN = Path("data/clean")
+TOKENIZER_DIR = Path("models/tokenizer")
+TOKENS = Path("data/tokens")
+
+
+def main() -> None:
+    params = load_params().tokenize
+    table = read_shards(CLEAN)
+    meta = tokenize_corpus(
+        table["id"],
+        table["text"],
+        load_tokenizer(TOKENIZER_DIR),
+        TOKENIZER_DIR / TOKENIZER_FILE,
+        TOKENS,
+        params.val_fraction,
+        params.batch_docs,
+        params.baseline_context_bytes,
+    )
+    baselines = meta["val_baselines_bits_per_byte"]
+    for split in ("train", "val"):
+        print(
+            f"tokenize: {split} {meta[split]['documents']} docs, {meta[split]['tokens']:,} tokens, {meta[split]['bytes_per_token']:.2f} bytes/token"
+        )
+    print(
+        f"tokenize: val bits/byte of xz -9e {baselines['xz_9e']:.3f}, after the train text {baselines['xz_9e_after_train_text']:.3f}"
+    )
+
+
+if __name__ == "__main__":
+    run_main(main)

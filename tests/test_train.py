@@ -1,0 +1,177 @@
+"""Training: exact resumption after SIGKILL, checkpoint hygiene, DDP equivalence, bf16, tokenizer."""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
+from safetensors.torch import load_file
+
+from tisslm.config import TokenizerParams
+from tisslm.data.synthetic import code_doc
+from tisslm.data.tokens import is_val, tokenize_corpus
+from tisslm.model import TOKENIZER_FILE
+from tisslm.tokenizer import train_bpe
+
+TINY = [
+    "model.vocab_size=320", "model.d_model=48", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",
+    "model.d_ff=96", "model.max_seq_len=64", "model.dropout=0.1",
+    "train.seq_len=32", "train.batch_size=8", "train.max_steps=40", "train.warmup_steps=4",
+    "train.checkpoint_interval=4", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=1",
+    "train.mlflow=false", "train.precision=fp32", "train.lr=0.01",
+]  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A tokenizer and token shards made from a small synthetic code corpus, as the stages make them."""
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    texts = ["\n".join(code_doc(rng, n_lines=30)) for _ in range(120)]
+    ids = [f"doc{i}" for i in range(len(texts))]
+    tokenizer = train_bpe(texts, TokenizerParams(vocab_size=320), show_progress=False)
+    (root / "tokenizer").mkdir()
+    tokenizer.save(str(root / "tokenizer" / TOKENIZER_FILE))
+    tokenize_corpus(ids, texts, tokenizer, root / "tokenizer" / TOKENIZER_FILE, root / "tokens", 0.1, 64, 0)
+    return root
+
+
+def train_command(corpus: Path, run: Path, *overrides: str) -> list[str]:
+    sets = [arg for o in [*TINY, *overrides] for arg in ("--set", o)]
+    return [
+        sys.executable, "-m", "tisslm.cli", "train", "--tokens", str(corpus / "tokens"),
+        "--tokenizer", str(corpus / "tokenizer"), "--checkpoints", str(run / "checkpoints"),
+        "--out", str(run / "model"), "--metrics", str(run / "metrics.json"), *sets,
+    ]  # fmt: skip
+
+
+def run_training(corpus: Path, run: Path, *overrides: str) -> subprocess.CompletedProcess:
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    result = subprocess.run(
+        train_command(corpus, run, *overrides), capture_output=True, text=True, env=env, timeout=300
+    )
+    assert result.returncode == 0, result.stderr[-3000:]
+    return result
+
+
+def kill_mid_run(corpus: Path, run: Path, *overrides: str) -> int:
+    """Start training, SIGKILL its whole process group (torchrun's workers too) at a random step,
+    and return the step of the newest complete checkpoint left behind."""
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    process = subprocess.Popen(
+        train_command(corpus, run, *overrides), stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+        env=env, start_new_session=True,
+    )  # fmt: skip
+    target = run / "checkpoints" / f"step-{random.choice([4, 8, 12, 16, 20])}" / "COMPLETE"
+    deadline = time.monotonic() + 120
+    while not target.exists():
+        assert process.poll() is None and time.monotonic() < deadline, f"training ended before {target.parent.name}"
+        time.sleep(0.005)
+    time.sleep(random.uniform(0.0, 0.05))  # somewhere in the next few steps
+    os.killpg(process.pid, signal.SIGKILL)
+    process.wait()
+    assert not (run / "model").exists(), "training finished before it could be killed; the test proves nothing"
+    return max(int(p.parent.name.split("-")[1]) for p in (run / "checkpoints").glob("step-*/COMPLETE"))
+
+
+def final_weights(run: Path) -> dict[str, torch.Tensor]:
+    return load_file(run / "model" / "model.safetensors")
+
+
+def assert_bitwise_equal(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor]) -> None:
+    assert a.keys() == b.keys()
+    assert all(torch.equal(a[k], b[k]) for k in a), [k for k in a if not torch.equal(a[k], b[k])]
+
+
+@pytest.mark.parametrize("nproc", [1, 2], ids=["1-process", "2-process-DDP"])
+def test_sigkill_and_resume_gives_bitwise_identical_weights(corpus, tmp_path, nproc):
+    extra = (f"train.nproc={nproc}", f"train.batch_size={8 // nproc}")
+    run_training(corpus, tmp_path / "straight", *extra)
+    killed_at = kill_mid_run(corpus, tmp_path / "interrupted", *extra)
+    assert 4 <= killed_at < 40
+    resumed = run_training(corpus, tmp_path / "interrupted", *extra)
+    assert "resumed from" in resumed.stdout + resumed.stderr
+    assert_bitwise_equal(final_weights(tmp_path / "straight"), final_weights(tmp_path / "interrupted"))
+
+
+def test_truncated_or_unmarked_checkpoints_are_skipped(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_training(corpus, run, "train.max_steps=8", "train.keep_checkpoints=5")
+    checkpoints = run / "checkpoints"
+    assert sorted(p.name for p in checkpoints.iterdir()) == ["step-4", "step-8"]
+    # step-8 truncated but marked, step-12 complete-looking but unmarked: resume must use step-4.
+    weights = checkpoints / "step-8" / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[: weights.stat().st_size // 2])
+    (checkpoints / "step-12").mkdir()
+    (checkpoints / "step-12" / "trainer_state.json").write_text(json.dumps({"step": 12}))
+    resumed = run_training(corpus, run, "train.max_steps=8", "train.keep_checkpoints=5")
+    output = resumed.stdout + resumed.stderr
+    assert "step-8: skipped, not loadable" in output
+    assert "resumed from" in output and "step-4 (step 4)" in output
+    reference = tmp_path / "reference"
+    run_training(corpus, reference, "train.max_steps=8")
+    assert_bitwise_equal(final_weights(reference), final_weights(run))
+
+
+def losses(run: Path, step: int) -> list[float]:
+    state = json.loads((run / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text())
+    return [h["train_loss"] for h in state["history"] if "tokens_per_s" in h]
+
+
+def test_ddp_with_batch_b_matches_one_process_with_batch_2b(corpus, tmp_path):
+    common = ("train.max_steps=5", "train.checkpoint_interval=5", "model.dropout=0.0")
+    run_training(corpus, tmp_path / "one", *common, "train.batch_size=8")
+    run_training(corpus, tmp_path / "two", *common, "train.batch_size=4", "train.nproc=2")
+    single, ddp = losses(tmp_path / "one", 5), losses(tmp_path / "two", 5)
+    assert len(single) == len(ddp) == 5
+    assert max(abs(a - b) for a, b in zip(single, ddp, strict=True)) < 1e-5
+    assert single[-1] < single[0]  # and it is training, not standing still
+
+
+def test_bf16_autocast_run_trains(corpus, tmp_path):
+    run_training(corpus, tmp_path / "bf16", "train.precision=bf16", "train.max_steps=30", "model.dropout=0.0")
+    history = losses(tmp_path / "bf16", 28)
+    assert history[-1] < history[0] - 1.0, history
+    metrics = json.loads((tmp_path / "bf16" / "metrics.json").read_text())
+    assert 0 < metrics["val_bits_per_byte"] < 8 and metrics["tokens_seen"] == 30 * 8 * 32
+
+
+@pytest.fixture(scope="module")
+def tokenizer(corpus):
+    from tokenizers import Tokenizer
+
+    return Tokenizer.from_file(str(corpus / "tokenizer" / TOKENIZER_FILE))
+
+
+@settings(max_examples=200, deadline=None)
+@given(st.text())
+def test_tokenizer_round_trips_arbitrary_text(tokenizer, text):
+    assert tokenizer.decode(tokenizer.encode(text).ids, skip_special_tokens=False) == text
+
+
+def test_transformers_loads_the_tokenizer(corpus, tokenizer):
+    from transformers import PreTrainedTokenizerFast
+
+    fast = PreTrainedTokenizerFast(tokenizer_file=str(corpus / "tokenizer" / TOKENIZER_FILE))
+    text = "def total(items):\n    return sum(i.price for i in items)  # ✓\n"
+    assert fast(text)["input_ids"] == tokenizer.encode(text).ids
+    assert fast.decode(fast(text)["input_ids"]) == text
+
+
+def test_split_is_stable_and_documents_keep_their_side():
+    ids = [f"doc-{i}" for i in range(4000)]
+    first = [is_val(i, 0.1) for i in ids]
+    assert first == [is_val(i, 0.1) for i in ids]
+    assert 0.08 < sum(first) / len(first) < 0.12
+    more = [f"new-{i}" for i in range(500)] + ids  # new documents never move old ones
+    assert [is_val(i, 0.1) for i in more][500:] == first
