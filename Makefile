@@ -29,6 +29,11 @@ run: $(STAMP)
 	@echo "  data/raw/, data/clean/         parquet shards (ingested; cleaned, deduplicated, anonymised)"
 	@echo "  metrics/*.json                 counts per stage and validation results (.venv/bin/dvc metrics show)"
 	@echo "  reports/data_docs/index.html   Great Expectations data docs"
+	@echo "  models/tokenizer/, data/tokens/ BPE tokenizer; token memmaps + meta.json"
+	@echo "  models/model/                  the trained model: $(BIN)/tisslm generate --model models/model --prompt 'def '"
+	@echo "  models/checkpoints/step-N/     resumable checkpoints"
+	@echo "  metrics/train.json, plots/     val bits/byte vs xz; loss curve (dvc plots show)"
+	@echo "  mlflow.db                      MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -36,6 +41,7 @@ test: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_data.py
+	$(BIN)/python benchmarks/bench_train.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages pipelines tests benchmarks

@@ -27,6 +27,7 @@ from tisslm.generate import generate
 from tisslm.hf import to_hf
 from tisslm.io import atomic_write_json
 from tisslm.model import ModelConfig, TissLM
+from tisslm.perf import PEAK_SHAPES, matmul_gflops
 
 RESULTS = Path(__file__).parent / "results" / "model.json"
 # The reference shapes of ../shared/STACK_NOTES.md: the default model and a d_model=512 one.
@@ -52,16 +53,9 @@ def alternate(fns: dict[str, Callable[[], object]], repeats: int, warmup: int = 
     return {name: statistics.median(t) for name, t in times.items()}
 
 
-def matmul_peak(dtype: torch.dtype, repeats: int) -> dict[str, float]:
+def matmul_peak(dtype: torch.dtype) -> dict[str, float]:
     """GFLOP/s of the shapes a small-LM training step is made of; the best is the peak."""
-    shapes = {"2048x512x512": (2048, 512, 512), "2048x512x1408": (2048, 512, 1408),
-              "2048x512x8192": (2048, 512, 8192), "2048^3": (2048, 2048, 2048)}  # fmt: skip
-    result = {}
-    for name, (m, k, n) in shapes.items():
-        a, b = torch.randn(m, k, dtype=dtype), torch.randn(k, n, dtype=dtype)
-        seconds = alternate({name: lambda a=a, b=b: a @ b}, repeats)[name]
-        result[name] = 2 * m * k * n / seconds / 1e9
-    return result
+    return {"x".join(map(str, shape)): matmul_gflops(shape, dtype, repeats=5) for shape in PEAK_SHAPES}
 
 
 def paired_models(config: ModelConfig) -> tuple[TissLM, torch.nn.Module]:
@@ -179,7 +173,7 @@ def main() -> None:
         "quick": args.quick,
     }
     print("measuring matmul peak ...", flush=True)
-    peak = {"fp32": matmul_peak(torch.float32, repeats), "bf16": matmul_peak(torch.bfloat16, repeats)}
+    peak = {"fp32": matmul_peak(torch.float32), "bf16": matmul_peak(torch.bfloat16)}
     report["matmul_peak_gflops"] = peak
 
     ours, theirs = paired_models(SMALL)

@@ -123,6 +123,17 @@ def test_truncated_or_unmarked_checkpoints_are_skipped(corpus, tmp_path):
     assert_bitwise_equal(final_weights(reference), final_weights(run))
 
 
+def test_checkpoints_of_another_configuration_are_not_resumed_and_get_pruned(corpus, tmp_path):
+    run = tmp_path / "run"
+    run_training(corpus, run, "train.max_steps=8")
+    changed = run_training(corpus, run, "train.max_steps=4", "model.d_ff=64")
+    output = changed.stdout + changed.stderr
+    assert "skipped, written by another configuration" in output and "resumed from" not in output
+    assert sorted(p.name for p in (run / "checkpoints").iterdir()) == ["step-4"]
+    extended = run_training(corpus, run, "train.max_steps=8", "model.d_ff=64")  # max_steps may grow
+    assert "resumed from" in extended.stdout + extended.stderr
+
+
 def losses(run: Path, step: int) -> list[float]:
     state = json.loads((run / "checkpoints" / f"step-{step}" / "trainer_state.json").read_text())
     return [h["train_loss"] for h in state["history"] if "tokens_per_s" in h]
@@ -175,3 +186,21 @@ def test_split_is_stable_and_documents_keep_their_side():
     assert 0.08 < sum(first) / len(first) < 0.12
     more = [f"new-{i}" for i in range(500)] + ids  # new documents never move old ones
     assert [is_val(i, 0.1) for i in more][500:] == first
+
+
+def test_training_logs_to_mlflow_and_saves_the_run_id_beside_the_model(corpus, tmp_path, monkeypatch):
+    from mlflow.tracking import MlflowClient
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", uri)
+    run_training(corpus, tmp_path / "run", "train.mlflow=true", "train.max_steps=10", "train.log_interval=2")
+    run_id = json.loads((tmp_path / "run" / "model" / "training.json").read_text())["metrics"]["mlflow_run_id"]
+    client = MlflowClient(tracking_uri=uri)
+    run = client.get_run(run_id)
+    assert run.info.status == "FINISHED"
+    assert run.data.params["model.d_model"] == "48" and run.data.params["train.max_steps"] == "10"
+    assert [m.step for m in client.get_metric_history(run_id, "train_loss")] == [2, 4, 6, 8, 10]
+    assert {"val_loss", "val_bpb", "tokens_per_s", "mfu", "grad_norm", "lr", "final_val_bits_per_byte"} <= set(
+        run.data.metrics
+    )
+    assert {a.path for a in client.list_artifacts(run_id)} >= {"train_loss.png", "training.json"}

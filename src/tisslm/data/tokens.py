@@ -42,7 +42,7 @@ def encode_documents(texts: list[str], tokenizer: Tokenizer, batch_docs: int, de
     pieces = []
     for start in tqdm(range(0, len(texts), batch_docs), desc=desc, unit=" batches"):
         for encoding in tokenizer.encode_batch(texts[start : start + batch_docs], add_special_tokens=False):
-            pieces.append(np.asarray(encoding.ids + [end], dtype=dtype))
+            pieces.append(np.asarray([*encoding.ids, end], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
 
 

@@ -62,6 +62,8 @@ def save_checkpoint(
     state: dict,
     keep: int,
 ) -> Path:
+    """Write step-N (state must carry the run's "fingerprint") and prune: the newest `keep` of
+    this run stay, checkpoints of other configurations go (this run can never resume them)."""
     directory.mkdir(parents=True, exist_ok=True)
     final = directory / f"step-{step}"
     tmp = directory / f".step-{step}.tmp-{os.getpid()}"
@@ -79,7 +81,7 @@ def save_checkpoint(
     if final.exists():  # an unmarked leftover from a crash at this very step
         shutil.rmtree(final)
     os.replace(tmp, final)
-    _prune(directory, keep)
+    _prune(directory, keep, state["fingerprint"])
     return final
 
 
@@ -92,18 +94,32 @@ def _complete_steps(directory: Path) -> list[tuple[int, Path]]:
     return sorted(found, reverse=True)
 
 
-def _prune(directory: Path, keep: int) -> None:
-    for _, path in _complete_steps(directory)[keep:]:
+def _fingerprint(path: Path) -> str | None:
+    try:
+        return json.loads((path / "trainer_state.json").read_text()).get("fingerprint")
+    except (OSError, json.JSONDecodeError):
+        return None
+
+
+def _prune(directory: Path, keep: int, fingerprint: str) -> None:
+    ours = [path for _, path in _complete_steps(directory) if _fingerprint(path) == fingerprint]
+    others = [path for _, path in _complete_steps(directory) if _fingerprint(path) != fingerprint]
+    for path in ours[keep:] + others:
         shutil.rmtree(path, ignore_errors=True)
 
 
-def load_latest(directory: Path, model: TissLM, optimizer: torch.optim.Optimizer) -> Checkpoint | None:
-    """Restore the newest checkpoint that is complete and readable into `model` and `optimizer`.
+def load_latest(
+    directory: Path, model: TissLM, optimizer: torch.optim.Optimizer, fingerprint: str
+) -> Checkpoint | None:
+    """Restore the newest checkpoint of this run configuration that is complete and readable.
 
     Unmarked directories are never considered; a marked one that fails to load (truncated,
-    corrupted) is skipped with a warning in favour of the next older one.
+    corrupted) or comes from another configuration is skipped with a warning.
     """
     for step, path in _complete_steps(directory):
+        if _fingerprint(path) != fingerprint:
+            warnings.warn(f"{path}: skipped, written by another configuration of model/train params", stacklevel=2)
+            continue
         try:
             loaded = TissLM.from_pretrained(path, device=next(model.parameters()).device)
             optimizer_state = _unflatten_optimizer(

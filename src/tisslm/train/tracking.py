@@ -20,6 +20,13 @@ def tracking_uri() -> str:
     return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path.cwd().resolve() / 'mlflow.db'}"
 
 
+def artifact_location(uri: str) -> str | None:
+    """Artifacts of a sqlite store live beside the database, not wherever the process started."""
+    if uri.startswith("sqlite:///"):
+        return (Path(uri.removeprefix("sqlite:///")).parent / "mlartifacts").as_uri()
+    return None  # a tracking server decides for itself
+
+
 def _flatten(prefix: str, values: dict) -> dict[str, str]:
     flat = {}
     for key, value in values.items():
@@ -39,8 +46,12 @@ class Tracker:
         os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
         import mlflow
 
-        mlflow.set_tracking_uri(tracking_uri())
-        mlflow.set_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
+        uri = tracking_uri()
+        mlflow.set_tracking_uri(uri)
+        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
+        if mlflow.get_experiment_by_name(name) is None:
+            mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+        mlflow.set_experiment(name)
         parent = os.environ.get(PARENT_RUN_ENV)
         run = mlflow.start_run(
             run_id=run_id,
@@ -53,6 +64,11 @@ class Tracker:
                 _flatten("model.", params.model.model_dump()) | _flatten("train.", params.train.model_dump())
             )
         return cls(run.info.run_id)
+
+    def fail(self) -> None:
+        import mlflow
+
+        mlflow.end_run(status="FAILED")
 
     def log_step(self, record: dict) -> None:
         import mlflow

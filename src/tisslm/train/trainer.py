@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import json
 import math
 import os
 import time
@@ -56,6 +57,21 @@ class Distributed:
         return self.rank == 0
 
 
+# Train params that do not change the trajectory: a checkpoint stays resumable across them.
+OPERATIONAL = {"max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
+               "keep_checkpoints", "mlflow", "compile", "device"}  # fmt: skip
+
+
+def run_fingerprint(params: Params, world_size: int) -> str:
+    """What a checkpoint must share with this run to be resumed by it."""
+    shaping = {
+        "model": params.model.model_dump(),
+        "train": {k: v for k, v in params.train.model_dump().items() if k not in OPERATIONAL},
+        "world_size": world_size,
+    }
+    return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
+
+
 def setup_distributed(device: str) -> Distributed:
     world_size = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local_rank = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -70,7 +86,7 @@ def setup_distributed(device: str) -> Distributed:
     return Distributed(rank, world_size, torch_device)
 
 
-class _Loss(torch.nn.Module):
+class TrainingLoss(torch.nn.Module):
     """Routes the fused loss through `forward`, so that DDP's gradient hooks see it."""
 
     def __init__(self, model: TissLM):
@@ -167,10 +183,7 @@ def _rng_state(d: Distributed) -> dict[str, torch.Tensor]:
     return {f"rank{r}.{kind}": state for r, states in enumerate(gathered) for kind, state in states.items()}
 
 
-def _restore_rng(rng: dict[str, torch.Tensor], d: Distributed, seed: int, step: int) -> None:
-    if f"rank{d.rank}.cpu" not in rng:  # resumed with another world size: reseed deterministically
-        torch.manual_seed(seed + 1_000_003 * step + d.rank)
-        return
+def _restore_rng(rng: dict[str, torch.Tensor], d: Distributed) -> None:
     torch.set_rng_state(rng[f"rank{d.rank}.cpu"])
     if d.device.type == "cuda" and f"rank{d.rank}.cuda" in rng:
         torch.cuda.set_rng_state(rng[f"rank{d.rank}.cuda"], d.device)
@@ -197,17 +210,20 @@ def train(params: Params, paths: Paths) -> dict | None:
     if p.seq_len > params.model.max_seq_len:
         raise TissLMError(f"train.seq_len={p.seq_len} exceeds model.max_seq_len={params.model.max_seq_len}")
     train_tokens, val_tokens = load_split(paths.tokens, "train"), load_split(paths.tokens, "val")
-    val_bytes_per_token = meta["val"]["bytes"] / meta["val"]["tokens"]
 
     torch.manual_seed(p.seed)
     model = TissLM(params.model).to(d.device)
     optimizer = make_optimizer(model, p)
-    resumed = load_latest(paths.checkpoints, model, optimizer)
+    fingerprint = run_fingerprint(params, d.world_size)
+    resumed = load_latest(paths.checkpoints, model, optimizer, fingerprint)
     start_step = resumed.step if resumed else 0
     state = resumed.state if resumed else {"history": [], "tokens_seen": 0, "train_seconds": 0.0}
+    state["fingerprint"] = fingerprint
     if resumed:
-        _restore_rng(resumed.rng, d, p.seed, start_step)
-    trainable = _Loss(model)
+        _restore_rng(resumed.rng, d)
+        if d.is_main:
+            print(f"train: resumed from {resumed.path} (step {start_step})")
+    trainable = TrainingLoss(model)
     if d.world_size > 1:
         trainable = DistributedDataParallel(trainable, device_ids=[d.device.index] if d.device.type == "cuda" else None)
     if p.compile:
@@ -216,12 +232,45 @@ def train(params: Params, paths: Paths) -> dict | None:
     tracker = Tracker.start(params, state.get("mlflow_run_id")) if d.is_main and p.mlflow else None
     if tracker:
         state["mlflow_run_id"] = tracker.run_id
+    run = _Run(params, paths, d, model, trainable, optimizer, state, train_tokens, val_tokens, meta, tracker)
+    try:
+        _loop(run, start_step)
+        result = _finish(run) if d.is_main else None
+    except BaseException:
+        if tracker:
+            tracker.fail()
+        raise
+    if d.world_size > 1:
+        dist.barrier()
+        dist.destroy_process_group()
+    return result
+
+
+@dataclass
+class _Run:
+    """What the steps of one training run share."""
+
+    params: Params
+    paths: Paths
+    d: Distributed
+    model: TissLM
+    trainable: torch.nn.Module  # the model's loss, wrapped in DDP and/or torch.compile
+    optimizer: torch.optim.Optimizer
+    state: dict  # checkpointed: history, tokens_seen, train_seconds, fingerprint, mlflow_run_id
+    train_tokens: np.ndarray
+    val_tokens: np.ndarray
+    meta: dict  # data/tokens/meta.json
+    tracker: Tracker | None
+
+
+def _loop(run: _Run, start_step: int) -> None:
+    """Steps start_step .. max_steps: forward/backward/update, logging, validation, checkpoints."""
+    p, d, model, optimizer, state = run.params.train, run.d, run.model, run.optimizer, run.state
+    train_tokens, trainable = run.train_tokens, run.trainable
+    val_bytes_per_token = run.meta["val"]["bytes"] / run.meta["val"]["tokens"]
     tokens_per_step = p.batch_size * p.seq_len * p.grad_accum * d.world_size
     flops_per_token = model.flops_per_token(p.seq_len)
     peak = matmul_peak_flops(torch.bfloat16 if p.precision == "bf16" else torch.float32, d.device) if d.is_main else 0.0
-    if d.is_main and resumed:
-        print(f"train: resumed from {resumed.path} (step {start_step})")
-
     bar = tqdm(total=p.max_steps, initial=start_step, desc="train", unit=" step", disable=not d.is_main)
     window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
     model.train()
@@ -268,34 +317,28 @@ def train(params: Params, paths: Paths) -> dict | None:
             }
             window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
         if done % p.eval_interval == 0 or done == p.max_steps:
-            val_loss = estimate_val_loss(model, val_tokens, p, d)
+            val_loss = estimate_val_loss(model, run.val_tokens, p, d)
             record = record or {"step": done, "train_loss": step_loss.item()}
             record |= {"val_loss": val_loss, "val_bpb": val_loss / math.log(2) / val_bytes_per_token}
         if record and d.is_main:
             state["history"].append(record)
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
-            if tracker:
-                tracker.log_step(record)
+            if run.tracker:
+                run.tracker.log_step(record)
         if done % p.checkpoint_interval == 0 or done == p.max_steps:
             rng = _rng_state(d)
             if d.is_main:
-                save_checkpoint(paths.checkpoints, done, model, optimizer, rng, state, p.keep_checkpoints)
+                save_checkpoint(run.paths.checkpoints, done, model, optimizer, rng, state, p.keep_checkpoints)
             if d.world_size > 1:
                 dist.barrier()
     bar.close()
 
-    result = None
-    if d.is_main:
-        result = _finish(model, params, paths, meta, val_tokens, state, tracker, d)
-    if d.world_size > 1:
-        dist.barrier()
-        dist.destroy_process_group()
-    return result
 
-
-def _finish(model, params: Params, paths: Paths, meta: dict, val_tokens, state: dict, tracker, d: Distributed) -> dict:
+def _finish(run: _Run) -> dict:
+    """Score the whole val split, save the model, write metrics and plots, close the MLflow run."""
+    params, paths, meta, state, model, tracker = run.params, run.paths, run.meta, run.state, run.model, run.tracker
     p = params.train
-    nats, scored = full_val_nats(model, val_tokens, p, d.device)
+    nats, scored = full_val_nats(model, run.val_tokens, p, run.d.device)
     val_bytes = meta["val"]["bytes"]
     val_bpb = nats / math.log(2) / val_bytes
     baselines = meta["val_baselines_bits_per_byte"]
