@@ -131,8 +131,8 @@ class TokenizeParams(_Section):
 
 class TrainParams(_Section):
     seed: int = 1337  # fixes init, batches (a function of seed, step, rank) and dropout
-    max_steps: PositiveInt = 1200  # optimizer steps
-    batch_size: PositiveInt = 16  # sequences per process per micro-step
+    max_steps: PositiveInt = 1400  # optimizer steps
+    batch_size: PositiveInt = 8  # sequences per process per micro-step
     seq_len: PositiveInt = 256  # tokens per sequence (at most model.max_seq_len)
     grad_accum: PositiveInt = 1  # micro-steps per optimizer step
     lr: float = Field(3e-3, gt=0)  # peak learning rate
@@ -149,7 +149,7 @@ class TrainParams(_Section):
     log_interval: PositiveInt = 10  # steps between logged metrics
     checkpoint_interval: PositiveInt = 200  # steps between checkpoints
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept
-    nproc: PositiveInt = 1  # processes on this host; > 1 relaunches the stage under torchrun
+    nproc: PositiveInt = 2  # processes on this host; > 1 relaunches the stage under torchrun
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     mlflow: bool = True  # log to MLflow (MLFLOW_TRACKING_URI, default sqlite at the repo root)
 

@@ -270,7 +270,12 @@ def _loop(run: _Run, start_step: int) -> None:
     val_bytes_per_token = run.meta["val"]["bytes"] / run.meta["val"]["tokens"]
     tokens_per_step = p.batch_size * p.seq_len * p.grad_accum * d.world_size
     flops_per_token = model.flops_per_token(p.seq_len)
-    peak = matmul_peak_flops(torch.bfloat16 if p.precision == "bf16" else torch.float32, d.device) if d.is_main else 0.0
+    # Each process measures what its own share of the machine (cores or GPU) does; N of them do N times that.
+    peak = (
+        d.world_size * matmul_peak_flops(torch.bfloat16 if p.precision == "bf16" else torch.float32, d.device)
+        if d.is_main
+        else 0.0
+    )
     bar = tqdm(total=p.max_steps, initial=start_step, desc="train", unit=" step", disable=not d.is_main)
     window_start, window_tokens, loss_sum, loss_count = time.perf_counter(), 0, 0.0, 0
     model.train()
