@@ -1,9 +1,10 @@
 """Training-loop benchmark: writes benchmarks/results/train.json.
 
-For the default config of params.yaml (model and train sections): training tokens/s and MFU in
-fp32 and bf16 autocast, with 1 process (all cores) and 2 DDP processes under torchrun (one core
-each), and the same step for transformers' LlamaForCausalLM with identical config and weights,
-measured side by side in this run. Usage: python benchmarks/bench_train.py [--steps N]
+For the default config of params.yaml, at its global batch (train.batch_size x train.nproc
+sequences): training tokens/s and MFU in fp32 and bf16 autocast with 1 process (all cores)
+against 2 DDP processes under torchrun (one core each, half the batch each), torch.compile
+against eager, and the same step for transformers' LlamaForCausalLM with identical config and
+weights, all measured in this run. Usage: python benchmarks/bench_train.py [--steps N]
 """
 
 from __future__ import annotations
@@ -32,9 +33,9 @@ from tisslm.train.trainer import TrainingLoss, autocast, make_optimizer
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
 
-def worker(steps: int, precision: str, out: Path) -> None:
+def worker(steps: int, batch: int, precision: str, compile_model: bool, out: Path) -> None:
     """One rank of a DDP job (or the only process): median seconds of a training step."""
-    params = load_params(overrides=[f"train.precision={precision}"])
+    params = load_params(overrides=[f"train.precision={precision}", f"train.batch_size={batch}"])
     p = params.train
     world = int(os.environ.get("WORLD_SIZE", "1"))
     if world > 1:
@@ -45,9 +46,11 @@ def worker(steps: int, precision: str, out: Path) -> None:
     step_module = TrainingLoss(model)
     if world > 1:
         step_module = torch.nn.parallel.DistributedDataParallel(step_module)
+    if compile_model:
+        step_module = torch.compile(step_module)
     data = torch.randint(0, params.model.vocab_size, (p.batch_size, p.seq_len + 1))
     times = []
-    for i in range(steps + 2):  # two warm-up steps
+    for i in range(steps + 2):  # two warm-up steps (compilation happens in the first)
         start = time.perf_counter()
         with autocast(p, torch.device("cpu")):
             loss = step_module(data[:, :-1], data[:, 1:])
@@ -73,9 +76,11 @@ def worker(steps: int, precision: str, out: Path) -> None:
         dist.destroy_process_group()
 
 
-def run_job(nproc: int, steps: int, precision: str) -> dict:
+def run_job(nproc: int, steps: int, global_batch: int, precision: str, compile_model: bool = False) -> dict:
     out = RESULTS.parent / f".train_{nproc}_{precision}.json"
-    command = [sys.executable, __file__, "--worker", "--steps", str(steps), "--precision", precision, "--out", str(out)]
+    command = [sys.executable, __file__, "--worker", "--steps", str(steps), "--batch", str(global_batch // nproc)]
+    command += ["--precision", precision, "--out", str(out)]
+    command += ["--compile"] if compile_model else []
     if nproc > 1:
         command = [
             sys.executable,
@@ -96,41 +101,51 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--steps", type=int, default=6)
     parser.add_argument("--worker", action="store_true", help=argparse.SUPPRESS)
+    parser.add_argument("--batch", type=int, help=argparse.SUPPRESS)
     parser.add_argument("--precision", default="bf16", help=argparse.SUPPRESS)
+    parser.add_argument("--compile", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--out", type=Path, help=argparse.SUPPRESS)
     args = parser.parse_args()
     if args.worker:
-        worker(args.steps, args.precision, args.out)
+        worker(args.steps, args.batch, args.precision, args.compile, args.out)
         return
 
     params = load_params()
+    global_batch = params.train.batch_size * params.train.nproc
     flops = TissLM(params.model).flops_per_token(params.train.seq_len)
     peak = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
-    report: dict = {"config": {"model": params.model.model_dump(), "batch_size": params.train.batch_size, "seq_len": params.train.seq_len},
-                    "flops_per_token": flops, "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()}}  # fmt: skip
+    report: dict = {
+        "config": {"model": params.model.model_dump(), "global_batch": global_batch, "seq_len": params.train.seq_len},
+        "flops_per_token": flops,
+        "matmul_peak_gflops": {k: v / 1e9 for k, v in peak.items()},
+    }
+
+    def measure(name: str, nproc: int, precision: str, compile_model: bool = False) -> None:
+        print(f"{name} ...", flush=True)
+        result = run_job(nproc, args.steps, global_batch, precision, compile_model)
+        report[name] = result | {"mfu": result["tokens_per_s"] * flops / peak[precision]}
+
     for precision in ("fp32", "bf16"):
-        for nproc in (1, 2):
-            print(f"{precision}, {nproc} process(es) ...", flush=True)
-            result = run_job(nproc, args.steps, precision)
-            result["mfu"] = result["tokens_per_s"] * flops / peak[precision]
-            report[f"{precision}_{nproc}proc"] = result
+        measure(f"{precision}_1proc", 1, precision)
+        measure(f"{precision}_2proc", 2, precision)
         report[f"{precision}_2proc_vs_1proc"] = (
             report[f"{precision}_2proc"]["tokens_per_s"] / report[f"{precision}_1proc"]["tokens_per_s"]
         )
+    measure("bf16_1proc_compiled", 1, "bf16", compile_model=True)
+    report["bf16_compiled_vs_eager_1proc"] = (
+        report["bf16_1proc_compiled"]["tokens_per_s"] / report["bf16_1proc"]["tokens_per_s"]
+    )
     print("against transformers ...", flush=True)
     peak_gflops = {"fp32": {"all": peak["fp32"] / 1e9}, "bf16": {"all": peak["bf16"] / 1e9}}
+    model = params.model.model_copy(update={"dropout": 0.0})
     report["vs_transformers"] = train_against_transformers(
-        params.model.model_copy(update={"dropout": 0.0}),
-        params.train.batch_size,
-        params.train.seq_len,
-        args.steps,
-        peak_gflops,
+        model, global_batch, params.train.seq_len, args.steps, peak_gflops
     )
     report["goal_tisslm_ge_transformers"] = all(
         report["vs_transformers"][p]["speedup"] >= 1.0 for p in ("fp32", "bf16_autocast")
     )
     atomic_write_json(RESULTS, report)
-    print(json.dumps({k: v for k, v in report.items() if k.endswith(("proc", "vs_1proc"))}, indent=2))
+    print(json.dumps({k: v for k, v in report.items() if "proc" in k}, indent=2))
     print(f"wrote {RESULTS}")
 
 
