@@ -28,7 +28,7 @@ TINY = [
     "model.d_ff=96", "model.max_seq_len=64", "model.dropout=0.1",
     "train.seq_len=32", "train.batch_size=8", "train.max_steps=40", "train.warmup_steps=4",
     "train.checkpoint_interval=4", "train.eval_interval=10", "train.eval_batches=2", "train.log_interval=1",
-    "train.mlflow=false", "train.precision=fp32", "train.lr=0.01",
+    "train.mlflow=false", "train.precision=fp32", "train.lr=0.01", "train.nproc=1",
 ]  # fmt: skip
 
 
