@@ -154,6 +154,12 @@ class TrainParams(_Section):
     mlflow: bool = True  # log to MLflow (MLFLOW_TRACKING_URI, default sqlite at the repo root)
 
 
+class EvaluateParams(_Section):
+    batch_size: PositiveInt = 16  # windows scored per forward pass
+    prompts: list[str] = ["def ", "import os\n", "class Config:\n    def __init__(self"]  # completed greedily
+    max_new_tokens: PositiveInt = 64  # length of each completion
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -164,6 +170,7 @@ class Params(_Section):
     tokenizer: TokenizerParams = TokenizerParams()
     tokenize: TokenizeParams = TokenizeParams()
     train: TrainParams = TrainParams()
+    evaluate: EvaluateParams = EvaluateParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

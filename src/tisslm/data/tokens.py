@@ -9,13 +9,13 @@ from __future__ import annotations
 
 import hashlib
 import json
-import lzma
 from pathlib import Path
 
 import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
+from tisslm.compression import bits_per_byte
 from tisslm.errors import TissLMError
 from tisslm.io import atomic_dir
 from tisslm.tokenizer import END_OF_TEXT
@@ -44,15 +44,6 @@ def encode_documents(texts: list[str], tokenizer: Tokenizer, batch_docs: int, de
         for encoding in tokenizer.encode_batch(texts[start : start + batch_docs], add_special_tokens=False):
             pieces.append(np.asarray([*encoding.ids, end], dtype=dtype))
     return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-
-
-def xz_bits_per_byte(target: bytes, context: bytes = b"") -> float:
-    """Bits per byte xz -9e spends on `target`, after having seen `context` (0 bytes: unconditional)."""
-    preset = 9 | lzma.PRESET_EXTREME
-    extra = len(lzma.compress(context + target, preset=preset)) - (
-        len(lzma.compress(context, preset=preset)) if context else 0
-    )
-    return 8 * extra / len(target)
 
 
 def read_meta(tokens_dir: str | Path) -> dict:
@@ -112,8 +103,8 @@ def tokenize_corpus(
             }
         context = split_bytes["train"][-baseline_context_bytes:] if baseline_context_bytes else b""
         meta["val_baselines_bits_per_byte"] = {
-            "xz_9e": xz_bits_per_byte(split_bytes["val"]),
-            "xz_9e_after_train_text": xz_bits_per_byte(split_bytes["val"], context),
+            "xz_9e": bits_per_byte("xz_9e", split_bytes["val"]),
+            "xz_9e_after_train_text": bits_per_byte("xz_9e", split_bytes["val"], context),
             "train_context_bytes": len(context),
         }
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
