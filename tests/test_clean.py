@@ -15,7 +15,7 @@ from tisslm.data.dedup import jaccard, minhash_signature, near_duplicate_cluster
 from tisslm.data.shards import COLUMNS, doc_id, text_sha256
 from tisslm.data.synthetic import WORDS, code_doc, code_line, planted_near_duplicates
 from tisslm.data.validate import clean_expectations, validate_table
-from tisslm.errors import DataValidationError
+from tisslm.errors import ValidationFailed
 
 
 def table(texts: list[str]) -> datasets.Dataset:
@@ -143,7 +143,7 @@ def test_corrupted_clean_table_fails_validation_naming_the_expectations(tmp_path
     validate_table(df, "clean", clean_expectations(params), tmp_path / "ok.json")
     df.loc[1, "id"] = df.loc[0, "id"]
     df.loc[2, "text"] = df.loc[2, "text"] + "\n# mail me: someone@example.com\n"
-    with pytest.raises(DataValidationError) as err:
+    with pytest.raises(ValidationFailed) as err:
         validate_table(df, "clean", clean_expectations(params), tmp_path / "bad.json")
     message = str(err.value)
     assert "expect_column_values_to_be_unique(id)" in message

@@ -96,3 +96,19 @@ def test_transformers_llama_gives_the_same_logits(tie, n_kv_heads):
     back = from_hf(hf_model)
     for key, value in model.state_dict().items():
         assert torch.equal(back.state_dict()[key], value), key
+
+
+def test_outputs_get_the_usual_permissions(tmp_path):
+    import os
+    import stat
+
+    from tisslm.io import atomic_write_json
+
+    mask = os.umask(0o022)
+    try:
+        make_model().save_pretrained(tmp_path / "m")
+        atomic_write_json(tmp_path / "metrics.json", {"a": 1})
+    finally:
+        os.umask(mask)
+    assert stat.S_IMODE((tmp_path / "m").stat().st_mode) == 0o755
+    assert stat.S_IMODE((tmp_path / "metrics.json").stat().st_mode) == 0o644

@@ -160,6 +160,10 @@ class EvaluateParams(_Section):
     max_new_tokens: PositiveInt = 64  # length of each completion
 
 
+class ExportParams(_Section):
+    parity_text: str = "def main():\n    import os\n    return os.getcwd()\n"  # compared across formats
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -171,6 +175,7 @@ class Params(_Section):
     tokenize: TokenizeParams = TokenizeParams()
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
+    export: ExportParams = ExportParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

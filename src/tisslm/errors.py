@@ -26,8 +26,8 @@ class ConfigError(TissLMError):
     """Invalid parameters: names the source, the key path, the bad value and what is allowed."""
 
 
-class DataValidationError(TissLMError):
-    """Data failed its Great Expectations suite: the stage stops and writes no output."""
+class ValidationFailed(TissLMError):
+    """An output failed its check (a data suite, an export's parity): the stage stops, exit 1."""
 
     exit_code = 1
 

@@ -16,7 +16,7 @@ import pandas as pd
 from tisslm.config import CleanParams, IngestParams
 from tisslm.data.anonymize import LEAK_PATTERNS
 from tisslm.data.shards import COLUMNS
-from tisslm.errors import DataValidationError
+from tisslm.errors import ValidationFailed
 from tisslm.io import atomic_write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
@@ -105,5 +105,5 @@ def validate_table(
             for r in results
             if not r["success"]
         ]
-        raise DataValidationError(f"{name} data failed validation: {'; '.join(failed)} (details: {results_path})")
+        raise ValidationFailed(f"{name} data failed validation: {'; '.join(failed)} (details: {results_path})")
     return summary

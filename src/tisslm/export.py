@@ -1,0 +1,172 @@
+"""Export a TissLM to the formats other tools run: a Hugging Face directory and GGUF.
+
+- Hugging Face: a Llama config, safetensors and a fast tokenizer that `AutoModelForCausalLM` and
+  `AutoTokenizer` load offline.
+- GGUF (llama.cpp): architecture `llama`, tensors named as llama.cpp's own converter names
+  them, q/k rows permuted to llama.cpp's interleaved rotary layout (the converter does the same
+  for Hugging Face Llama weights), norms in F32 and matrices in F16 or Q8_0, the BPE vocabulary
+  and merges in the tokenizer metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tisslm.hf import to_hf, to_llama_state_dict
+from tisslm.io import atomic_dir
+from tisslm.model import TissLM
+from tisslm.tokenizer import END_OF_TEXT
+
+GGUF_TYPES = ("F16", "Q8_0")
+PAD = "<|pad|>"
+
+
+def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    pad = PAD if tokenizer.token_to_id(PAD) is not None else END_OF_TEXT
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=pad
+    )
+    with atomic_dir(directory) as tmp:
+        hf_model = to_hf(model)
+        hf_model.generation_config.eos_token_id = tokenizer.token_to_id(END_OF_TEXT)
+        hf_model.generation_config.pad_token_id = tokenizer.token_to_id(pad)
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        fast.save_pretrained(tmp)
+    return directory
+
+
+def _llama_cpp_rotary_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q or k projection from rotate-half pairing (i, i + d/2) to interleaved (2i, 2i + 1)."""
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(model: TissLM) -> dict[str, torch.Tensor]:
+    """llama.cpp tensor name -> weight, from the Llama-format state dict."""
+    c, state = model.config, to_llama_state_dict(model)
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    if not c.tie_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.v_proj": "attn_v"}  # fmt: skip
+    for i in range(c.n_layers):
+        hf = f"model.layers.{i}."
+        for theirs, ours in names.items():
+            tensors[f"blk.{i}.{ours}.weight"] = state[f"{hf}{theirs}.weight"]
+        tensors[f"blk.{i}.attn_q.weight"] = _llama_cpp_rotary_permute(state[f"{hf}self_attn.q_proj.weight"], c.n_heads)
+        tensors[f"blk.{i}.attn_k.weight"] = _llama_cpp_rotary_permute(
+            state[f"{hf}self_attn.k_proj.weight"], c.n_kv_heads
+        )
+    return tensors
+
+
+def _bpe_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
+    spec = json.loads(tokenizer.to_str())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    import gguf
+
+    types = [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: str) -> Path:
+    import gguf
+
+    if tensor_type not in GGUF_TYPES:
+        raise ValueError(f"tensor_type {tensor_type!r}: one of {GGUF_TYPES}")
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    c = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer.add_name("TissLM")
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_block_count(c.n_layers)
+    writer.add_feed_forward_length(c.d_ff)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if tensor_type == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    tokens, types, merges = _bpe_vocabulary(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    writer.add_bos_token_id(end)
+    writer.add_eos_token_id(end)
+    for name, tensor in gguf_tensors(model).items():
+        data = tensor.detach().float().numpy()
+        if data.ndim == 1:  # norms: small, and precision-sensitive
+            writer.add_tensor(name, data.astype(np.float32))
+        elif tensor_type == "F16":
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+def gguf_parity(model: TissLM, path: Path) -> dict:
+    """Read the file back: tensor shapes, metadata, and the worst relative error of any matrix."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    expected = gguf_tensors(model)
+    worst, shapes_match = 0.0, True
+    for tensor in reader.tensors:
+        original = expected[tensor.name].detach().float().numpy()
+        shapes_match &= [int(n) for n in reversed(tensor.shape)] == list(
+            original.shape
+        )  # GGUF lists dims fastest-first
+        restored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(original.shape)
+        scale = np.abs(original).max() or 1.0
+        worst = max(worst, float(np.abs(restored - original).max() / scale))
+    field = reader.fields["llama.block_count"]
+    return {
+        "file_bytes": path.stat().st_size,
+        "tensors": len(reader.tensors),
+        "tensors_expected": len(expected),
+        "shapes_match": bool(shapes_match),
+        "block_count": int(field.parts[field.data[0]][0]),
+        "max_relative_error": worst,
+    }
+
+
+@torch.no_grad()
+def hf_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str) -> dict:
+    """Load the export the way its users will, offline, and compare logits with TissLM's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    ids = hf_tokenizer(text, return_tensors="pt")["input_ids"]
+    theirs = hf_model(input_ids=ids).logits
+    ours = model.eval()(ids)
+    return {
+        "tokenizer_ids_match": ids[0].tolist() == tokenizer.encode(text).ids,
+        "max_abs_logit_diff": float((theirs - ours).abs().max()),
+        "tokens_compared": int(ids.numel()),
+    }

@@ -1,0 +1,70 @@
+"""Export: the Hugging Face directory loads offline with equal logits; GGUF reads back right."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import make_model
+
+from tisslm.export import _llama_cpp_rotary_permute, export_gguf, export_hf, gguf_parity, gguf_tensors, hf_parity
+from tisslm.model import apply_rope, rope_tables
+from tisslm.tokenizer import byte_level_tokenizer
+
+
+@pytest.fixture
+def model_and_tokenizer():
+    return make_model(vocab_size=257, max_seq_len=64), byte_level_tokenizer()
+
+
+def test_hf_export_loads_offline_with_equal_logits(model_and_tokenizer, tmp_path):
+    model, tokenizer = model_and_tokenizer
+    export_hf(model, tokenizer, tmp_path / "hf")
+    parity = hf_parity(model, tmp_path / "hf", tokenizer, "def f(x):\n    return x * 2  # ✓\n")
+    assert parity["tokenizer_ids_match"]
+    assert parity["max_abs_logit_diff"] < 1e-4 and parity["tokens_compared"] > 10
+
+
+@pytest.mark.parametrize("tensor_type, tolerance", [("F16", 1e-3), ("Q8_0", 1e-2)])
+def test_gguf_reads_back_with_shapes_metadata_and_values(model_and_tokenizer, tmp_path, tensor_type, tolerance):
+    import gguf
+
+    model, tokenizer = model_and_tokenizer
+    path = export_gguf(model, tokenizer, tmp_path / f"m-{tensor_type}.gguf", tensor_type)
+    parity = gguf_parity(model, path)
+    assert parity["shapes_match"] and parity["tensors"] == parity["tensors_expected"] == 2 + 9 * 2
+    assert parity["block_count"] == 2 and parity["max_relative_error"] < tolerance
+    reader = gguf.GGUFReader(str(path))
+
+    def field(name):
+        f = reader.fields[name]
+        return f.parts[f.data[0]].tolist()
+
+    assert field("llama.attention.head_count") == [4] and field("llama.attention.head_count_kv") == [2]
+    assert bytes(field("general.architecture")).decode() == "llama"
+    assert len(reader.fields["tokenizer.ggml.tokens"].data) == 257
+    types = {t.name: t.tensor_type.name for t in reader.tensors}
+    assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == tensor_type
+
+
+def test_gguf_q_rows_follow_llama_cpp_interleaved_rotary():
+    """Rotating the permuted projection in adjacent pairs equals permuting our rotate-half output."""
+    n_heads, head_dim, d_model = 2, 8, 16
+    weight, x = torch.randn(n_heads * head_dim, d_model), torch.randn(d_model)
+    cos, sin = rope_tables(head_dim, 10, 10000.0)
+    position = 7
+    ours = apply_rope((weight @ x).view(n_heads, head_dim), cos[position], sin[position]).reshape(-1)
+    permuted = (_llama_cpp_rotary_permute(weight, n_heads) @ x).view(n_heads, head_dim // 2, 2)
+    angle = position / 10000.0 ** (torch.arange(0, head_dim, 2) / head_dim)  # (head_dim/2,)
+    even, odd = permuted[..., 0], permuted[..., 1]
+    interleaved = torch.stack((even * angle.cos() - odd * angle.sin(), even * angle.sin() + odd * angle.cos()), -1)
+    expected = _llama_cpp_rotary_permute(ours[:, None], n_heads)[:, 0]
+    torch.testing.assert_close(interleaved.reshape(-1), expected, atol=1e-5, rtol=1e-5)
+    assert not math.isclose(float((ours - expected).abs().max()), 0.0)  # the permutation does move rows
+
+
+def test_gguf_names_follow_llama_cpp(model_and_tokenizer):
+    names = set(gguf_tensors(model_and_tokenizer[0]))
+    assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
+    assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
