@@ -164,6 +164,15 @@ class ExportParams(_Section):
     parity_text: str = "def main():\n    import os\n    return os.getcwd()\n"  # compared across formats
 
 
+class QuantizeParams(_Section):
+    schemes: list[Literal["int8_weight_only", "int8_dynamic_activation"]] = [
+        "int8_weight_only",
+        "int8_dynamic_activation",
+    ]
+    decode_tokens: PositiveInt = 128  # tokens per timed greedy decode (batch 1)
+    eval_documents: PositiveInt | None = None  # val documents for the bits-per-byte delta (None: all)
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -176,6 +185,7 @@ class Params(_Section):
     train: TrainParams = TrainParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
+    quantize: QuantizeParams = QuantizeParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

@@ -18,10 +18,11 @@ import re
 from collections.abc import Sequence
 
 import torch
+import torch.nn.functional as F
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tisslm.model import TissLM, linear_cross_entropy
+from tisslm.model import TissLM
 
 IGNORE = -100
 
@@ -59,11 +60,10 @@ def document_loglikelihoods(
             targets[row, : len(y)] = torch.tensor(y)
         hidden = model.hidden_states(inputs.to(device))  # (B, width, d_model); padding sits after, causality hides it
         for row, (doc, _) in enumerate(batch):
-            valid = targets[row] != IGNORE
-            mean = linear_cross_entropy(
-                hidden[row][valid.to(device)], model.lm_head.weight, targets[row][valid].to(device)
-            )
-            totals[doc] -= mean.item() * int(valid.sum())
+            valid = (targets[row] != IGNORE).to(device)
+            # Through the head module, not its weight: it may be quantized.
+            logits = model.lm_head(hidden[row][valid]).float()  # (valid tokens, vocab)
+            totals[doc] -= F.cross_entropy(logits, targets[row].to(device)[valid], reduction="sum").item()
     model.train(was_training)
     return totals
 

@@ -1,0 +1,49 @@
+"""int8 quantization with torchao: smaller, close in quality, stored as safetensors."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from conftest import make_model
+
+from tisslm.errors import TissLMError
+from tisslm.quantize import SCHEMES, compare, linear_weight_bytes, load_quantized, quantize_model, save_quantized
+from tisslm.tokenizer import byte_level_tokenizer
+
+TEXTS = [
+    "def handler(request):\n    return respond(request.items, status=200)\n" * 3,
+    "x = [i * i for i in range(10)]\n",
+]
+
+
+@pytest.fixture(scope="module")
+def model():
+    return make_model(vocab_size=257, d_model=64, d_ff=128, max_seq_len=128)
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_quantized_model_round_trips_through_safetensors(model, tmp_path, scheme):
+    quantized = quantize_model(model, scheme)
+    assert type(quantized.layers[0].attn.qkv.weight).__name__ == "Int8Tensor"
+    assert model.layers[0].attn.qkv.weight.dtype == torch.float32  # the original is left alone
+    save_quantized(quantized, scheme, tmp_path / "q", byte_level_tokenizer())
+    loaded = load_quantized(tmp_path / "q")
+    idx = torch.randint(0, 257, (2, 20))
+    with torch.no_grad():
+        assert torch.equal(loaded(idx), quantized(idx))
+        assert (loaded(idx) - model(idx)).abs().max() < 0.1 * model(idx).abs().max()
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_compare_reports_size_speed_and_quality(model, scheme):
+    quantized = quantize_model(model, scheme)
+    result = compare(model, quantized, byte_level_tokenizer(), TEXTS, window=64, decode_tokens=8, repeats=1)
+    assert result["linear_weight_size_ratio"] > 3.5  # int8 plus one scale per row
+    assert linear_weight_bytes(model) == result["linear_weight_bytes"]["reference"]
+    assert abs(result["bits_per_byte_relative_increase"]) < 0.02
+    assert result["decode_tokens_per_s"]["quantized"] > 0
+
+
+def test_damaged_quantized_directory_is_one_line_error(tmp_path):
+    with pytest.raises(TissLMError, match="not a quantized TissLM directory"):
+        load_quantized(tmp_path / "missing")
