@@ -33,6 +33,8 @@ run: $(STAMP)
 	@echo "  models/model/                  the trained model: $(BIN)/tisslm generate --model models/model --prompt 'def '"
 	@echo "  models/checkpoints/step-N/     resumable checkpoints"
 	@echo "  metrics/train.json, plots/     val bits/byte vs xz; loss curve (dvc plots show)"
+	@echo "  metrics/eval.json              bits/byte, perplexities, gzip/bz2/xz baselines, samples"
+	@echo "  models/quantized/, models/export/  int8 models (metrics/quantize.json); Hugging Face and GGUF exports"
 	@echo "  mlflow.db                      MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(STAMP)
