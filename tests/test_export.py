@@ -68,3 +68,20 @@ def test_gguf_names_follow_llama_cpp(model_and_tokenizer):
     names = set(gguf_tensors(model_and_tokenizer[0]))
     assert {"token_embd.weight", "output_norm.weight", "blk.1.attn_q.weight", "blk.1.ffn_down.weight"} <= names
     assert "output.weight" not in names  # tied: llama.cpp reuses token_embd
+
+
+def test_onnx_decoder_with_kv_cache_matches_torch(model_and_tokenizer, tmp_path):
+    import onnx
+
+    from tisslm.export import export_onnx, onnx_names, onnx_parity
+
+    model, tokenizer = model_and_tokenizer
+    export_onnx(model, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "decoder.onnx")).graph
+    inputs, outputs = onnx_names(2)
+    assert [i.name for i in graph.input] == inputs and [o.name for o in graph.output] == outputs
+    dims = [d.dim_param or d.dim_value for d in graph.input[1].type.tensor_type.shape.dim]
+    assert isinstance(dims[0], str) and isinstance(dims[2], str) and dims[1] == 2  # batch, past: dynamic
+    parity = onnx_parity(model, tmp_path / "onnx", tokenizer, "def f(x):\n    return x + 1\n", new_tokens=32)
+    assert parity["max_abs_logit_diff"] < 1e-4
+    assert parity["greedy_identical"] and parity["greedy_tokens"] == 32

@@ -1,7 +1,10 @@
-"""Export a TissLM to the formats other tools run: a Hugging Face directory and GGUF.
+"""Export a TissLM to the formats other tools run: a Hugging Face directory, ONNX and GGUF.
 
 - Hugging Face: a Llama config, safetensors and a fast tokenizer that `AutoModelForCausalLM` and
   `AutoTokenizer` load offline.
+- ONNX: a decoder step with the KV cache as inputs and outputs, named as Hugging Face optimum
+  names them (`past_key_values.{i}.key` ... `present.{i}.value`), with dynamic batch, sequence
+  and past lengths; the first step passes an empty past.
 - GGUF (llama.cpp): architecture `llama`, tensors named as llama.cpp's own converter names
   them, q/k rows permuted to llama.cpp's interleaved rotary layout (the converter does the same
   for Hugging Face Llama weights), norms in F32 and matrices in F16 or Q8_0, the BPE vocabulary
@@ -23,6 +26,7 @@ from tisslm.model import TissLM
 from tisslm.tokenizer import END_OF_TEXT
 
 GGUF_TYPES = ("F16", "Q8_0")
+ONNX_FILE = "decoder.onnx"
 PAD = "<|pad|>"
 
 
@@ -40,6 +44,105 @@ def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
         hf_model.save_pretrained(tmp, safe_serialization=True)
         fast.save_pretrained(tmp)
     return directory
+
+
+class ConcatKVCache:
+    """KVCache's interface over past keys and values given as tensors: each update concatenates,
+    which an exported graph can express (the preallocated cache writes in place, which it cannot)."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.length = past[0][0].shape[2]
+        self.max_len = 1 << 30  # bounded by the model's max_seq_len instead
+        self.left_pad = None
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        past_k, past_v = self.past[layer]
+        self.present[layer] = (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
+        return self.present[layer]
+
+
+class OnnxDecoder(torch.nn.Module):
+    """forward(input_ids, *past) -> (logits, *present), past and present flat as (key, value) per layer."""
+
+    def __init__(self, model: TissLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = ConcatKVCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
+        logits = self.model(input_ids, cache=cache)
+        return (logits, *[t for kv in cache.present for t in kv])
+
+
+def onnx_names(n_layers: int) -> tuple[list[str], list[str]]:
+    pairs = [(i, kind) for i in range(n_layers) for kind in ("key", "value")]
+    return ["input_ids"] + [f"past_key_values.{i}.{k}" for i, k in pairs], ["logits"] + [
+        f"present.{i}.{k}" for i, k in pairs
+    ]
+
+
+def export_onnx(model: TissLM, directory: Path) -> Path:
+    from torch.export import Dim
+
+    c = model.config
+    model = model.eval()
+    inputs, outputs = onnx_names(c.n_layers)
+    example_past = [torch.zeros(2, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
+    # Tracing bounds keep past + sequence within max_seq_len; the graph itself takes any lengths
+    # up to it, an empty past and one-token steps included.
+    batch = Dim("batch", min=1, max=1024)
+    sequence = Dim("sequence", min=2, max=c.max_seq_len // 2)
+    past = Dim("past_sequence", min=1, max=c.max_seq_len // 2 - 1)
+    shapes = ({0: batch, 1: sequence}, tuple({0: batch, 2: past} for _ in example_past))
+    with atomic_dir(directory) as tmp:
+        torch.onnx.export(
+            OnnxDecoder(model).eval(), (torch.zeros(2, 5, dtype=torch.long), *example_past), str(tmp / ONNX_FILE),
+            dynamo=True, dynamic_shapes=shapes, input_names=inputs, output_names=outputs, verbose=False,
+        )  # fmt: skip
+    return directory
+
+
+def onnx_greedy(session, config, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation computed by onnxruntime alone, feeding `present` back as `past`."""
+    inputs, _ = onnx_names(config.n_layers)
+    past = [np.zeros((1, config.n_kv_heads, 0, config.head_dim), dtype=np.float32)] * (2 * config.n_layers)
+    ids, out = np.array([prompt], dtype=np.int64), []
+    for _ in range(new_tokens):
+        logits, *past = session.run(None, dict(zip(inputs, [ids, *past], strict=True)))
+        out.append(int(logits[0, -1].argmax()))
+        ids = np.array([[out[-1]]], dtype=np.int64)
+    return out
+
+
+@torch.no_grad()
+def onnx_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str, new_tokens: int = 32) -> dict:
+    """onnxruntime against torch: logits with and without a past, and a greedy continuation."""
+    import onnxruntime
+
+    from tisslm.generate import generate
+
+    session = onnxruntime.InferenceSession(str(directory / ONNX_FILE), providers=["CPUExecutionProvider"])
+    c, model = model.config, model.eval()
+    inputs, _ = onnx_names(c.n_layers)
+    ids = tokenizer.encode(text).ids
+    worst = 0.0
+    for split in (0, len(ids) // 2, len(ids) - 1):  # no past, half a past, one-token step
+        decoder = OnnxDecoder(model)
+        empty = [torch.zeros(1, c.n_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)]
+        past = list(decoder(torch.tensor([ids[:split]]), *empty)[1:]) if split else empty
+        expected = decoder(torch.tensor([ids[split:]]), *past)[0].numpy()
+        feed = dict(zip(inputs, [np.array([ids[split:]], dtype=np.int64), *[p.numpy() for p in past]], strict=True))
+        worst = max(worst, float(np.abs(session.run(None, feed)[0] - expected).max()))
+    ours = generate(model, [ids], new_tokens, temperature=0)[0]
+    theirs = onnx_greedy(session, c, ids, new_tokens)
+    return {
+        "file_bytes": sum(f.stat().st_size for f in directory.iterdir()),  # the graph and its external weights
+        "max_abs_logit_diff": worst,
+        "greedy_tokens": new_tokens,
+        "greedy_identical": ours == theirs,
+    }
 
 
 def _llama_cpp_rotary_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
