@@ -173,6 +173,17 @@ class QuantizeParams(_Section):
     eval_documents: PositiveInt | None = None  # val documents for the bits-per-byte delta (None: all)
 
 
+class BiasHubSource(_Section):
+    name: str = "nyu-mll/crows_pairs"  # a dataset in CrowS-Pairs' format (sent_more, sent_less, bias_type)
+    split: str = "test"
+
+
+class BiasParams(_Section):
+    hub: BiasHubSource | None = None  # also score a public set when a hub is reachable (offline: skipped, noted)
+    bootstrap: PositiveInt = 1000  # resamples for the 95% intervals
+    seed: int = 0
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -186,6 +197,7 @@ class Params(_Section):
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     quantize: QuantizeParams = QuantizeParams()
+    bias: BiasParams = BiasParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

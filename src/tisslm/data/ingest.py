@@ -8,7 +8,6 @@ stops the stage.
 from __future__ import annotations
 
 import json
-import socket
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
@@ -18,13 +17,12 @@ from pathlib import Path
 import datasets
 import pathspec
 import pyarrow.parquet as pq
-from datasets.packaged_modules import _PACKAGED_DATASETS_MODULES
-from huggingface_hub import constants as hub_constants
 from tqdm import tqdm
 
 from tisslm.config import DirSource, FilesSource, HFSource, IngestParams, Source, StdlibSource
 from tisslm.data.shards import COLUMNS, doc_id, text_sha256
 from tisslm.errors import TissLMError
+from tisslm.hub import require_hub
 
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -160,22 +158,8 @@ def files_candidates(source: FilesSource, max_bytes: int) -> Iterator[Candidate]
             yield Candidate(str(path), skip="unreadable")
 
 
-def check_hub_reachable(name: str, timeout: float = 3.0) -> None:
-    """Fail at once, in one line, when a hub id is asked for and the hub cannot be reached
-    (rather than after `datasets`' half a minute of retries)."""
-    if Path(name).exists() or name in _PACKAGED_DATASETS_MODULES:
-        return  # local data: no network needed
-    if hub_constants.HF_HUB_OFFLINE:
-        raise TissLMError(f"ingest.sources: hf {name!r}: HF_HUB_OFFLINE is set and {name!r} is not local")
-    host = hub_constants.ENDPOINT.split("://", 1)[-1].split("/", 1)[0]
-    try:
-        socket.create_connection((host.split(":")[0], 443), timeout=timeout).close()
-    except OSError as err:
-        raise TissLMError(f"ingest.sources: hf {name!r}: the hub ({host}) is unreachable ({err})") from None
-
-
 def hf_candidates(source: HFSource, max_bytes: int) -> Iterator[Candidate]:
-    check_hub_reachable(source.name)
+    require_hub(source.name, where="ingest.sources")
     try:
         stream = datasets.load_dataset(
             source.name, source.config_name, data_files=source.data_files, split=source.split, streaming=True
