@@ -1,0 +1,48 @@
+"""The model card and datasheet: every section present, every number from a metrics file."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from huggingface_hub import ModelCard
+
+from tisslm.card import CARD_SECTIONS, DATASHEET_SECTIONS, datasheet, model_card
+from tisslm.config import load_params
+
+REPO = Path(__file__).resolve().parents[1]
+SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "quantize", "export")
+
+
+@pytest.fixture(scope="module")
+def metrics() -> dict[str, dict]:
+    """The metrics files the pipeline committed: real stage outputs."""
+    return {name: json.loads((REPO / "metrics" / f"{name}.json").read_text()) for name in SOURCES}
+
+
+def test_model_card_has_every_section_and_the_metrics_numbers(metrics):
+    card = model_card(load_params(REPO / "params.yaml"), metrics)
+    text = str(card)
+    headers = [line[3:] for line in text.splitlines() if line.startswith("## ")]
+    assert headers == list(CARD_SECTIONS)
+    val, bias = metrics["eval"]["val"], metrics["bias"]["tisslm_pairs"]
+    assert f"bits per byte {val['bits_per_byte']:.3f}" in text
+    assert f"| overall | {bias['overall']['pct_stereotype']:.1f} |" in text
+    for category, values in bias["per_category"].items():
+        assert f"| {category} | {values['pct_stereotype']:.1f} |" in text
+    for name, value in metrics["eval"]["baselines_bits_per_byte"].items():
+        assert f"| {name} | {value:.3f} |" in text
+    ratio = metrics["quantize"]["int8_weight_only"]["linear_weight_size_ratio"]
+    assert f"| int8_weight_only | {ratio:.2f}x |" in text
+    assert f"{metrics['train']['train_seconds'] / 60:.1f} minutes" in text
+    parsed = ModelCard(text).data  # the YAML block is valid Hugging Face card metadata
+    assert parsed.license == "mit" and parsed.pipeline_tag == "text-generation"
+    assert parsed.eval_results[0].metric_value == round(val["bits_per_byte"], 4)
+
+
+def test_datasheet_has_gebru_sections_and_corpus_figures(metrics):
+    text = datasheet(metrics)
+    assert [line[3:] for line in text.splitlines() if line.startswith("## ")] == list(DATASHEET_SECTIONS)
+    assert f"{metrics['ingest']['seen']} files seen, {metrics['ingest']['kept']} kept" in text
+    assert f"{metrics['clean']['docs_out']} documents" in text
