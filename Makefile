@@ -35,7 +35,10 @@ run: $(STAMP)
 	@echo "  metrics/train.json, plots/     val bits/byte vs xz; loss curve (dvc plots show)"
 	@echo "  metrics/eval.json              bits/byte, perplexities, gzip/bz2/xz baselines, samples"
 	@echo "  models/quantized/, models/export/  int8 models (metrics/quantize.json); Hugging Face and GGUF exports"
-	@echo "  mlflow.db                      MLflow runs: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	@echo "  metrics/bias.json              pct_stereotype per category (ideal 50)"
+	@echo "  models/MODEL_CARD.md, models/DATASHEET.md  model card and datasheet"
+	@echo "  metrics/register.json          registry decision: is the new model the champion, and why"
+	@echo "  mlflow.db                      MLflow runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
 
 test: $(STAMP)
 	$(BIN)/python -m pytest

@@ -184,6 +184,11 @@ class BiasParams(_Section):
     seed: int = 0
 
 
+class RegisterParams(_Section):
+    min_improvement: float = Field(0.01, ge=0, lt=1)  # relative bits-per-byte gain a challenger needs
+    max_bias_shift: float = Field(5.0, ge=0)  # points pct_stereotype may move further from 50
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -198,6 +203,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     quantize: QuantizeParams = QuantizeParams()
     bias: BiasParams = BiasParams()
+    register: RegisterParams = RegisterParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

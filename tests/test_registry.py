@@ -1,0 +1,72 @@
+"""The registry's promotion gate, against a real MLflow sqlite store."""
+
+from __future__ import annotations
+
+import copy
+
+import pandas as pd
+import torch
+from conftest import make_model
+
+from tisslm.config import RegisterParams
+from tisslm.registry import MODEL_NAME, register
+from tisslm.tokenizer import byte_level_tokenizer
+
+TEXTS = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b\n", "import os\nprint(os.getcwd())\n"]
+
+
+def trained(model, steps: int):
+    """A few optimizer steps on the texts: bits per byte falls a lot from random init."""
+    model = copy.deepcopy(model).train()
+    tokenizer = byte_level_tokenizer()
+    batch = [torch.tensor(tokenizer.encode(t).ids) for t in TEXTS]
+    optimizer = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for _ in range(steps):
+        for ids in batch:
+            loss = model.loss(ids[None, :-1], ids[None, 1:])
+            optimizer.zero_grad()
+            loss.backward()
+            optimizer.step()
+    return model.eval()
+
+
+def save(model, path):
+    model.save_pretrained(path, tokenizer=byte_level_tokenizer())
+    return path
+
+
+def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = RegisterParams(min_improvement=0.01, max_bias_shift=5.0)
+    base = make_model(vocab_size=257, max_seq_len=64)
+    good = trained(base, 15)
+    first = register(save(good, tmp_path / "good"), TEXTS, 32, 52.0, params)
+    assert first.promoted and first.reasons == ["first registered model"]
+
+    damaged = copy.deepcopy(good)
+    with torch.no_grad():
+        for p in damaged.parameters():
+            if p.dim() == 2:
+                p.add_(torch.randn_like(p) * p.std())
+    worse = register(save(damaged, tmp_path / "damaged"), TEXTS, 32, 50.0, params)
+    assert not worse.promoted and worse.champion_version == first.challenger_version
+    assert worse.challenger_bits_per_byte > worse.previous_champion_bits_per_byte
+    assert "does not beat" in worse.reasons[0]
+
+    same = register(save(good, tmp_path / "same"), TEXTS, 32, 52.0, params)
+    assert not same.promoted  # equal is not better by min_improvement
+
+    better = trained(good, 15)
+    biased = register(save(better, tmp_path / "biased"), TEXTS, 32, 90.0, params)
+    assert not biased.promoted and "more than the allowed" in biased.reasons[1]
+    promoted = register(save(better, tmp_path / "better"), TEXTS, 32, 51.0, params)
+    assert promoted.promoted and promoted.challenger_bits_per_byte < promoted.previous_champion_bits_per_byte
+
+    client = mlflow.MlflowClient()
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == promoted.challenger_version
+    assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == promoted.challenger_version
+    champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    out = champion.predict(pd.DataFrame({"prompt": ["def ", "import "]}), params={"max_new_tokens": 12})
+    assert len(out) == 2 and all(isinstance(text, str) and text for text in out)
