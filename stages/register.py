@@ -24,7 +24,7 @@ def main() -> None:
     table = read_shards(CLEAN)
     texts = [t for i, t in zip(table["id"], table["text"], strict=True) if is_val(i, params.tokenize.val_fraction)]
     pct_stereotype = json.loads(BIAS.read_text())["tisslm_pairs"]["overall"]["pct_stereotype"]
-    decision = register(MODEL, texts, params.train.seq_len, pct_stereotype, params.register)
+    decision = register(MODEL, texts, params.train.seq_len, pct_stereotype, params.register_)
     atomic_write_json(METRICS, decision.to_json())
     verdict = (
         "promoted to champion"

@@ -70,3 +70,5 @@ def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, m
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     out = champion.predict(pd.DataFrame({"prompt": ["def ", "import "]}), params={"max_new_tokens": 12})
     assert len(out) == 2 and all(isinstance(text, str) and text for text in out)
+    short = champion.predict(pd.DataFrame({"prompt": ["def "]}), params={"max_new_tokens": 3})
+    assert len(short[0].encode()) <= 3  # the params schema carries max_new_tokens through (byte tokens)

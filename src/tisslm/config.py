@@ -203,7 +203,8 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     quantize: QuantizeParams = QuantizeParams()
     bias: BiasParams = BiasParams()
-    register: RegisterParams = RegisterParams()
+    # `register` itself would shadow BaseModel's (ABCMeta's) classmethod of that name.
+    register_: RegisterParams = Field(RegisterParams(), alias="register")
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

@@ -58,12 +58,15 @@ def register(model_dir: Path, texts: list[str], window: int, pct_stereotype: flo
         return evaluate_texts(TissLM.from_pretrained(directory), tokenizer, texts, END_OF_TEXT, window)["bits_per_byte"]
 
     challenger_bpb = bits_per_byte(model_dir)
+    example = pd.DataFrame({"prompt": ["def "]})
+    signature = mlflow.models.infer_signature(example, ["def f():"], params={"max_new_tokens": 48, "temperature": 0.0})
     with mlflow.start_run(run_name="register"):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),
             artifacts={"model": str(model_dir)},
-            input_example=pd.DataFrame({"prompt": ["def "]}),
+            input_example=example,
+            signature=signature,
             registered_model_name=MODEL_NAME,
         )
         mlflow.log_metrics({"val_bits_per_byte": challenger_bpb, "pct_stereotype": pct_stereotype})

@@ -365,7 +365,9 @@ def _finish(run: _Run) -> dict:
         "mlflow_run_id": state.get("mlflow_run_id"),
     }
     model.save_pretrained(paths.model, tokenizer=load_tokenizer(paths.tokenizer))
-    atomic_write_json(paths.model / "training.json", {"params": params.model_dump(mode="json"), "metrics": metrics})
+    atomic_write_json(
+        paths.model / "training.json", {"params": params.model_dump(mode="json", by_alias=True), "metrics": metrics}
+    )
     if paths.metrics:
         atomic_write_json(paths.metrics, metrics)
     if paths.loss_csv:
