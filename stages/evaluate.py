@@ -7,7 +7,7 @@ from pathlib import Path
 from tisslm.compression import COMPRESSORS, bits_per_byte
 from tisslm.config import load_params
 from tisslm.data.shards import read_shards
-from tisslm.data.tokens import is_val, read_meta
+from tisslm.data.tokens import read_meta, split_documents
 from tisslm.errors import run_main
 from tisslm.evaluate import evaluate_texts
 from tisslm.generate import generate
@@ -24,7 +24,7 @@ METRICS = Path("metrics/eval.json")
 def main() -> None:
     params = load_params()
     table = read_shards(CLEAN)
-    texts = [t for i, t in zip(table["id"], table["text"], strict=True) if is_val(i, params.tokenize.val_fraction)]
+    texts = split_documents(table["id"], table["text"], params.tokenize.val_fraction)["val"]
     model, tokenizer = TissLM.from_pretrained(MODEL), load_tokenizer(MODEL)
     window = params.train.seq_len  # the context the model was trained at
     val = evaluate_texts(model, tokenizer, texts, END_OF_TEXT, window, params.evaluate.batch_size)

@@ -6,7 +6,7 @@ from pathlib import Path
 
 from tisslm.config import load_params
 from tisslm.data.shards import read_shards
-from tisslm.data.tokens import is_val
+from tisslm.data.tokens import split_documents
 from tisslm.errors import run_main
 from tisslm.io import atomic_write_json
 from tisslm.model import TissLM
@@ -24,7 +24,7 @@ def main() -> None:
     params = load_params()
     q = params.quantize
     table = read_shards(CLEAN)
-    texts = [t for i, t in zip(table["id"], table["text"], strict=True) if is_val(i, params.tokenize.val_fraction)]
+    texts = split_documents(table["id"], table["text"], params.tokenize.val_fraction)["val"]
     texts = texts[: q.eval_documents] if q.eval_documents else texts
     model, tokenizer = TissLM.from_pretrained(MODEL).eval(), load_tokenizer(MODEL)
     metrics: dict = {"goals": GOALS}

@@ -8,7 +8,7 @@ from pathlib import Path
 
 from tisslm.config import load_params
 from tisslm.data.shards import read_shards
-from tisslm.data.tokens import is_val
+from tisslm.data.tokens import split_documents
 from tisslm.errors import run_main
 from tisslm.io import atomic_write_json
 from tisslm.registry import register
@@ -22,7 +22,7 @@ METRICS = Path("metrics/register.json")
 def main() -> None:
     params = load_params()
     table = read_shards(CLEAN)
-    texts = [t for i, t in zip(table["id"], table["text"], strict=True) if is_val(i, params.tokenize.val_fraction)]
+    texts = split_documents(table["id"], table["text"], params.tokenize.val_fraction)["val"]
     pct_stereotype = json.loads(BIAS.read_text())["tisslm_pairs"]["overall"]["pct_stereotype"]
     decision = register(MODEL, texts, params.train.seq_len, pct_stereotype, params.register_)
     atomic_write_json(METRICS, decision.to_json())

@@ -7,7 +7,7 @@ from pathlib import Path
 
 from tisslm.config import load_params
 from tisslm.data.shards import read_shards
-from tisslm.data.tokens import is_val
+from tisslm.data.tokens import split_documents
 from tisslm.errors import run_main
 from tisslm.io import atomic_dir, atomic_write_json
 from tisslm.model import TOKENIZER_FILE
@@ -21,9 +21,8 @@ METRICS = Path("metrics/tokenizer.json")
 def main() -> None:
     params = load_params()
     table = read_shards(CLEAN)
-    split = [is_val(i, params.tokenize.val_fraction) for i in table["id"]]
-    train_texts = [t for t, v in zip(table["text"], split, strict=True) if not v]
-    val_texts = [t for t, v in zip(table["text"], split, strict=True) if v]
+    split = split_documents(table["id"], table["text"], params.tokenize.val_fraction)
+    train_texts, val_texts = split["train"], split["val"]
     start = time.perf_counter()
     tokenizer = train_bpe(train_texts, params.tokenizer)
     seconds = time.perf_counter() - start

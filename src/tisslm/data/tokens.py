@@ -29,6 +29,14 @@ def is_val(doc_id: str, val_fraction: float) -> bool:
     return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < val_fraction
 
 
+def split_documents(ids: list[str], texts: list[str], val_fraction: float) -> dict[str, list[str]]:
+    """The texts of each split, in table order: {"train": [...], "val": [...]}."""
+    split: dict[str, list[str]] = {"train": [], "val": []}
+    for doc_id, text in zip(ids, texts, strict=True):
+        split["val" if is_val(doc_id, val_fraction) else "train"].append(text)
+    return split
+
+
 def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
@@ -76,11 +84,7 @@ def tokenize_corpus(
     baseline_context_bytes: int,
 ) -> dict:
     """Write out_dir/{train,val}.bin and meta.json; return the meta."""
-    val = [is_val(i, val_fraction) for i in ids]
-    split_texts = {
-        "train": [t for t, v in zip(texts, val, strict=True) if not v],
-        "val": [t for t, v in zip(texts, val, strict=True) if v],
-    }
+    split_texts = split_documents(ids, texts, val_fraction)
     if not split_texts["train"] or not split_texts["val"]:
         raise TissLMError(f"tokenize.val_fraction={val_fraction}: one split is empty with {len(ids)} documents")
     meta: dict = {
