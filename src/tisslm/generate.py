@@ -11,7 +11,8 @@ from collections.abc import Iterable, Sequence
 
 import torch
 
-from tisslm.errors import TissLMError
+from tisslm.config import GenerateParams
+from tisslm.errors import TissLMError, parse
 from tisslm.model import KVCache, TissLM
 
 
@@ -48,18 +49,6 @@ def sample_next(
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 
-def check_sampling(temperature: float, top_k: int | None, top_p: float | None, max_new_tokens: int) -> None:
-    """Reject sampling settings that have no meaning, with a one-line message."""
-    if temperature < 0:
-        raise TissLMError(f"temperature={temperature}: must be >= 0 (0 is greedy)")
-    if top_k is not None and top_k < 1:
-        raise TissLMError(f"top_k={top_k}: must be >= 1")
-    if top_p is not None and not 0 < top_p <= 1:
-        raise TissLMError(f"top_p={top_p}: must be in (0, 1]")
-    if max_new_tokens < 0:
-        raise TissLMError(f"max_new_tokens={max_new_tokens}: must be >= 0")
-
-
 @torch.inference_mode()
 def generate(
     model: TissLM,
@@ -78,7 +67,9 @@ def generate(
     `vocab_limit` keeps sampling below the tokenizer's vocabulary when the model's embedding
     has more rows than the tokenizer has tokens.
     """
-    check_sampling(temperature, top_k, top_p, max_new_tokens)
+    # The bounds live in one place, the schema of params.yaml's `generate` section.
+    settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
+    parse(GenerateParams, settings, "generate")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TissLMError("every prompt needs at least one token")
     config = model.config
