@@ -8,7 +8,6 @@ the current champion's bits per byte, both measured now on the same val bytes, b
 
 from __future__ import annotations
 
-import os
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -18,7 +17,7 @@ from tisslm.config import RegisterParams
 from tisslm.evaluate import evaluate_texts
 from tisslm.model import TissLM
 from tisslm.tokenizer import END_OF_TEXT, load_tokenizer
-from tisslm.train.tracking import artifact_location, tracking_uri
+from tisslm.train.tracking import use_experiment
 
 MODEL_NAME = "tisslm"
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
@@ -38,15 +37,7 @@ class Decision:
 
 
 def _client():
-    import mlflow
-
-    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-    uri = tracking_uri()
-    mlflow.set_tracking_uri(uri)
-    mlflow.set_registry_uri(uri)
-    if mlflow.get_experiment_by_name("tisslm-registry") is None:
-        mlflow.create_experiment("tisslm-registry", artifact_location=artifact_location(uri))
-    mlflow.set_experiment("tisslm-registry")
+    mlflow = use_experiment("tisslm-registry")
     return mlflow, mlflow.MlflowClient()
 
 

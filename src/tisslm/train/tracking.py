@@ -27,6 +27,21 @@ def artifact_location(uri: str) -> str | None:
     return None  # a tracking server decides for itself
 
 
+def use_experiment(name: str):
+    """Point MLflow (tracking and registry) at the project's store and select `name`, creating it
+    with its artifacts beside a sqlite store. Returns the mlflow module, ready to log."""
+    os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
+    import mlflow
+
+    uri = tracking_uri()
+    mlflow.set_tracking_uri(uri)
+    mlflow.set_registry_uri(uri)
+    if mlflow.get_experiment_by_name(name) is None:
+        mlflow.create_experiment(name, artifact_location=artifact_location(uri))
+    mlflow.set_experiment(name)
+    return mlflow
+
+
 def _flatten(prefix: str, values: dict) -> dict[str, str]:
     flat = {}
     for key, value in values.items():
@@ -43,15 +58,7 @@ class Tracker:
 
     @classmethod
     def start(cls, params: Params, run_id: str | None = None) -> Tracker:
-        os.environ.setdefault("MLFLOW_DISABLE_TELEMETRY", "true")
-        import mlflow
-
-        uri = tracking_uri()
-        mlflow.set_tracking_uri(uri)
-        name = os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT)
-        if mlflow.get_experiment_by_name(name) is None:
-            mlflow.create_experiment(name, artifact_location=artifact_location(uri))
-        mlflow.set_experiment(name)
+        mlflow = use_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
         parent = os.environ.get(PARENT_RUN_ENV)
         run = mlflow.start_run(
             run_id=run_id,
