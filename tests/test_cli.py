@@ -105,3 +105,44 @@ def test_cli_missing_model_dir(tmp_path):
     result = tisslm("info", "--model", str(tmp_path / "nowhere"))
     assert result.returncode == 2
     assert "nowhere/config.json: not found" in result.stderr
+
+
+def test_pipeline_commands_outside_a_project_exit_2_with_one_line(tmp_path):
+    for command in (["pipeline", "run"], ["pipeline", "hpo"], ["pipeline", "retrain"]):
+        result = tisslm(*command, cwd=tmp_path)
+        assert result.returncode == 2 and result.stderr.count("\n") == 1, result.stderr
+        assert "not a TissLM project (no dvc.yaml and pipelines/ here)" in result.stderr
+
+
+def test_ui_serves_the_mlflow_store_of_the_project(tmp_path):
+    """`tisslm ui` starts the MLflow UI on the working directory's store; it answers over HTTP."""
+    import os
+    import socket
+    import time
+    import urllib.request
+
+    assert "no MLflow store yet" in tisslm("ui", cwd=tmp_path).stderr
+    setup = "from tisslm.train.tracking import use_experiment; use_experiment('tisslm')"
+    subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, check=True, timeout=120)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    ui = subprocess.Popen(
+        [sys.executable, "-m", "tisslm.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,
+        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL,
+    )  # fmt: skip
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            try:
+                url = f"http://127.0.0.1:{port}/ajax-api/2.0/mlflow/experiments/get-by-name?experiment_name=tisslm"
+                with urllib.request.urlopen(url, timeout=2) as response:
+                    assert json.load(response)["experiment"]["name"] == "tisslm"
+                    break
+            except OSError:
+                assert ui.poll() is None and time.monotonic() < deadline, "tisslm ui did not come up"
+                time.sleep(0.5)
+    finally:
+        ui.terminate()
+        ui.wait(timeout=30)

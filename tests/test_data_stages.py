@@ -5,7 +5,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import shutil
 import subprocess
 import sys
 from collections.abc import Callable, Iterator
@@ -14,8 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-
-REPO = Path(__file__).resolve().parents[1]
+from conftest import copy_project
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -41,14 +39,7 @@ def edited_params(workspace: Path, edit: Callable[[dict], None]) -> Iterator[Non
 def workspace(tmp_path_factory) -> Path:
     """A copy of the project (code, dvc.yaml, params.yaml) with a small `dir` corpus of its own."""
     root = tmp_path_factory.mktemp("ws")
-    outputs = {".venv", ".git", "data", "models", "metrics", "reports", "dvc.lock"}
-
-    def ignore(directory: str, names: list[str]) -> set[str]:
-        top_level = Path(directory) == REPO
-        return {n for n in names if n == "__pycache__" or (top_level and n in outputs)}
-
-    shutil.copytree(REPO, root / "project", ignore=ignore)
-    project = root / "project"
+    project = copy_project(root / "project")
     corpus = root / "corpus"
     rng = random.Random(0)
     for i in range(60):

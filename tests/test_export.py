@@ -48,6 +48,18 @@ def test_gguf_reads_back_with_shapes_metadata_and_values(model_and_tokenizer, tm
     assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == tensor_type
 
 
+def test_gguf_q8_keeps_rows_that_do_not_fill_its_blocks_in_f16(tmp_path):
+    """Q8_0 packs rows in blocks of 32: with d_model=48, matrices read along d_model stay F16."""
+    import gguf
+
+    model = make_model(vocab_size=257, d_model=48, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
+    path = export_gguf(model, byte_level_tokenizer(), tmp_path / "m.gguf", "Q8_0")
+    parity = gguf_parity(model, path)
+    assert parity["shapes_match"] and parity["max_relative_error"] < 1e-2
+    types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(str(path)).tensors}
+    assert types["blk.0.attn_q.weight"] == "F16" and types["blk.0.ffn_down.weight"] == "Q8_0"  # rows of 48, of 64
+
+
 def test_gguf_q_rows_follow_llama_cpp_interleaved_rotary():
     """Rotating the permuted projection in adjacent pairs equals permuting our rotate-half output."""
     n_heads, head_dim, d_model = 2, 8, 16

@@ -7,6 +7,7 @@ stderr with exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import os
 import sys
 from pathlib import Path
 from typing import Annotated
@@ -15,7 +16,7 @@ import torch
 import typer
 
 from tisslm.config import DEFAULT_PARAMS, Params, load_params
-from tisslm.errors import run_main
+from tisslm.errors import TissLMError, run_main
 from tisslm.generate import generate as generate_tokens
 from tisslm.model import TissLM
 from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer, load_tokenizer
@@ -148,6 +149,199 @@ def train_command(
     result = launch(_params(params, overrides or []), paths, argv)
     if result:
         typer.echo(f"val bits/byte {result['val_bits_per_byte']:.3f}; model in {out}")
+
+
+# ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
+
+pipeline_app = typer.Typer(
+    no_args_is_help=True, help="Run the DVC stages as Prefect flows, with MLflow runs and the registry's decision."
+)
+app.add_typer(pipeline_app, name="pipeline")
+# Offline defaults for the orchestration stack; a user's own settings win.
+QUIET_TELEMETRY = {
+    "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+    "MLFLOW_DISABLE_TELEMETRY": "true",
+    "ITERATIVE_DO_NOT_TRACK": "1",
+}
+
+
+def _flows():
+    """The flows live in the project's `pipelines/` package beside dvc.yaml: import them from there."""
+    root = Path.cwd()
+    if not (root / "dvc.yaml").is_file() or not (root / "pipelines").is_dir():
+        raise TissLMError(f"{root}: not a TissLM project (no dvc.yaml and pipelines/ here); cd to the project root")
+    for key, value in QUIET_TELEMETRY.items():
+        os.environ.setdefault(key, value)
+    sys.path.insert(0, str(root))
+    import pipelines.flows
+    import pipelines.hpo
+
+    return pipelines
+
+
+def _summarise(outcome) -> None:
+    from tisslm.train.tracking import tracking_uri
+
+    ran = sum(s.ran for s in outcome.stages)
+    typer.echo(
+        f"\nPipeline done in {outcome.seconds / 60:.1f} min: {ran} stages ran, {len(outcome.stages) - ran} up to date"
+    )
+    for stage in outcome.stages:
+        typer.echo(f"  {stage.stage:<11} {'ran' if stage.ran else 'up to date':<11} {stage.seconds:7.1f} s")
+    decision = outcome.decision
+    verdict = (
+        "promoted to champion"
+        if decision["promoted"]
+        else f"not promoted (champion stays version {decision['champion_version']})"
+    )
+    typer.echo(
+        f"""
+Results:
+  model          models/model/   try: tisslm generate --model models/model --prompt 'def '
+  model card     models/MODEL_CARD.md, models/DATASHEET.md
+  metrics        metrics/*.json (dvc metrics show); loss curve plots/train_loss.csv (dvc plots show)
+  exports        models/export/ (Hugging Face, ONNX, GGUF), models/quantized/ (int8)
+  data report    reports/data_docs/index.html (Great Expectations)
+  registry       tisslm version {decision["challenger_version"]} {verdict}
+                 {"; ".join(decision["reasons"])}
+  MLflow         run {outcome.mlflow_run_id} in {tracking_uri()}
+                 open it with: tisslm ui   (then http://127.0.0.1:5000)"""
+    )
+
+
+@pipeline_app.command("run")
+def pipeline_run(overrides: Overrides = None) -> None:
+    """Run every dvc.yaml stage in order as a Prefect flow.
+
+    --set values are checked, then written to params.yaml first, as `dvc exp run -S` does."""
+    _summarise(_flows().flows.tisslm_pipeline(overrides or []))
+
+
+@pipeline_app.command("retrain")
+def pipeline_retrain(overrides: Overrides = None) -> None:
+    """dvc pull, the pipeline, dvc push: what CI and the nightly deployment run."""
+    _summarise(_flows().flows.tisslm_retrain(overrides or []))
+
+
+@pipeline_app.command("hpo")
+def pipeline_hpo(
+    overrides: Overrides = None,
+    trials: Annotated[int | None, typer.Option(help="Finished trials to reach [params: hpo.n_trials].")] = None,
+) -> None:
+    """Search hyperparameters with an Optuna study of short training runs.
+
+    The best params go to metrics/hpo.json; --set values apply to the trials only."""
+    result = _flows().hpo.tisslm_hpo(overrides or [], trials)
+    typer.echo(f"\ntrials: {result['trials']}")
+    if result["best"]:
+        best = result["best"]
+        typer.echo(f"best: trial {best['trial']}, {best['val_bits_per_byte']:.4f} val bits/byte with {best['params']}")
+        typer.echo(f"apply to the pipeline with:\n  {result['apply']}")
+    typer.echo("full result: metrics/hpo.json")
+
+
+@app.command()
+def ui(
+    host: Annotated[str, typer.Option(help="Address to listen on.")] = "127.0.0.1",
+    port: Annotated[int, typer.Option(help="TCP port.")] = 5000,
+) -> None:
+    """The MLflow UI on the project's store (MLFLOW_TRACKING_URI, else ./mlflow.db)."""
+    from tisslm.train.tracking import tracking_uri
+
+    uri = tracking_uri()
+    if not uri.startswith("sqlite:"):
+        typer.echo(f"MLflow is served at {uri}: open that in a browser")
+        return
+    if not Path(uri.removeprefix("sqlite:///")).is_file():
+        raise TissLMError(f"{uri}: no MLflow store yet; run the pipeline first (make run)")
+    typer.echo(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
+    command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
+    os.execv(sys.executable, command)
+
+
+# ---- serving: `serve`, `chat`, `attention` (their modules load only when one runs) ----
+
+
+@app.command()
+def serve(
+    model: Annotated[str, typer.Option("--model", help="Model directory, or registered: models:/tisslm@champion.")],
+    host: Annotated[str | None, typer.Option(help="Address to listen on (params: serve.host).")] = None,
+    port: Annotated[int | None, typer.Option(help="TCP port, 0 for any free one (serve.port).")] = None,
+    name: Annotated[str | None, typer.Option("--name", help="Model id clients name (serve.model_name).")] = None,
+    max_batch: Annotated[int | None, typer.Option(help="Sequences decoded together (serve.max_batch).")] = None,
+    max_queue: Annotated[int | None, typer.Option(help="Requests that may wait (serve.max_queue).")] = None,
+    max_prompt_tokens: Annotated[int | None, typer.Option(help="Longest prompt (serve.max_prompt_tokens).")] = None,
+    max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens (serve.max_tokens).")] = None,
+    timeout: Annotated[float | None, typer.Option(help="Seconds per request (serve.request_timeout_s).")] = None,
+    max_body_bytes: Annotated[int | None, typer.Option(help="Request body cap (serve.max_body_bytes).")] = None,
+    params: ParamsFile = None,
+) -> None:
+    """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
+
+    Defaults in parentheses are keys of params.yaml.
+    """
+    from tisslm.config import ServeParams
+    from tisslm.errors import parse
+    from tisslm.serve.server import serve as run_server
+
+    given = {
+        "host": host,
+        "port": port,
+        "model_name": name,
+        "max_batch": max_batch,
+        "max_queue": max_queue,
+        "max_prompt_tokens": max_prompt_tokens,
+        "max_tokens": max_tokens,
+        "request_timeout_s": timeout,
+        "max_body_bytes": max_body_bytes,
+    }
+    base = _params(params, []).serve.model_dump()
+    settings = parse(ServeParams, base | {k: v for k, v in given.items() if v is not None}, "tisslm serve")
+    run_server(model, settings)
+
+
+@app.command()
+def chat(
+    model: ModelDir,
+    system: Annotated[str | None, typer.Option(help="A system message opening the conversation.")] = None,
+    max_new_tokens: Annotated[int | None, typer.Option(help="Reply length cap (generate.max_new_tokens).")] = None,
+    temperature: Annotated[float | None, typer.Option(help="0 is greedy (generate.temperature).")] = None,
+    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely (generate.top_k).")] = None,
+    top_p: Annotated[float | None, typer.Option(help="Nucleus mass (generate.top_p).")] = None,
+    seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens (generate.seed).")] = None,
+    params: ParamsFile = None,
+) -> None:
+    """Chat with a model in the terminal; replies stream token by token (/reset, /exit)."""
+    from tisslm.serve.terminal import chat_session
+
+    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
+    settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
+    lm = TissLM.from_pretrained(model)
+    tokenizer = load_tokenizer(model)
+
+    def write(text: str) -> None:
+        sys.stdout.write(text)
+        sys.stdout.flush()
+
+    typer.echo(f"chatting with {model} (/reset forgets, /exit or Ctrl-D leaves)")
+    chat_session(lm, tokenizer, settings, system, read=input, write=write)
+
+
+@app.command()
+def attention(
+    model: ModelDir,
+    text: Annotated[str, typer.Option(help="A short text (at most serve.attention_max_tokens tokens).")],
+    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("attn.png"),
+    params: ParamsFile = None,
+) -> None:
+    """Save the attention weights of every layer and head over a short text as a PNG grid."""
+    from tisslm.serve.attention import attention_for_text, save_attention_png
+
+    limit = _params(params, []).serve.attention_max_tokens
+    lm = TissLM.from_pretrained(model)
+    maps = attention_for_text(lm, load_tokenizer(model), text, limit)
+    save_attention_png(maps, out, title=f"{model.name}: {len(maps.tokens)} tokens")
+    typer.echo(f"wrote {out}")
 
 
 def main() -> None:

@@ -12,7 +12,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveInt, Tag, model_validator
 
 from tisslm.errors import ConfigError, parse
 from tisslm.model import ModelConfig
@@ -189,6 +189,73 @@ class RegisterParams(_Section):
     max_bias_shift: float = Field(5.0, ge=0)  # points pct_stereotype may move further from 50
 
 
+class PipelineParams(_Section):
+    stage_timeout_s: PositiveInt = 4 * 3600  # a stage running longer is killed and the flow fails
+    retries: int = Field(1, ge=0)  # extra attempts for a stage that failed transiently (lock, kill)
+    retry_delay_s: float = Field(10.0, ge=0)  # wait before such an attempt
+
+
+class FloatRange(_Section):
+    low: float  # inclusive bounds of a float parameter
+    high: float
+    log: bool = False  # sample on a log scale (learning rates)
+
+    @model_validator(mode="after")
+    def _ordered(self) -> FloatRange:
+        if not self.low < self.high or (self.log and self.low <= 0):
+            raise ValueError(
+                f"needs 0 < low < high on a log scale, low < high otherwise (low={self.low}, high={self.high})"
+            )
+        return self
+
+
+class Choices(_Section):
+    choices: list[int | float | str | bool] = Field(min_length=1)  # the values a categorical parameter takes
+
+
+def _dimension_kind(value: Any) -> str:
+    keys = value if isinstance(value, dict) else vars(value)
+    return "choices" if "choices" in keys else "range"
+
+
+# Tagged so that a bad entry's error names the one shape it was meant to have, not both.
+SearchDimension = Annotated[
+    Annotated[FloatRange, Tag("range")] | Annotated[Choices, Tag("choices")], Discriminator(_dimension_kind)
+]
+
+
+class HpoParams(_Section):
+    n_trials: PositiveInt = 12  # finished (complete or pruned) trials the study stops at, across restarts
+    seed: int = 0  # TPE sampler seed
+    study_name: str = "tisslm"
+    storage: str = "models/hpo/study.journal"  # Optuna journal file: a restarted study resumes from it
+    trial_steps: PositiveInt = 150  # train.max_steps of each trial
+    eval_interval: PositiveInt = 25  # steps between the val losses the pruner sees
+    startup_trials: int = Field(3, ge=0)  # trials run in full before the median pruner acts
+    warmup_steps: int = Field(50, ge=0)  # steps of each trial before it may be pruned
+    # param path (as for --set) -> range or choices; every sampled value is validated as params.yaml is
+    search_space: dict[str, SearchDimension] = {
+        "train.lr": FloatRange(low=1e-3, high=1e-2, log=True),
+        "train.weight_decay": FloatRange(low=0.0, high=0.2),
+        "train.warmup_steps": Choices(choices=[10, 50]),
+    }
+
+
+class ServeParams(_Section):
+    """`tisslm serve`: where it listens and the limits that keep one CPU server responsive."""
+
+    host: str = "127.0.0.1"  # loopback only; 0.0.0.0 exposes the server to the network
+    port: int = Field(8000, ge=0, le=65535)  # 0: any free port (the address is printed at start)
+    model_name: str = Field("tisslm", min_length=1)  # the id clients pass as `model`
+    max_batch: PositiveInt = 8  # sequences decoded together: the KV cache's slots
+    max_queue: NonNegativeInt = 64  # requests waiting for a slot; one more gets 429
+    max_prompt_tokens: PositiveInt = 384  # longer prompts get 400 (prompt + max_tokens must fit max_seq_len too)
+    max_tokens: PositiveInt = 256  # the largest max_tokens a request may ask for
+    request_timeout_s: float = Field(120.0, gt=0)  # from arrival to the last token; then 504 (or an error event)
+    max_body_bytes: PositiveInt = 1_000_000  # larger request bodies get 413
+    attention_max_tokens: PositiveInt = 64  # longest text the attention view draws (T x T per head)
+
+
 class Params(_Section):
     """All of params.yaml."""
 
@@ -205,6 +272,9 @@ class Params(_Section):
     bias: BiasParams = BiasParams()
     # `register` itself would shadow BaseModel's (ABCMeta's) classmethod of that name.
     register_: RegisterParams = Field(RegisterParams(), alias="register")
+    pipeline: PipelineParams = PipelineParams()
+    hpo: HpoParams = HpoParams()
+    serve: ServeParams = ServeParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

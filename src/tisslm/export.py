@@ -62,6 +62,9 @@ class ConcatKVCache:
         self.present[layer] = (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
         return self.present[layer]
 
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
 
 class OnnxDecoder(torch.nn.Module):
     """forward(input_ids, *past) -> (logits, *present), past and present flat as (key, value) per layer."""
@@ -220,7 +223,8 @@ def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: st
         data = tensor.detach().float().numpy()
         if data.ndim == 1:  # norms: small, and precision-sensitive
             writer.add_tensor(name, data.astype(np.float32))
-        elif tensor_type == "F16":
+        elif tensor_type == "F16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            # Q8_0 packs rows in blocks of 32: a row of another width stays F16, as llama.cpp's converter does.
             writer.add_tensor(name, data.astype(np.float16))
         else:
             writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)

@@ -17,9 +17,10 @@ from tisslm.config import RegisterParams
 from tisslm.evaluate import evaluate_texts
 from tisslm.model import TissLM
 from tisslm.tokenizer import END_OF_TEXT, load_tokenizer
-from tisslm.train.tracking import use_experiment
+from tisslm.train.tracking import stage_run, use_experiment
 
 MODEL_NAME = "tisslm"
+REGISTRY_EXPERIMENT = "tisslm-registry"  # where `register` runs go when no pipeline run holds them
 PYFUNC_CODE = Path(__file__).with_name("pyfunc_model.py")
 
 
@@ -37,7 +38,7 @@ class Decision:
 
 
 def _client():
-    mlflow = use_experiment("tisslm-registry")
+    mlflow = use_experiment(REGISTRY_EXPERIMENT)
     return mlflow, mlflow.MlflowClient()
 
 
@@ -51,7 +52,7 @@ def register(model_dir: Path, texts: list[str], window: int, pct_stereotype: flo
     challenger_bpb = bits_per_byte(model_dir)
     example = pd.DataFrame({"prompt": ["def "]})
     signature = mlflow.models.infer_signature(example, ["def f():"], params={"max_new_tokens": 48, "temperature": 0.0})
-    with mlflow.start_run(run_name="register"):
+    with stage_run("register", REGISTRY_EXPERIMENT):
         info = mlflow.pyfunc.log_model(
             name="model",
             python_model=str(PYFUNC_CODE),

@@ -1,19 +1,23 @@
-"""MLflow tracking for training runs (rank 0 only).
+"""MLflow tracking for the stages that log (train, register) and the flows that run them.
 
 The tracking URI is MLFLOW_TRACKING_URI when set, else a sqlite file at the repository root
 given as an absolute URI, so that runs started from any directory land in the same store.
-A resumed run continues its MLflow run (the id travels in the checkpoint).
+A flow that orchestrates stages opens one run per stage, nested under its own, and hands the
+stage its run id in TISSLM_MLFLOW_RUN_ID: the stage logs into that run instead of opening a new
+one, so each stage has exactly one run in the pipeline's tree. A resumed training run continues
+its MLflow run (the id travels in the checkpoint).
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 from pathlib import Path
 
 from tisslm.config import Params
 
 EXPERIMENT = "tisslm"
-PARENT_RUN_ENV = "TISSLM_PARENT_RUN_ID"  # set by the pipeline flow so stage runs nest under it
+RUN_ENV = "TISSLM_MLFLOW_RUN_ID"  # the run a flow opened for this stage to log into
 
 
 def tracking_uri() -> str:
@@ -42,14 +46,38 @@ def use_experiment(name: str):
     return mlflow
 
 
-def _flatten(prefix: str, values: dict) -> dict[str, str]:
+def flatten(values: dict, prefix: str = "") -> dict[str, object]:
+    """{"a": {"b": 1}} -> {"a.b": 1}: nested params or metrics as MLflow keys."""
     flat = {}
     for key, value in values.items():
         if isinstance(value, dict):
-            flat |= _flatten(f"{prefix}{key}.", value)
+            flat |= flatten(value, f"{prefix}{key}.")
         else:
-            flat[f"{prefix}{key}"] = str(value)
+            flat[f"{prefix}{key}"] = value
     return flat
+
+
+def log_params(run_id: str, params: dict) -> None:
+    """Log nested params as strings, skipping keys the run already has (MLflow refuses to change one)."""
+    import mlflow
+
+    client = mlflow.MlflowClient()
+    logged = client.get_run(run_id).data.params
+    fresh = {k: str(v) for k, v in flatten(params).items() if k not in logged}
+    for start in range(0, len(fresh), 100):  # MLflow's batch limit
+        batch = [mlflow.entities.Param(k, v) for k, v in list(fresh.items())[start : start + 100]]
+        client.log_batch(run_id, params=batch)
+
+
+@contextlib.contextmanager
+def stage_run(name: str, experiment: str = EXPERIMENT):
+    """The run a stage logs into: the one its flow opened (TISSLM_MLFLOW_RUN_ID), else a new one."""
+    mlflow = use_experiment(experiment)
+    run_id = os.environ.get(RUN_ENV)
+    if run_id:  # MLflow resumes a run only inside the run's own experiment
+        mlflow.set_experiment(experiment_id=mlflow.MlflowClient().get_run(run_id).info.experiment_id)
+    with mlflow.start_run(run_id=run_id, run_name=None if run_id else name) as run:
+        yield run
 
 
 class Tracker:
@@ -58,18 +86,10 @@ class Tracker:
 
     @classmethod
     def start(cls, params: Params, run_id: str | None = None) -> Tracker:
+        """Log into `run_id` (a flow's run for this stage, or the run a checkpoint resumes), else a new run."""
         mlflow = use_experiment(os.environ.get("MLFLOW_EXPERIMENT_NAME", EXPERIMENT))
-        parent = os.environ.get(PARENT_RUN_ENV)
-        run = mlflow.start_run(
-            run_id=run_id,
-            run_name=None if run_id else "train",
-            parent_run_id=None if run_id else parent,
-            log_system_metrics=True,
-        )
-        if run_id is None:  # a resumed run already has its parameters
-            mlflow.log_params(
-                _flatten("model.", params.model.model_dump()) | _flatten("train.", params.train.model_dump())
-            )
+        run = mlflow.start_run(run_id=run_id, run_name=None if run_id else "train", log_system_metrics=True)
+        log_params(run.info.run_id, {"model": params.model.model_dump(), "train": params.train.model_dump()})
         return cls(run.info.run_id)
 
     def fail(self) -> None:

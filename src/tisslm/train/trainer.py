@@ -16,6 +16,7 @@ import json
 import math
 import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -33,7 +34,7 @@ from tisslm.model import TissLM
 from tisslm.perf import matmul_peak_flops
 from tisslm.tokenizer import load_tokenizer
 from tisslm.train.checkpoint import load_latest, save_checkpoint
-from tisslm.train.tracking import Tracker
+from tisslm.train.tracking import RUN_ENV, Tracker
 
 
 @dataclass
@@ -198,8 +199,12 @@ def _write_loss_csv(path: Path, history: list[dict]) -> None:
     atomic_write_text(path, "\n".join(lines) + "\n")
 
 
-def train(params: Params, paths: Paths) -> dict | None:
-    """Train (or resume) to params.train.max_steps; rank 0 returns the final metrics."""
+def train(params: Params, paths: Paths, on_eval: Callable[[dict], None] | None = None) -> dict | None:
+    """Train (or resume) to params.train.max_steps; rank 0 returns the final metrics.
+
+    `on_eval` sees each record with a val loss on rank 0 (step, val_loss, val_bpb, ...); an
+    exception it raises (a pruned HPO trial) ends the run, marked failed in MLflow.
+    """
     p = params.train
     d = setup_distributed(p.device)
     meta = read_meta(paths.tokens)
@@ -229,10 +234,12 @@ def train(params: Params, paths: Paths) -> dict | None:
     if p.compile:
         trainable = torch.compile(trainable)
 
-    tracker = Tracker.start(params, state.get("mlflow_run_id")) if d.is_main and p.mlflow else None
+    # A flow's run for this stage wins over the checkpoint's: a retried stage logs where its flow looks.
+    run_id = os.environ.get(RUN_ENV) or state.get("mlflow_run_id")
+    tracker = Tracker.start(params, run_id) if d.is_main and p.mlflow else None
     if tracker:
         state["mlflow_run_id"] = tracker.run_id
-    run = _Run(params, paths, d, model, trainable, optimizer, state, train_tokens, val_tokens, meta, tracker)
+    run = _Run(params, paths, d, model, trainable, optimizer, state, train_tokens, val_tokens, meta, tracker, on_eval)
     try:
         _loop(run, start_step)
         result = _finish(run) if d.is_main else None
@@ -261,6 +268,7 @@ class _Run:
     val_tokens: np.ndarray
     meta: dict  # data/tokens/meta.json
     tracker: Tracker | None
+    on_eval: Callable[[dict], None] | None
 
 
 def _loop(run: _Run, start_step: int) -> None:
@@ -330,6 +338,8 @@ def _loop(run: _Run, start_step: int) -> None:
             bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{record.get('tokens_per_s', 0):.0f}")
             if run.tracker:
                 run.tracker.log_step(record)
+            if run.on_eval and "val_loss" in record:
+                run.on_eval(record)
         if done % p.checkpoint_interval == 0 or done == p.max_steps:
             rng = _rng_state(d)
             if d.is_main:
