@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from tisslm.model import KVCache, ModelConfig, RMSNorm, apply_rope, rope_tables
+from tisslm.model import KVCache, ModelConfig, RMSNorm, SlotKVCache, apply_rope, rope_tables
 
 
 def reference_logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -237,3 +237,80 @@ def test_fused_loss_under_bf16_autocast_is_close_to_fp32():
     assert low.item() == pytest.approx(reference, rel=2e-2)
     low.backward()
     assert all(torch.isfinite(p.grad).all() for p in model.parameters())
+
+
+# ---- the slot cache of continuous batching, and explicit attention maps ----
+
+
+def test_slot_cache_advances_each_slot_as_if_it_were_alone():
+    """Sequences join free slots at different times and decode together in any selection and order;
+    every row's logits equal the full forward of its own sequence."""
+    model = make_model()
+    torch.manual_seed(3)
+    cache = SlotKVCache(model.config, slots=4)
+    sequences: dict[int, list[int]] = {}
+
+    def run(slots: list[int], new: list[list[int]]) -> None:
+        step = model(torch.tensor(new), cache=cache.select(slots))  # (B, T, vocab)
+        for row, slot in enumerate(slots):
+            sequences[slot] = sequences.get(slot, []) + new[row]
+            alone = model(torch.tensor([sequences[slot]]))[0, -len(new[row]) :]  # (T, vocab)
+            torch.testing.assert_close(step[row], alone, atol=1e-5, rtol=0)
+
+    def tokens(n: int) -> list[int]:
+        return torch.randint(0, 97, (n,)).tolist()
+
+    run([2], [tokens(7)])  # prefill one slot
+    run([2], [tokens(1)])
+    run([0], [tokens(3)])  # another joins mid-decode
+    for order in ([0, 2], [2, 0], [0, 2]):  # one step for both, either order
+        run(order, [tokens(1) for _ in order])
+    run([3], [tokens(11)])
+    run([0, 2, 3], [tokens(1) for _ in range(3)])  # contiguous or not: slots 0, 2, 3
+    run([3, 0], [tokens(2), tokens(2)])  # several new tokens per row, at different lengths
+    cache.reset(2)  # slot 2's sequence leaves; a new one takes the slot over stale keys
+    del sequences[2]
+    run([2], [tokens(4)])
+    run([2, 3, 0], [tokens(1) for _ in range(3)])
+    assert cache.lengths.tolist() == [len(sequences[0]), 0, len(sequences[2]), len(sequences[3])]
+
+
+def test_slot_cache_refuses_to_overflow():
+    from tisslm.errors import TissLMError
+
+    model = make_model()
+    cache = SlotKVCache(model.config, slots=2, max_len=8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache.select([1]))
+    with pytest.raises(TissLMError, match="KV cache holds 8 positions, 9 requested"):
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache.select([0, 1]))
+
+
+@pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
+def test_attention_maps_are_causal_distributions_that_reproduce_sdpa(n_kv_heads):
+    model = make_model(n_kv_heads=n_kv_heads)
+    idx = torch.randint(0, 97, (2, 13))
+    maps = model.attention_maps(idx)  # (n_layers, B, n_heads, T, T)
+    c = model.config
+    assert maps.shape == (c.n_layers, 2, c.n_heads, 13, 13)
+    torch.testing.assert_close(maps.sum(-1), torch.ones(c.n_layers, 2, c.n_heads, 13), atol=1e-5, rtol=0)
+    assert (maps.triu(diagonal=1) == 0).all() and (maps >= 0).all()
+
+    # What SDPA hands to each layer's output projection must be these weights applied to the values.
+    seen = {}
+    hooks = [
+        block.attn.o_proj.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(("out", i), args[0]))
+        for i, block in enumerate(model.layers)
+    ] + [
+        block.attn.register_forward_pre_hook(lambda m, args, i=i: seen.__setitem__(("in", i), args[0]))
+        for i, block in enumerate(model.layers)
+    ]
+    with torch.no_grad():
+        model(idx)
+        for hook in hooks:
+            hook.remove()
+        for i, block in enumerate(model.layers):
+            x = seen[("in", i)]  # (B, T, d_model), the normalised input of the attention
+            _, _, v = block.attn.project(x, model.rope_cos[:13], model.rope_sin[:13])  # (B, n_kv_heads, T, head_dim)
+            v = v.repeat_interleave(c.n_heads // n_kv_heads, dim=1)  # (B, n_heads, T, head_dim)
+            mixed = (maps[i] @ v).transpose(1, 2).reshape(2, 13, -1)  # (B, T, n_heads * head_dim)
+            torch.testing.assert_close(mixed, seen[("out", i)], atol=1e-5, rtol=0)

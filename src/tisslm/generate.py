@@ -41,11 +41,21 @@ def sample_next(
     top_p: float | None = None,
     generator: torch.Generator | None = None,
 ) -> torch.Tensor:
-    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy."""
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy.
+
+    With top_k, the nucleus and the draw work on the k best logits only, not on all V with the
+    rest at -inf: the same distribution, for a fraction of the sorting and random numbers when
+    k is much smaller than V (the difference shows when a server samples many rows per step).
+    """
     if temperature == 0:
         return logits.argmax(dim=-1)
-    logits = filter_logits(logits.float() / temperature, top_k, top_p)
-    probs = logits.softmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        best, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) each, best first
+        probs = filter_logits(best, top_p=top_p).softmax(dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1), an index into the k best
+        return ids.gather(-1, choice).squeeze(-1)
+    probs = filter_logits(logits, top_p=top_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
 
 

@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import json
 import math
+from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -185,6 +186,68 @@ class KVCache:
         self.values[layer, :, :, start:end] = v
         return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_heads, end, head_dim)
 
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+
+class SlotKVCache(KVCache):
+    """A KV cache whose rows are slots, each holding an independent sequence at its own length.
+
+    Continuous batching needs this: a request is prefilled into a free slot while the others are
+    mid-decode, and one forward then advances any set of slots together, each token at its own
+    position. `select` names the slots the next forward runs on (batch row i continues slot i of
+    the selection); a slot is reused after `reset`, without clearing, since no query ever attends
+    past its own slot's length.
+    """
+
+    def __init__(
+        self,
+        config: ModelConfig,
+        slots: int,
+        max_len: int | None = None,
+        dtype: torch.dtype = torch.float32,
+        device: torch.device | str = "cpu",
+    ):
+        super().__init__(config, slots, max_len, dtype, device)
+        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,) positions filled per slot
+        self._slot_ids = torch.arange(slots, device=device)  # (B,) the selected slots
+        self._rows: slice | torch.Tensor = slice(None)  # the same selection, a view when it is contiguous
+        self._read_len = 0  # keys every selected slot may need in this forward: the longest, new tokens included
+
+    def select(self, slots: Sequence[int]) -> SlotKVCache:
+        """Run the next forward on `slots`, in that order; returns the cache for `model(idx, cache=...)`."""
+        if not slots:
+            raise ValueError("select at least one slot")
+        first = slots[0]
+        self._slot_ids = torch.tensor(slots, dtype=torch.long, device=self.lengths.device)  # (B,)
+        contiguous = list(slots) == list(range(first, first + len(slots)))
+        self._rows = slice(first, first + len(slots)) if contiguous else self._slot_ids  # slices read without a copy
+        return self
+
+    def reset(self, slot: int) -> None:
+        """Free `slot` for a new sequence."""
+        self.lengths[slot] = 0
+
+    def next_positions(self, new_tokens: int) -> torch.Tensor:
+        """Positions (B, T) the next `new_tokens` of each selected slot take."""
+        offsets = torch.arange(new_tokens, device=self.lengths.device)  # (T,)
+        positions = self.lengths[self._slot_ids][:, None] + offsets  # (B, T)
+        self._read_len = int(positions.max()) + 1
+        return positions
+
+    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
+        """Write k, v (B, n_kv_heads, T, head_dim) at each slot's positions `start` (B, T); return the
+        selected slots' keys and values up to the longest of them (shorter slots mask the rest)."""
+        rows = self._slot_ids[:, None]  # (B, 1), broadcast against start (B, T)
+        self.keys[layer][rows, :, start] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
+        self.values[layer][rows, :, start] = v.transpose(1, 2)
+        end = self._read_len
+        keys, values = self.keys[layer, self._rows, :, :end], self.values[layer, self._rows, :, :end]
+        return keys, values  # (B, n_kv_heads, S, head_dim), S = the longest selected slot
+
+    def advance(self, new_tokens: int) -> None:
+        self.lengths[self._slot_ids] += new_tokens
+
 
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
@@ -202,14 +265,11 @@ class Attention(nn.Module):
         sin: torch.Tensor,
         mask: torch.Tensor | None,
         cache: KVCache | None,
-        start: int,
+        start: int | torch.Tensor,
     ) -> torch.Tensor:
+        """`start`: where the new tokens go in the cache, an int, or positions (B, T) for a SlotKVCache."""
         B, T, _ = x.shape
-        heads = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
-        # (B, n_heads + 2 * n_kv_heads, T, head_dim): queries, then keys, then values
-        qk = apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin)  # one rotation for q and k
-        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)  # (B, n_heads | n_kv_heads, T, head_dim)
-        v = heads[:, self.n_heads + self.n_kv_heads :]  # (B, n_kv_heads, T, head_dim)
+        q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, start, k, v)  # (B, n_kv_heads, S, head_dim)
         y = F.scaled_dot_product_attention(
@@ -223,6 +283,16 @@ class Attention(nn.Module):
         )  # (B, n_heads, T, head_dim)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
         return F.dropout(y, self.dropout, training=True) if self.dropout and self.training else y
+
+    def project(self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor):
+        """Queries (B, n_heads, T, head_dim), keys and values (B, n_kv_heads, T, head_dim), rotated by position."""
+        B, T, _ = x.shape
+        heads = self.qkv(x).view(B, T, self.n_heads + 2 * self.n_kv_heads, self.head_dim).transpose(1, 2)
+        # (B, n_heads + 2 * n_kv_heads, T, head_dim): queries, then keys, then values
+        qk = apply_rope(heads[:, : self.n_heads + self.n_kv_heads], cos, sin)  # one rotation for q and k
+        q, k = qk.split([self.n_heads, self.n_kv_heads], dim=1)  # (B, n_heads | n_kv_heads, T, head_dim)
+        v = heads[:, self.n_heads + self.n_kv_heads :]  # (B, n_kv_heads, T, head_dim)
+        return q, k, v
 
 
 class SwiGLU(nn.Module):
@@ -317,15 +387,22 @@ class TissLM(nn.Module):
     ) -> torch.Tensor:
         """Final normalised hidden states (B, T, d_model): what the output head reads."""
         B, T = idx.shape
-        start = cache.length if cache is not None else 0
-        end = start + T
+        if isinstance(cache, SlotKVCache):
+            start = cache.next_positions(T)  # (B, T): each slot continues at its own length
+            end = int(start.max()) + 1
+        else:
+            start = cache.length if cache is not None else 0
+            end = start + T
         if end > self.config.max_seq_len:
             raise TissLMError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
         if cache is not None:
             if end > cache.max_len:
                 raise TissLMError(f"KV cache holds {cache.max_len} positions, {end} requested")
             left_pad = cache.left_pad
-        cos, sin, mask = self._positions(B, T, start, left_pad, idx.device)
+        if isinstance(start, torch.Tensor):
+            cos, sin, mask = self._slot_positions(start)
+        else:
+            cos, sin, mask = self._positions(B, T, start, left_pad, idx.device)
 
         x = self.tok_emb(idx)  # (B, T, d_model)
         if self.config.dropout and self.training:
@@ -333,7 +410,7 @@ class TissLM(nn.Module):
         for block in self.layers:
             x = block(x, cos, sin, mask, cache, start)
         if cache is not None:
-            cache.length = end
+            cache.advance(T)
         return self.norm(x)
 
     def _positions(self, B: int, T: int, start: int, left_pad: torch.Tensor | None, device: torch.device):
@@ -357,6 +434,41 @@ class TissLM(nn.Module):
         self_key = key_pos[None, :] == query_pos[:, None]  # (T, S)
         mask = (causal[None] & real_key[:, None, :]) | self_key[None]  # (B, T, S)
         return cos, sin, mask.unsqueeze(1)  # (B, 1, T, S)
+
+    def _slot_positions(self, positions: torch.Tensor):
+        """RoPE tables and mask for rows at their own positions (B, T): keys up to each query's own position."""
+        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+        sin = self.rope_sin[positions].unsqueeze(1)
+        key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)  # (S,)
+        mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
+        return cos, sin, mask.unsqueeze(1)  # (B, 1, T, S)
+
+    @torch.no_grad()  # not inference_mode: callers may go on computing with the maps
+    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
+        """Attention weights (n_layers, B, n_heads, T, T) of every layer and head over idx (B, T).
+
+        SDPA never materialises its weights, so this runs the same forward with an explicit causal
+        softmax: T x T per head, for looking inside the model on short texts, not for decoding.
+        """
+        B, T = idx.shape
+        if idx.size(1) > self.config.max_seq_len:
+            raise TissLMError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
+        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+        x = self.tok_emb(idx)  # (B, T, d_model)
+        maps = []
+        for block in self.layers:
+            attn = block.attn
+            q, k, v = attn.project(block.attn_norm(x), cos, sin)
+            group = attn.n_heads // attn.n_kv_heads  # query heads per key/value head, as SDPA's enable_gqa
+            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, T, head_dim)
+            scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, n_heads, T, T)
+            weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+            maps.append(weights)
+            y = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
+            x = x + attn.o_proj(y)
+            x = x + block.ffn(block.ffn_norm(x))
+        return torch.stack(maps)  # (n_layers, B, n_heads, T, T)
 
     # ---- persistence: safetensors + config.json, the layout Hugging Face tools expect ----
 

@@ -1,0 +1,296 @@
+"""Continuous batching: concurrent requests share every decode step of one model.
+
+One thread owns the model and a `SlotKVCache` of `max_batch` slots. Between two steps it
+drops cancelled and expired requests (their slots free at once), admits waiting requests into
+free slots (one prefill forward each, which also samples their first token), then advances all
+active slots with one decode forward and samples each row's next token. A request joins as soon
+as a slot is free and leaves the step it finishes, without waiting for the rest of a batch: the
+scheme of Orca (Yu et al., OSDI 2022) and vLLM, here with a contiguous cache per slot.
+
+Sampling is `tisslm.generate.sample_next`, and a seeded request owns a generator seeded as
+`generate` seeds its own; the slot cache computes what the plain cache does, so a seeded
+request yields the tokens `generate` gives for its prompt alone, whatever shares its steps.
+
+Each request reports through its `on_event` callback, called on the engine thread: a `Token` per
+generated token, then one `Finished`. The stop token ends a request and is not reported.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import threading
+import time
+from collections import deque
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from typing import Literal
+
+import torch
+
+from tisslm.config import GenerateParams
+from tisslm.errors import TissLMError
+from tisslm.generate import sample_next
+from tisslm.model import SlotKVCache, TissLM
+from tisslm.serve.metrics import ServeMetrics
+
+log = logging.getLogger(__name__)
+
+FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
+
+
+@dataclass(frozen=True)
+class Token:
+    id: int
+
+
+@dataclass(frozen=True)
+class Finished:
+    reason: FinishReason
+    prompt_tokens: int
+    completion_tokens: int  # tokens sampled, a final stop token included
+    error: str | None = None
+
+
+Event = Token | Finished
+
+
+class QueueFull(Exception):
+    """Every slot is busy and `max_queue` requests already wait: the caller should retry later."""
+
+
+class EngineStopped(Exception):
+    """The engine is shutting down and takes no more requests."""
+
+
+@dataclass(eq=False)
+class Request:
+    """One generation, from `submit` to its `Finished`; what follows `submitted_at` is the engine's state."""
+
+    prompt: list[int]
+    params: GenerateParams
+    on_event: Callable[[Event], None]
+    stop_tokens: frozenset[int]
+    deadline: float  # time.monotonic() after which the request is abandoned
+    submitted_at: float = field(default_factory=time.monotonic)
+    generator: torch.Generator | None = None  # None: the global RNG (unseeded requests sample together)
+    slot: int | None = None
+    last_token: int = -1  # the token the next decode step feeds
+    generated: int = 0
+    cancelled: bool = False  # set from any thread; the engine acts on it before its next step
+    done: bool = False
+
+
+class Engine:
+    """Runs generation requests for one model on a thread of its own, batching them step by step."""
+
+    def __init__(
+        self,
+        model: TissLM,
+        max_batch: int = 8,
+        max_queue: int = 64,
+        vocab_limit: int | None = None,
+        metrics: ServeMetrics | None = None,
+    ):
+        self.model = model.eval()
+        self.max_batch, self.max_queue = max_batch, max_queue
+        self.vocab_limit = vocab_limit  # sampling stays below the tokenizer's vocabulary, as in `generate`
+        self.metrics = metrics or ServeMetrics()
+        parameter = next(model.parameters())
+        self.cache = SlotKVCache(model.config, max_batch, dtype=parameter.dtype, device=parameter.device)
+        self._device = parameter.device
+        self._waiting: deque[Request] = deque()
+        self._active: dict[int, Request] = {}  # slot -> request; touched by the engine thread only
+        self._wakeup = threading.Condition()  # guards _waiting and _stopping
+        self._stopping = False
+        self._thread = threading.Thread(target=self._run, name="tisslm-engine", daemon=True)
+        self.metrics.queue_depth.set_function(lambda: len(self._waiting))
+        self.metrics.active.set_function(lambda: len(self._active))
+
+    # ---- the caller's side (any thread) ----
+
+    def start(self) -> Engine:
+        self._thread.start()
+        return self
+
+    def stop(self) -> None:
+        """Finish the current step, end every request as cancelled, and stop the thread."""
+        with self._wakeup:
+            self._stopping = True
+            self._wakeup.notify()
+        if self._thread.is_alive():
+            self._thread.join()
+
+    @property
+    def alive(self) -> bool:
+        return self._thread.is_alive() and not self._stopping
+
+    @property
+    def active_count(self) -> int:
+        return len(self._active)
+
+    @property
+    def waiting_count(self) -> int:
+        return len(self._waiting)
+
+    def submit(
+        self,
+        prompt: Sequence[int],
+        params: GenerateParams,
+        on_event: Callable[[Event], None],
+        stop_tokens: Iterable[int] = (),
+        timeout_s: float | None = None,
+    ) -> Request:
+        """Queue a generation; raises TissLMError for a prompt that cannot be run, QueueFull, EngineStopped."""
+        if not prompt:
+            raise TissLMError("every prompt needs at least one token")
+        max_seq_len = self.model.config.max_seq_len
+        if len(prompt) + params.max_new_tokens > max_seq_len:
+            raise TissLMError(
+                f"prompt of {len(prompt)} tokens + max_new_tokens={params.max_new_tokens} exceeds max_seq_len={max_seq_len}"
+            )
+        request = Request(
+            prompt=list(prompt),
+            params=params,
+            on_event=on_event,
+            stop_tokens=frozenset(stop_tokens),
+            deadline=math.inf if timeout_s is None else time.monotonic() + timeout_s,
+        )
+        if params.seed is not None:
+            request.generator = torch.Generator(device=self._device).manual_seed(params.seed)
+        with self._wakeup:
+            if self._stopping:
+                raise EngineStopped("the server is shutting down")
+            if len(self._waiting) >= self.max_queue:
+                self.metrics.rejected.inc()
+                raise QueueFull(f"{len(self._waiting)} requests already wait for one of {self.max_batch} slots")
+            self._waiting.append(request)
+            self._wakeup.notify()
+        return request
+
+    def cancel(self, request: Request) -> None:
+        """Stop a request (a client went away, or its text hit a stop string); its slot frees before the next step."""
+        request.cancelled = True
+        with self._wakeup:
+            self._wakeup.notify()
+
+    # ---- the engine thread ----
+
+    def _run(self) -> None:
+        with torch.inference_mode():
+            while True:
+                with self._wakeup:
+                    while not (self._stopping or self._waiting or self._active):
+                        self._wakeup.wait()
+                    if self._stopping:
+                        break
+                try:
+                    self._step()
+                except Exception as err:  # a bug: fail the requests in flight, keep serving the next ones
+                    log.exception("engine step failed")
+                    for request in [*self._active.values(), *self._drain_waiting()]:
+                        self._finish(request, "error", error=f"{type(err).__name__}: {err}")
+        for request in [*self._active.values(), *self._drain_waiting()]:
+            self._finish(request, "cancelled")
+
+    def _drain_waiting(self) -> list[Request]:
+        with self._wakeup:
+            drained = list(self._waiting)
+            self._waiting.clear()
+        return drained
+
+    def _step(self) -> None:
+        self._drop_abandoned()
+        free = sorted(set(range(self.max_batch)) - set(self._active))
+        while free:
+            with self._wakeup:
+                if not self._waiting:
+                    break
+                request = self._waiting.popleft()
+            self._prefill(request, free.pop(0))
+        if self._active:
+            self._decode()
+
+    def _drop_abandoned(self) -> None:
+        now = time.monotonic()
+        with self._wakeup:
+            abandoned = [r for r in self._waiting if r.cancelled or now > r.deadline]
+            for request in abandoned:
+                self._waiting.remove(request)
+        for request in [*abandoned, *(r for r in self._active.values() if r.cancelled or now > r.deadline)]:
+            self._finish(request, "cancelled" if request.cancelled else "timeout")
+
+    def _prefill(self, request: Request, slot: int) -> None:
+        """Run the prompt into `slot` and sample the first token; the request then decodes with the rest."""
+        if request.params.max_new_tokens == 0:
+            self._finish(request, "length")
+            return
+        request.slot = slot
+        self._active[slot] = request
+        self.cache.reset(slot)
+        idx = torch.tensor([request.prompt], dtype=torch.long, device=self._device)  # (1, T)
+        logits = self.model(idx, cache=self.cache.select([slot]))[:, -1]  # (1, V)
+        self.metrics.prompt_tokens.inc(len(request.prompt))
+        self._sample_and_report([request], logits)
+
+    def _decode(self) -> None:
+        started = time.perf_counter()
+        slots = sorted(self._active)  # ascending: a contiguous run reads the cache as a view
+        batch = [self._active[slot] for slot in slots]
+        idx = torch.tensor([[r.last_token] for r in batch], dtype=torch.long, device=self._device)  # (B, 1)
+        logits = self.model(idx, cache=self.cache.select(slots))[:, -1]  # (B, V)
+        self._sample_and_report(batch, logits)
+        self.metrics.step_latency.observe(time.perf_counter() - started)
+        self.metrics.batch_size.observe(len(batch))
+
+    def _sample_and_report(self, batch: list[Request], logits: torch.Tensor) -> None:
+        """Sample each row's next token (B,) from logits (B, V), report it, and finish rows that are done.
+
+        Rows that share settings and draw from the global RNG are sampled together, as are all
+        greedy rows; a seeded row draws alone from its own generator, exactly as `generate` would.
+        """
+        if self.vocab_limit is not None:
+            logits[:, self.vocab_limit :] = float("-inf")
+        next_tokens = torch.empty(len(batch), dtype=torch.long, device=logits.device)  # (B,)
+        groups: dict[tuple, list[int]] = {}
+        for row, request in enumerate(batch):
+            p = request.params
+            if p.temperature == 0:
+                groups.setdefault(("greedy",), []).append(row)
+            elif request.generator is None:
+                groups.setdefault((p.temperature, p.top_k, p.top_p), []).append(row)
+            else:
+                next_tokens[row] = sample_next(
+                    logits[row : row + 1], p.temperature, p.top_k, p.top_p, request.generator
+                )
+        for rows in groups.values():
+            p = batch[rows[0]].params
+            next_tokens[rows] = sample_next(logits[rows], p.temperature, p.top_k, p.top_p)
+        for request, token in zip(batch, next_tokens.tolist(), strict=True):
+            request.generated += 1
+            if request.generated == 1:
+                self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted_at)
+            if token in request.stop_tokens:
+                self._finish(request, "stop")
+                continue
+            request.last_token = token
+            self._report(request, Token(token))
+            if request.generated == request.params.max_new_tokens:
+                self._finish(request, "length")
+        self.metrics.generation_tokens.inc(len(batch))
+
+    def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
+        if request.done:
+            return
+        request.done = True
+        if request.slot is not None:
+            del self._active[request.slot]
+        self.metrics.finished.labels(reason).inc()
+        self._report(request, Finished(reason, len(request.prompt), request.generated, error))
+
+    def _report(self, request: Request, event: Event) -> None:
+        try:
+            request.on_event(event)
+        except Exception:  # a listener's bug must not stop the others' generations
+            log.exception("on_event failed; cancelling the request")
+            request.cancelled = True

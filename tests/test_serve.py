@@ -1,0 +1,496 @@
+"""The serving stack: the continuous-batching engine in-process, then real `tisslm serve` processes
+on loopback ports, driven by the openai client and by httpx."""
+
+from __future__ import annotations
+
+import json
+import queue
+import socket
+import subprocess
+import sys
+import threading
+
+import httpx
+import pytest
+from conftest import make_model
+from openai import OpenAI
+from serving import SERVE_MODEL, ServerProcess, save_tiny_model
+
+from tisslm.config import GenerateParams
+from tisslm.errors import TissLMError
+from tisslm.generate import generate
+from tisslm.model import TissLM
+from tisslm.serve.engine import Engine, Finished, QueueFull, Token
+from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
+from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer
+
+TOKENIZER = byte_level_tokenizer()
+EOT = TOKENIZER.token_to_id(END_OF_TEXT)
+VOCAB = TOKENIZER.get_vocab_size()
+
+
+# ---- the engine, in-process ----
+
+
+class Collector:
+    """An engine listener that keeps its events and lets a test wait for them."""
+
+    def __init__(self):
+        self.events: queue.Queue = queue.Queue()
+        self.tokens: list[int] = []
+
+    def __call__(self, event):
+        self.events.put(event)
+
+    def next(self):
+        event = self.events.get(timeout=60)
+        if isinstance(event, Token):
+            self.tokens.append(event.id)
+        return event
+
+    def until_tokens(self, count: int) -> None:
+        while len(self.tokens) < count:
+            assert isinstance(self.next(), Token)
+
+    def finish(self) -> Finished:
+        while not isinstance(event := self.next(), Finished):
+            pass
+        return event
+
+
+@pytest.fixture(scope="module")
+def lm() -> TissLM:
+    return make_model(**SERVE_MODEL)
+
+
+def params(**kw) -> GenerateParams:
+    return GenerateParams(**{"max_new_tokens": 24, "temperature": 1.0, "top_k": None, "top_p": None} | kw)
+
+
+def alone(model, prompt, p: GenerateParams, stop=()) -> list[int]:
+    return generate(
+        model, [prompt], p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed, stop_tokens=stop, vocab_limit=VOCAB
+    )[0]
+
+
+def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(lm):
+    engine = Engine(lm, max_batch=3, max_queue=8, vocab_limit=VOCAB).start()
+    try:
+        jobs = [
+            ([5, 17, 3, 44, 9, 2, 71], params(seed=1, max_new_tokens=40)),
+            ([8], params(seed=2, top_k=5)),
+            ([60, 61, 62, 63], params(temperature=0)),
+            ([100, 3], params(seed=3, top_p=0.8, max_new_tokens=12)),  # waits for a slot: max_batch is 3
+            ([7, 7, 7], params(seed=4, temperature=0.7, top_k=20, top_p=0.9)),
+        ]
+        collectors = [Collector() for _ in jobs]
+        engine.submit(*jobs[0], collectors[0])
+        collectors[0].until_tokens(5)  # the others join a sequence already mid-decode
+        for (prompt, p), collector in zip(jobs[1:], collectors[1:], strict=True):
+            engine.submit(prompt, p, collector)
+        finished = [c.finish() for c in collectors]
+        for (prompt, p), collector, done in zip(jobs, collectors, finished, strict=True):
+            assert collector.tokens == alone(lm, prompt, p)
+            assert done.reason == "length" and done.completion_tokens == p.max_new_tokens == len(collector.tokens)
+        assert engine.active_count == 0 and engine.waiting_count == 0
+        batch_sizes = engine.metrics.batch_size.collect()[0].samples
+        single = next(s.value for s in batch_sizes if s.name.endswith("_bucket") and s.labels["le"] == "1.0")
+        steps = next(s.value for s in batch_sizes if s.name.endswith("_count"))
+        assert single < steps  # some decode steps advanced several sequences at once
+    finally:
+        engine.stop()
+
+
+def test_stop_token_ends_a_request_as_generate_does(lm):
+    prompt, p = [5, 17, 3], params(temperature=0, max_new_tokens=30)
+    free = alone(lm, prompt, p)
+    stop = free[6]
+    engine = Engine(lm, max_batch=2, vocab_limit=VOCAB).start()
+    try:
+        collector = Collector()
+        engine.submit(prompt, p, collector, stop_tokens=[stop])
+        done = collector.finish()
+    finally:
+        engine.stop()
+    assert collector.tokens == alone(lm, prompt, p, stop=[stop]) == free[: free.index(stop)]
+    assert done.reason == "stop" and done.completion_tokens == len(collector.tokens) + 1
+
+
+def test_cancel_and_timeout_free_the_slot(lm):
+    engine = Engine(lm, max_batch=1, max_queue=4, vocab_limit=VOCAB).start()
+    try:
+        running, expired = Collector(), Collector()
+        request = engine.submit([1, 2, 3], params(max_new_tokens=4000), running)
+        running.until_tokens(2)
+        engine.submit([4, 5], params(), expired, timeout_s=0)  # its deadline has passed before it gets a slot
+        engine.cancel(request)
+        assert running.finish().reason == "cancelled"
+        assert expired.finish().reason == "timeout" and expired.tokens == []
+        assert engine.active_count == 0 and engine.waiting_count == 0
+        after = Collector()
+        engine.submit([1, 2, 3], params(seed=9), after)  # the freed slot serves the next request exactly
+        after.finish()
+        assert after.tokens == alone(lm, [1, 2, 3], params(seed=9))
+    finally:
+        engine.stop()
+
+
+def test_a_full_queue_refuses_and_bad_prompts_are_refused(lm):
+    engine = Engine(lm, max_batch=1, max_queue=1, vocab_limit=VOCAB)  # not started: nothing leaves the queue
+    engine.submit([1], params(), Collector())
+    with pytest.raises(QueueFull):
+        engine.submit([2], params(), Collector())
+    with pytest.raises(TissLMError, match="at least one token"):
+        engine.submit([], params(), Collector())
+    with pytest.raises(TissLMError, match="exceeds max_seq_len"):
+        engine.submit([1] * 4000, params(max_new_tokens=200), Collector())
+
+
+def test_text_stream_holds_back_partial_characters_and_stop_strings():
+    def pieces(text: str, stop: list[str]) -> tuple[list[str], bool]:
+        stream, out = TextStream(TOKENIZER, stop), []
+        for token in TOKENIZER.encode(text).ids:
+            out.append(stream.add(token))
+            if stream.stopped:
+                break
+        return [*out, stream.finish()], stream.stopped
+
+    out, stopped = pieces("héllo €\n<|user|> more", ["\n<|user|>"])
+    assert "".join(out) == "héllo €" and stopped
+    assert all("\ufffd" not in piece for piece in out)  # no half characters are ever released
+    out, stopped = pieces("abcabd", ["abd", "cax"])
+    assert "".join(out) == "abc" and stopped
+    out, stopped = pieces("😀 x", ["zz"])
+    assert out[:4] == ["", "", "", "😀"] and "".join(out) == "😀 x" and not stopped
+
+
+# ---- a real server ----
+
+
+@pytest.fixture(scope="module")
+def model_dir(tmp_path_factory):
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
+
+
+@pytest.fixture(scope="module")
+def reference(model_dir) -> TissLM:
+    return TissLM.from_pretrained(model_dir).eval()
+
+
+@pytest.fixture(scope="module")
+def server(model_dir, tmp_path_factory):
+    limits = ["--max-batch", "4", "--max-queue", "16", "--max-prompt-tokens", "200", "--max-tokens", "4000"]
+    process = ServerProcess(model_dir, *limits, "--max-body-bytes", "65536", workdir=tmp_path_factory.mktemp("srv"))
+    yield process
+    process.stop()
+
+
+@pytest.fixture(scope="module")
+def client(server) -> OpenAI:
+    return OpenAI(base_url=f"{server.url}/v1", api_key="x", max_retries=0, timeout=60)
+
+
+def expected_ids(model, text: str, max_tokens: int, **sampling) -> list[int]:
+    """What `generate` gives for this prompt alone, with the server's stop token and vocabulary."""
+    ids = TOKENIZER.encode(text).ids
+    return generate(model, [ids], max_tokens, stop_tokens=[EOT], vocab_limit=VOCAB, **sampling)[0]
+
+
+def expected_text(model, text: str, max_tokens: int, **sampling) -> str:
+    return TOKENIZER.decode(expected_ids(model, text, max_tokens, **sampling))
+
+
+def test_models_and_health(client, server):
+    assert [m.id for m in client.models.list().data] == ["tisslm"]
+    assert server.health() == {
+        "status": "ok", "model": "tisslm", "active": 0, "waiting": 0, "max_batch": 4, "max_queue": 16,
+    }  # fmt: skip
+
+
+def test_seeded_completions_equal_generate_even_when_batched(client, reference):
+    prompts = ["def add(a, b):", "import os\n", "x", "class Config:\n    def __init__(self"]
+    sampling = dict(temperature=0.9, top_p=0.9, seed=5)
+    response = client.completions.create(
+        model="tisslm", prompt=prompts, max_tokens=24, extra_body={"top_k": 40}, **sampling
+    )  # four choices: four sequences sharing decode steps
+    assert [c.index for c in response.choices] == [0, 1, 2, 3]
+    sampled = 0
+    for prompt, choice in zip(prompts, response.choices, strict=True):
+        ids = expected_ids(reference, prompt, 24, top_k=40, **sampling)
+        assert choice.text == TOKENIZER.decode(ids)
+        assert choice.finish_reason == ("length" if len(ids) == 24 else "stop")
+        sampled += len(ids) + (choice.finish_reason == "stop")  # the end-of-text token counts, unshown
+    assert response.usage.prompt_tokens == sum(len(TOKENIZER.encode(p).ids) for p in prompts)
+    assert response.usage.completion_tokens == sampled
+
+    results: dict[int, str] = {}
+
+    def one(seed: int) -> None:  # concurrent requests, each with its own seed
+        results[seed] = (
+            client.completions.create(model="tisslm", prompt="def ", max_tokens=16, seed=seed).choices[0].text
+        )
+
+    threads = [threading.Thread(target=one, args=(seed,)) for seed in range(6)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert results == {seed: expected_text(reference, "def ", 16, temperature=1.0, seed=seed) for seed in range(6)}
+
+
+def test_streaming_completion_with_usage(client, reference):
+    stream = client.completions.create(
+        model="tisslm", prompt="def f():", max_tokens=30, seed=11, stream=True, stream_options={"include_usage": True}
+    )
+    chunks = list(stream)
+    text = "".join(c.choices[0].text for c in chunks if c.choices)
+    assert text == expected_text(reference, "def f():", 30, temperature=1.0, seed=11)
+    assert sum(1 for c in chunks if c.choices and c.choices[0].text) > 1  # it came in pieces
+    finishes = [c.choices[0].finish_reason for c in chunks if c.choices and c.choices[0].finish_reason]
+    assert finishes in (["length"], ["stop"])
+    assert chunks[-1].choices == [] and chunks[-1].usage.prompt_tokens == len(TOKENIZER.encode("def f():").ids)
+
+
+def test_sse_wire_format_ends_with_done(server):
+    body = {"prompt": "ab", "max_tokens": 5, "stream": True, "ignore_eos": True, "temperature": 0}
+    with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=60) as response:
+        assert response.headers["content-type"].startswith("text/event-stream")
+        lines = [line for line in response.iter_lines() if line]
+    assert all(line.startswith("data: ") for line in lines)
+    assert lines[-1] == "data: [DONE]"
+    chunks = [json.loads(line.removeprefix("data: ")) for line in lines[:-1]]
+    assert chunks[-1]["choices"][0]["finish_reason"] == "length"
+    assert all(c["object"] == "text_completion" for c in chunks)
+
+
+def test_chat_completion_uses_the_template(client, reference):
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    reply = client.chat.completions.create(model="tisslm", messages=messages, max_tokens=20, seed=3)
+    text = expected_text(reference, render_chat((m["role"], m["content"]) for m in messages), 20, seed=3, temperature=1)
+    cut = min([i for i in (text.find(s) for s in CHAT_STOP) if i >= 0], default=len(text))
+    assert reply.choices[0].message.role == "assistant"
+    assert reply.choices[0].message.content == text[:cut]
+    assert reply.usage.prompt_tokens == len(
+        TOKENIZER.encode(render_chat([("system", "Be brief."), ("user", "Say hi.")])).ids
+    )
+
+    stream = client.chat.completions.create(model="tisslm", messages=messages, max_tokens=20, seed=3, stream=True)
+    chunks = list(stream)
+    assert chunks[0].choices[0].delta.role == "assistant"
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:cut]
+
+
+BAD_BODIES = [
+    # (raw body, status, code, param)
+    (b"{bad", 400, "invalid_json", None),
+    (b'{"prompt": "\xff\xfe"}', 400, "invalid_encoding", None),
+    (b'{"prompt": "x", "temperature": NaN}', 400, "invalid_json", None),
+    (b'{"prompt": "\\ud800"}', 400, "invalid_encoding", "prompt"),
+    (b"[1, 2]", 400, "invalid_value", None),
+    (b'{"prompt": 5}', 400, "invalid_value", "prompt"),
+    (b'{"max_tokens": 4}', 400, "invalid_value", "prompt"),
+    (b'{"prompt": "x", "max_tokens": "10"}', 400, "invalid_value", "max_tokens"),
+    (b'{"prompt": "x", "max_tokens": -1}', 400, "invalid_value", "max_tokens"),
+    (b'{"prompt": "x", "temperature": -1}', 400, "invalid_value", "temperature"),
+    (b'{"prompt": "x", "temperature": "hot"}', 400, "invalid_value", "temperature"),
+    (b'{"prompt": "x", "top_p": 1.5}', 400, "invalid_value", "top_p"),
+    (b'{"prompt": "x", "top_k": 0}', 400, "invalid_value", "top_k"),
+    (b'{"prompt": "x", "seed": -1}', 400, "invalid_value", "seed"),
+    (b'{"prompt": "x", "n": 2}', 400, "invalid_value", "n"),
+    (b'{"prompt": "x", "stream": "yes"}', 400, "invalid_value", "stream"),
+    (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "invalid_value", "stop"),
+    (b'{"prompt": "x", "echo": true}', 400, "invalid_value", "echo"),
+    (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, None, "stream_options"),
+    (b'{"prompt": ""}', 400, "invalid_value", "prompt"),
+    (b'{"prompt": []}', 400, "invalid_value", "prompt"),
+    (json.dumps({"prompt": "x" * 201}).encode(), 400, "context_length_exceeded", "prompt"),
+    (b'{"prompt": "x", "max_tokens": 4001}', 400, "invalid_value", "max_tokens"),
+    (json.dumps({"prompt": "x" * 150, "max_tokens": 3990}).encode(), 400, "context_length_exceeded", "max_tokens"),
+    (b'{"model": "gpt-4", "prompt": "x"}', 404, "model_not_found", "model"),
+    (json.dumps({"prompt": "x" * 70_000}).encode(), 413, "body_too_large", None),
+]
+
+
+@pytest.mark.parametrize("body, status, code, param", BAD_BODIES)
+def test_bad_completion_requests_get_openai_errors(server, body, status, code, param):
+    response = httpx.post(f"{server.url}/v1/completions", content=body, timeout=30)
+    assert response.status_code == status, response.text
+    error = response.json()["error"]
+    assert set(error) == {"message", "type", "param", "code"} and error["message"]
+    assert (error["code"], error["param"]) == (code, param)
+
+
+@pytest.mark.parametrize(
+    "route, body, status",
+    [
+        ("/v1/chat/completions", {"messages": []}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "robot", "content": "x"}]}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user"}]}, 400),
+        ("/v1/chat/completions", {"messages": [{"role": "user", "content": "x"}], "max_completion_tokens": 9999}, 400),
+        ("/v1/attention", {"text": "x" * 65}, 400),
+        ("/v1/attention", {"text": 3}, 400),
+        ("/v1/nothing", {}, 404),
+    ],
+)
+def test_bad_requests_on_other_routes(server, route, body, status):
+    response = httpx.post(f"{server.url}{route}", json=body, timeout=30)
+    assert response.status_code == status, response.text
+    assert response.json()["error"]["message"]
+
+
+def test_server_stays_healthy_after_bad_input(server, client):
+    assert httpx.get(f"{server.url}/v1/completions", timeout=10).status_code == 405
+    assert server.health()["status"] == "ok"
+    assert client.completions.create(model="tisslm", prompt="ok", max_tokens=3).choices[0].finish_reason
+    assert server.metric('tisslm_requests_total{route="/v1/completions",status="400"}') >= len(
+        [b for b in BAD_BODIES if b[1] == 400]
+    )
+
+
+def test_client_disconnecting_mid_stream_frees_its_slot(server):
+    cancelled = server.metric('tisslm_generations_finished_total{reason="cancelled"}')
+    body = {"prompt": "def ", "max_tokens": 3990, "stream": True, "ignore_eos": True}
+    with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/completions", json=body) as response:
+        lines = response.iter_lines()  # held: a discarded httpx line iterator closes the response
+        for line in lines:
+            if '"text":"' in line and '"text":""' not in line:
+                break  # one token in: the generation is running
+        assert server.health()["active"] == 1
+    # leaving the blocks closed the connection mid-stream
+    server.wait_for(lambda h: h["active"] == 0 and h["waiting"] == 0, "slot freed after disconnect")
+    assert server.metric('tisslm_generations_finished_total{reason="cancelled"}') == cancelled + 1
+
+
+def test_metrics_expose_requests_tokens_queue_and_latency(server, client):
+    client.completions.create(model="tisslm", prompt="abc", max_tokens=4)
+    text = httpx.get(f"{server.url}/metrics", timeout=10).text
+    for name in (
+        "tisslm_requests_total",
+        "tisslm_prompt_tokens_total",
+        "tisslm_generation_tokens_total",
+        "tisslm_queue_depth",
+        "tisslm_active_sequences",
+        "tisslm_request_latency_seconds_bucket",
+        "tisslm_time_to_first_token_seconds_bucket",
+        "tisslm_decode_step_seconds_bucket",
+    ):
+        assert name in text
+    assert server.metric("tisslm_generation_tokens_total") >= 4
+
+
+def test_attention_endpoint_and_page(server):
+    maps = httpx.post(f"{server.url}/v1/attention", json={"text": "def f"}, timeout=30).json()
+    assert maps["tokens"] == ["d", "e", "f", "␣", "f"]
+    assert (maps["n_layers"], maps["n_heads"]) == (2, 4)
+    assert len(maps["weights"][1][3]) == 5 and maps["weights"][0][0][0] == [1.0, 0.0, 0.0, 0.0, 0.0]
+    page = httpx.get(server.url, timeout=10)
+    assert page.status_code == 200 and "<title>TissLM</title>" in page.text
+
+
+# ---- servers with other limits ----
+
+
+def test_full_queue_gets_429_and_the_server_recovers(model_dir, tmp_path):
+    server = ServerProcess(model_dir, "--max-batch", "1", "--max-queue", "1", "--max-tokens", "4000", workdir=tmp_path)
+    body = {"prompt": "def ", "max_tokens": 3990, "stream": True, "ignore_eos": True}
+    try:
+        with httpx.Client(timeout=60) as http, http.stream("POST", f"{server.url}/v1/completions", json=body) as first:
+            server.wait_for(lambda h: h["active"] == 1, "first request in the only slot")
+            with http.stream("POST", f"{server.url}/v1/completions", json=body):
+                server.wait_for(lambda h: h["waiting"] == 1, "second request queued")
+                refused = http.post(f"{server.url}/v1/completions", json=body)
+                assert refused.status_code == 429
+                assert refused.json()["error"]["code"] == "queue_full"
+            assert first.status_code == 200
+        server.wait_for(lambda h: h["active"] == 0 and h["waiting"] == 0, "both cancelled by their disconnects")
+        again = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 2}, timeout=30)
+        assert again.status_code == 200
+    finally:
+        server.stop()
+
+
+def test_request_timeout_gives_504_or_an_error_event(model_dir, tmp_path):
+    server = ServerProcess(model_dir, "--timeout", "1e-6", workdir=tmp_path)  # expires before the engine sees it
+    try:
+        response = httpx.post(f"{server.url}/v1/completions", json={"prompt": "a", "max_tokens": 5}, timeout=30)
+        assert response.status_code == 504 and response.json()["error"]["code"] == "request_timeout"
+        body = {"prompt": "a", "max_tokens": 5, "stream": True}
+        with httpx.stream("POST", f"{server.url}/v1/completions", json=body, timeout=30) as streamed:
+            assert streamed.status_code == 200  # the headers went out before the engine gave up
+            lines = [line for line in streamed.iter_lines() if line]
+        assert json.loads(lines[-2].removeprefix("data: "))["error"]["code"] == "request_timeout"
+        assert lines[-1] == "data: [DONE]"
+        assert server.health()["status"] == "ok"
+    finally:
+        server.stop()
+
+
+# ---- the command line ----
+
+
+def tisslm(*args: str, stdin: str | None = None, cwd=None) -> subprocess.CompletedProcess:
+    return subprocess.run(
+        [sys.executable, "-m", "tisslm.cli", *args], input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120
+    )
+
+
+def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().count("\n") == 0 and "Traceback" not in result.stderr
+    assert fragment in result.stderr
+
+
+def test_serve_refuses_bad_arguments_in_one_line(model_dir, tmp_path):
+    one_line_error(tisslm("serve", "--model", str(tmp_path / "missing"), cwd=tmp_path), "not a model directory")
+    one_line_error(tisslm("serve", "--model", str(model_dir), "--port", "70000", cwd=tmp_path), "port=70000")
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = str(taken.getsockname()[1])
+        one_line_error(tisslm("serve", "--model", str(model_dir), "--port", port, cwd=tmp_path), "cannot listen")
+
+
+def test_chat_streams_replies_in_the_terminal(model_dir, tmp_path):
+    result = tisslm(
+        "chat", "--model", str(model_dir), "--max-new-tokens", "8", "--seed", "1", "--system", "Be brief.",
+        stdin="hello\n/reset\nagain\n/exit\n", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    assert result.stdout.count("tisslm> ") == 2 and result.stdout.count("you> ") == 4
+
+
+def test_attention_cli_writes_a_png(model_dir, tmp_path):
+    from matplotlib.image import imread
+
+    out = tmp_path / "attn.png"
+    result = tisslm("attention", "--model", str(model_dir), "--text", "def add(a, b):", "--out", str(out), cwd=tmp_path)
+    assert result.returncode == 0, result.stderr
+    assert out.read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    height, width, _ = imread(out).shape
+    assert width > 400 and height > 200
+    one_line_error(
+        tisslm("attention", "--model", str(model_dir), "--text", "x" * 100, "--out", str(out), cwd=tmp_path),
+        "at most 64",
+    )
+
+
+def test_serve_the_registry_champion(model_dir, reference, tmp_path, monkeypatch):
+    from tisslm.config import RegisterParams
+    from tisslm.registry import register
+    from tisslm.serve.source import resolve_model_dir
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    assert register(model_dir, ["def f(x):\n    return x\n"], 32, 50.0, RegisterParams()).promoted
+    champion = resolve_model_dir("models:/tisslm@champion")
+    assert (champion / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
+    with pytest.raises(TissLMError, match="models:/tisslm@nobody: cannot download"):
+        resolve_model_dir("models:/tisslm@nobody")
+
+    server = ServerProcess("models:/tisslm@champion", workdir=tmp_path, env={"MLFLOW_TRACKING_URI": store})
+    try:
+        body = {"prompt": "def ", "max_tokens": 12, "seed": 2}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        assert answer["choices"][0]["text"] == expected_text(reference, "def ", 12, temperature=1.0, seed=2)
+    finally:
+        server.stop()

@@ -1,0 +1,73 @@
+"""The demo page in a real browser: Debian's headless Chromium, driven by Playwright, against a real server.
+
+The screenshot lands in tests/artifacts/ (git-ignored), where CI can pick it up.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import httpx
+from playwright.sync_api import expect, sync_playwright
+from serving import ServerProcess, save_tiny_model
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--headless",
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--no-first-run",
+    "--disable-component-update",
+    "--disable-sync",
+]
+ARTIFACTS = Path(__file__).parent / "artifacts"
+TIMEOUT_MS = 60_000
+
+# Counts the changes to the generated text: a streamed answer arrives as many, not one.
+COUNT_UPDATES = """() => {
+  window.textUpdates = 0;
+  new MutationObserver((records) => { window.textUpdates += records.length; })
+    .observe(document.getElementById("output"), { childList: true, characterData: true, subtree: true });
+}"""
+
+
+def test_page_streams_a_completion_and_draws_attention(tmp_path):
+    server = ServerProcess(save_tiny_model(tmp_path / "model"), "--max-tokens", "400", workdir=tmp_path)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 1000})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server.url)
+            expect(page.locator("#model-name")).to_contain_text("tisslm")
+
+            page.fill("#prompt", "def add(a, b):\n")
+            page.fill("#max-tokens", "120")
+            page.fill("#seed", "7")
+            page.evaluate(COUNT_UPDATES)
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done", timeout=TIMEOUT_MS)
+            shown = page.locator("#output .generated").text_content()
+            assert shown and page.evaluate("window.textUpdates") > 2
+
+            # The page sent what its controls say: the same request, not streamed, gives the same text.
+            body = {"prompt": "def add(a, b):\n", "max_tokens": 120, "seed": 7, "temperature": 0.8, "top_p": 0.95}
+            direct = httpx.post(f"{server.url}/v1/completions", json=body | {"top_k": 50}, timeout=60).json()
+            assert shown == direct["choices"][0]["text"]
+
+            page.fill("#attn-text", "def f(x): return x")
+            page.click("#attn-run")
+            expect(page.locator("#attn-grid canvas")).to_have_count(2 * 4)  # layers x heads
+            expect(page.locator("#attn-status")).to_contain_text("18 tokens")
+            page.locator("#attn-grid canvas").first.hover()
+            expect(page.locator("#attn-tip")).to_contain_text("layer 0, head 0")
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            screenshot = ARTIFACTS / "web_demo.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            browser.close()
+        assert screenshot.read_bytes()[:4] == b"\x89PNG"
+        print(f"screenshot: {screenshot}")
+    finally:
+        server.stop()
