@@ -4,6 +4,7 @@ tolerances like atol=1e-5 are tight relative to the values compared."""
 from __future__ import annotations
 
 import shutil
+import socket
 from pathlib import Path
 
 import pytest
@@ -35,6 +36,13 @@ REPO = Path(__file__).resolve().parents[1]
 # What a copy of the project leaves behind: environments, git, and everything the stages make.
 PROJECT_OUTPUTS = {".venv", ".git", "data", "models", "metrics", "plots", "reports", "dvc.lock", "mlflow.db",
                    "mlruns", "mlartifacts", ".dvc-storage", "node_modules", "dvc_plots"}  # fmt: skip
+
+
+def free_port() -> int:
+    """A loopback port nothing listens on now, for servers that cannot be given port 0."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return probe.getsockname()[1]
 
 
 def copy_project(destination: Path) -> Path:

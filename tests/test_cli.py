@@ -7,6 +7,7 @@ import subprocess
 import sys
 
 import pytest
+from conftest import free_port
 
 from tisslm.config import load_params
 from tisslm.errors import ConfigError
@@ -117,16 +118,13 @@ def test_pipeline_commands_outside_a_project_exit_2_with_one_line(tmp_path):
 def test_ui_serves_the_mlflow_store_of_the_project(tmp_path):
     """`tisslm ui` starts the MLflow UI on the working directory's store; it answers over HTTP."""
     import os
-    import socket
     import time
     import urllib.request
 
     assert "no MLflow store yet" in tisslm("ui", cwd=tmp_path).stderr
     setup = "from tisslm.train.tracking import use_experiment; use_experiment('tisslm')"
     subprocess.run([sys.executable, "-c", setup], cwd=tmp_path, check=True, timeout=120)
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+    port = free_port()
     env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
     ui = subprocess.Popen(
         [sys.executable, "-m", "tisslm.cli", "ui", "--port", str(port)], cwd=tmp_path, env=env,

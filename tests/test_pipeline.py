@@ -11,7 +11,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import socket
 import subprocess
 import sys
 import time
@@ -20,7 +19,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project
+from conftest import copy_project, free_port
 
 from tisslm.data.synthetic import code_doc
 
@@ -43,12 +42,6 @@ TINY_PARAMS = {
 }  # fmt: skip
 STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "quantize", "export",
           "model_card", "register"]  # fmt: skip
-
-
-def free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return probe.getsockname()[1]
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
