@@ -211,7 +211,7 @@ def run_stage(stage: str, root: Path, parent_run_id: str, timeout_s: float) -> S
 
     ran = not any("didn't change, skipping" in line for line in lines)
     params_keys, metrics_files = _stage_declarations(root, stage)
-    declared = Params.model_validate(yaml.safe_load((root / PARAMS_FILE).read_text())).model_dump(by_alias=True)
+    declared = load_params(root / PARAMS_FILE).model_dump(by_alias=True)
     log_params(
         run_id,
         {k: v for k, v in flatten(declared).items() if any(k == p or k.startswith(f"{p}.") for p in params_keys)},

@@ -53,7 +53,7 @@ def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
         pruner=optuna.pruners.MedianPruner(n_startup_trials=hpo.startup_trials, n_warmup_steps=hpo.warmup_steps),
     )
     for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study._storage.set_trial_state_values(stale._trial_id, state=optuna.trial.TrialState.FAIL)
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
     return study
 
 

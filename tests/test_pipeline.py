@@ -261,3 +261,17 @@ def test_prefect_yaml_deploys_to_a_server(workspace):
     assert [s.schedule.cron for s in retrain.schedules] == ["0 2 * * *"]
     assert flows[deployments["tisslm-hpo"].flow_id] == "tisslm-hpo" and not deployments["tisslm-hpo"].schedules
     assert retrain.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(workspace)}}]
+
+
+def test_a_study_reopened_after_a_kill_fails_the_trial_left_running(tmp_path):
+    import optuna
+
+    from pipelines.hpo import open_study
+    from tisslm.config import HpoParams
+
+    hpo = HpoParams(storage="hpo/study.journal")
+    study = open_study(tmp_path, hpo)
+    study.tell(study.ask(), 1.5)
+    study.ask()  # a process killed here leaves this trial RUNNING in the journal
+    reopened = open_study(tmp_path, hpo)
+    assert [t.state for t in reopened.get_trials()] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
