@@ -27,12 +27,13 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import yaml
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from tisslm.config import Params, load_params
 from tisslm.errors import ConfigError, TissLMError
-from tisslm.train.tracking import EXPERIMENT, RUN_ENV, flatten, log_params, tracking_uri, use_experiment
+from tisslm.train.tracking import RUN_ENV, flatten, log_numbers, log_params, open_run, tracking_uri
 
 PARAMS_FILE = "params.yaml"
 DECISION_FILE = Path("metrics/register.json")
@@ -189,12 +190,8 @@ def _is_transient(task, task_run, state) -> bool:
 def run_stage(stage: str, root: Path, parent_run_id: str, timeout_s: float) -> StageOutcome:
     """`dvc repro --single-item <stage>` with its log streamed here and an MLflow child run of its own."""
     logger = get_run_logger()
-    mlflow = use_experiment(EXPERIMENT)
-    client = mlflow.MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
-    run_id = client.create_run(
-        experiment_id, run_name=stage, tags={"mlflow.parentRunId": parent_run_id, "dvc.stage": stage}
-    ).info.run_id
+    run_id = open_run(stage, parent_run_id, {"dvc.stage": stage})
+    client = MlflowClient()
     env = _stage_environment() | {RUN_ENV: run_id}
     started = time.perf_counter()
     code, lines = _stream(
@@ -218,11 +215,7 @@ def run_stage(stage: str, root: Path, parent_run_id: str, timeout_s: float) -> S
     )
     for path in metrics_files:
         if (root / path).is_file():
-            numbers = _numbers(yaml.safe_load((root / path).read_text()))  # JSON is YAML
-            for chunk in _chunks(list(numbers.items()), 900):
-                client.log_batch(
-                    run_id, metrics=[mlflow.entities.Metric(k, v, int(time.time() * 1000), 0) for k, v in chunk]
-                )
+            log_numbers(run_id, _numbers(yaml.safe_load((root / path).read_text())))  # JSON is YAML
     locked = yaml.safe_load((root / "dvc.lock").read_text())["stages"].get(stage, {})
     for out in locked.get("outs", []):  # lineage: which bytes this run made, as DVC addresses them
         client.set_tag(run_id, f"dvc.out.{out['path']}", out.get("md5", ""))
@@ -230,11 +223,6 @@ def run_stage(stage: str, root: Path, parent_run_id: str, timeout_s: float) -> S
     client.set_terminated(run_id, "FINISHED")
     logger.info(f"stage {stage}: {'ran' if ran else 'up to date'} in {seconds:.1f} s")
     return StageOutcome(stage, ran, seconds, run_id)
-
-
-def _chunks(items: list, size: int):
-    for start in range(0, len(items), size):
-        yield items[start : start + size]
 
 
 def run_stages(stages: list[str], root: Path, parent_run_id: str, params: Params) -> list[StageOutcome]:
@@ -249,11 +237,9 @@ def parent_run(name: str, root: Path, params: Params, tags: dict[str, str]):
     """An MLflow run for a whole flow, ended FAILED (naming the failed stage) if the flow raises."""
     from prefect.runtime import flow_run
 
-    mlflow = use_experiment(EXPERIMENT)
-    client = mlflow.MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
     all_tags = {"git.commit": _git_commit(root), "prefect.flow_run_id": str(flow_run.id)} | tags
-    run_id = client.create_run(experiment_id, run_name=name, tags=all_tags).info.run_id
+    run_id = open_run(name, tags=all_tags)
+    client = MlflowClient()
     log_params(run_id, params.model_dump(by_alias=True))
     try:
         yield client, run_id

@@ -17,13 +17,14 @@ import tempfile
 from pathlib import Path
 
 import optuna
+from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
 from pipelines.flows import PARAMS_FILE, parent_run, project_root, run_stages, stage_order
 from tisslm.config import Choices, FloatRange, HpoParams, load_params
 from tisslm.errors import TissLMError
 from tisslm.io import atomic_write_json
-from tisslm.train.tracking import EXPERIMENT, RUN_ENV, use_experiment
+from tisslm.train.tracking import RUN_ENV, open_run
 from tisslm.train.trainer import Paths, train
 
 RESULT_FILE = Path("metrics/hpo.json")
@@ -58,9 +59,6 @@ def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
 
 
 def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run_id: str):
-    mlflow = use_experiment(EXPERIMENT)
-    client = mlflow.MlflowClient()
-    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
     logger = get_run_logger()
 
     def objective(trial: optuna.Trial) -> float:
@@ -73,11 +71,7 @@ def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run
         params = load_params(
             root / PARAMS_FILE, [*base_overrides, *trial_budget, *(f"{k}={v}" for k, v in sampled.items())]
         )
-        run_id = client.create_run(
-            experiment_id,
-            run_name=f"trial-{trial.number}",
-            tags={"mlflow.parentRunId": parent_run_id, "optuna.trial": str(trial.number)},
-        ).info.run_id
+        run_id = open_run(f"trial-{trial.number}", parent_run_id, {"optuna.trial": str(trial.number)})
         trial.set_user_attr("mlflow_run_id", run_id)
 
         def report(record: dict) -> None:
@@ -105,6 +99,7 @@ def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run
             raise
         finally:
             del os.environ[RUN_ENV]
+            client = MlflowClient()
             client.set_tag(run_id, "optuna.state", state)
             client.set_terminated(run_id, RUN_STATUS[state])
 

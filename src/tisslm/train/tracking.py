@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import time
 from pathlib import Path
 
 from tisslm.config import Params
@@ -57,16 +58,39 @@ def flatten(values: dict, prefix: str = "") -> dict[str, object]:
     return flat
 
 
+def _batches(items: list, size: int):
+    for start in range(0, len(items), size):
+        yield items[start : start + size]
+
+
+def open_run(name: str, parent_run_id: str | None = None, tags: dict[str, str] | None = None) -> str:
+    """A new run in the project's experiment, left open for other processes (stages, trials) to log
+    into; made through the client, so this process holds no active run."""
+    mlflow = use_experiment(EXPERIMENT)
+    experiment_id = mlflow.get_experiment_by_name(EXPERIMENT).experiment_id
+    nesting = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
+    return mlflow.MlflowClient().create_run(experiment_id, run_name=name, tags=(tags or {}) | nesting).info.run_id
+
+
 def log_params(run_id: str, params: dict) -> None:
     """Log nested params as strings, skipping keys the run already has (MLflow refuses to change one)."""
     import mlflow
 
     client = mlflow.MlflowClient()
     logged = client.get_run(run_id).data.params
-    fresh = {k: str(v) for k, v in flatten(params).items() if k not in logged}
-    for start in range(0, len(fresh), 100):  # MLflow's batch limit
-        batch = [mlflow.entities.Param(k, v) for k, v in list(fresh.items())[start : start + 100]]
+    fresh = [mlflow.entities.Param(k, str(v)) for k, v in flatten(params).items() if k not in logged]
+    for batch in _batches(fresh, 100):  # MLflow's limit per request
         client.log_batch(run_id, params=batch)
+
+
+def log_numbers(run_id: str, values: dict[str, float]) -> None:
+    """Log many metrics at once, at step 0."""
+    import mlflow
+
+    now = int(time.time() * 1000)
+    metrics = [mlflow.entities.Metric(k, v, now, 0) for k, v in values.items()]
+    for batch in _batches(metrics, 1000):  # MLflow's limit per request
+        mlflow.MlflowClient().log_batch(run_id, metrics=batch)
 
 
 @contextlib.contextmanager
