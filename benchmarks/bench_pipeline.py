@@ -18,7 +18,7 @@ import sys
 import time
 from pathlib import Path
 
-from tisslm.io import atomic_write_json
+from tisslm.core.io import atomic_write_json
 
 RESULTS = Path(__file__).parent / "results" / "pipeline.json"
 ROUNDS = 3

@@ -30,9 +30,9 @@ from pathlib import Path
 import httpx
 import torch
 
-from tisslm.io import atomic_write_json
-from tisslm.model import ModelConfig, TissLM
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.io import atomic_write_json
+from tisslm.core.model import ModelConfig, TissLM
+from tisslm.core.tokenizer import byte_level_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 TRAINED = Path(__file__).parents[1] / "models" / "model"

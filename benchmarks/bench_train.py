@@ -24,10 +24,10 @@ import torch.distributed as dist
 sys.path.insert(0, str(Path(__file__).parent))
 from bench_model import train_against_transformers
 
-from tisslm.config import load_params
-from tisslm.io import atomic_write_json
-from tisslm.model import TissLM
-from tisslm.perf import matmul_peak_flops
+from tisslm.core.config import load_params
+from tisslm.core.io import atomic_write_json
+from tisslm.core.model import TissLM
+from tisslm.train.perf import matmul_peak_flops
 from tisslm.train.trainer import TrainingLoss, autocast, make_optimizer
 
 RESULTS = Path(__file__).parent / "results" / "train.json"

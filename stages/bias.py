@@ -2,27 +2,24 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tisslm.bias import builtin_pairs_path, crows_pairs_metrics, hub_pairs, load_pairs, score_pairs
-from tisslm.config import load_params
-from tisslm.errors import TissLMError, run_main
-from tisslm.io import atomic_write_json
-from tisslm.model import TissLM
-from tisslm.tokenizer import load_tokenizer
-
-MODEL = Path("models/model")
-METRICS = Path("metrics/bias.json")
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import TissLMError, run_main
+from tisslm.core.io import atomic_write_json
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import load_tokenizer
+from tisslm.eval.bias import crows_pairs_metrics, hub_pairs, load_pairs, score_pairs
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, ["model", "pairs", "metrics"])
     params = load_params()
-    model, tokenizer = TissLM.from_pretrained(MODEL), load_tokenizer(MODEL)
-    pairs = load_pairs()
+    model, tokenizer = TissLM.from_pretrained(paths.model), load_tokenizer(paths.model)
+    pairs = load_pairs(paths.pairs)
     scores = score_pairs(model, tokenizer, pairs, params.train.seq_len)
     metrics = {
         "tisslm_pairs": {
-            "source": builtin_pairs_path().name,
+            "source": paths.pairs.name,
             **crows_pairs_metrics(pairs, scores, params.bias.bootstrap, params.bias.seed),
         }
     }
@@ -39,7 +36,7 @@ def main() -> None:
                 "source": hub.name,
                 **crows_pairs_metrics(public, public_scores, params.bias.bootstrap, params.bias.seed),
             }
-    atomic_write_json(METRICS, metrics)
+    atomic_write_json(paths.metrics, metrics)
     overall = metrics["tisslm_pairs"]["overall"]
     low, high = overall["pct_stereotype_ci95"]
     print(

@@ -2,30 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tisslm.config import load_params
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import run_main
+from tisslm.core.io import atomic_write_json
 from tisslm.data.ingest import ingest
 from tisslm.data.shards import write_shards
 from tisslm.data.validate import raw_expectations, validate_table
-from tisslm.errors import run_main
-from tisslm.io import atomic_write_json
-
-RAW = Path("data/raw")
-METRICS = Path("metrics/ingest.json")
-VALIDATION = Path("metrics/validation_raw.json")
-DOCS = Path("reports/data_docs")
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, ["raw", "metrics", "validation", "data_docs"])
     params = load_params().ingest
     table, report = ingest(params)
-    atomic_write_json(METRICS, report.to_json())
-    validate_table(table.to_pandas(), "raw", raw_expectations(params), VALIDATION, DOCS)
-    shards = write_shards(table, RAW, params.shard_rows)
+    atomic_write_json(paths.metrics, report.to_json())
+    validate_table(table.to_pandas(), "raw", raw_expectations(params), paths.validation, paths.data_docs)
+    shards = write_shards(table, paths.raw, params.shard_rows)
     skipped = ", ".join(f"{k} {v}" for k, v in sorted(report.skipped.items())) or "none"
     print(f"ingest: seen {report.seen}, kept {report.kept} ({report.bytes_kept / 1e6:.1f} MB), skipped: {skipped}")
-    print(f"ingest: wrote {len(shards)} shard(s) to {RAW}/, metrics to {METRICS}")
+    print(f"ingest: wrote {len(shards)} shard(s) to {paths.raw}/, metrics to {paths.metrics}")
 
 
 if __name__ == "__main__":

@@ -3,35 +3,28 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 
-from tisslm.card import datasheet, model_card
-from tisslm.config import load_params
-from tisslm.errors import TissLMError, run_main
-from tisslm.io import atomic_write_text
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import TissLMError, run_main
+from tisslm.core.io import atomic_write_text
+from tisslm.release.card import datasheet, model_card
 
-METRICS = Path("metrics")
-SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "quantize", "export")
-CARD = Path("models/MODEL_CARD.md")
-DATASHEET = Path("models/DATASHEET.md")
+SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "quantize", "export")  # metrics the card reads
 
 
-def read_metrics() -> dict[str, dict]:
+def main() -> None:
+    paths = stage_paths(__doc__, [*SOURCES, "card", "datasheet"])
     metrics = {}
     for name in SOURCES:
-        path = METRICS / f"{name}.json"
+        path = getattr(paths, name)
         try:
             metrics[name] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise TissLMError(f"{path}: needed for the model card ({err})") from None
-    return metrics
-
-
-def main() -> None:
-    metrics = read_metrics()
-    atomic_write_text(CARD, str(model_card(load_params(), metrics)))
-    atomic_write_text(DATASHEET, datasheet(metrics))
-    print(f"model_card: wrote {CARD} and {DATASHEET}")
+    atomic_write_text(paths.card, str(model_card(load_params(), metrics)))
+    atomic_write_text(paths.datasheet, datasheet(metrics))
+    print(f"model_card: wrote {paths.card} and {paths.datasheet}")
 
 
 if __name__ == "__main__":

@@ -2,29 +2,25 @@
 
 from __future__ import annotations
 
-from pathlib import Path
-
-from tisslm.config import load_params
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import run_main
+from tisslm.core.model import TOKENIZER_FILE
+from tisslm.core.tokenizer import load_tokenizer
 from tisslm.data.shards import read_shards
 from tisslm.data.tokens import tokenize_corpus
-from tisslm.errors import run_main
-from tisslm.model import TOKENIZER_FILE
-from tisslm.tokenizer import load_tokenizer
-
-CLEAN = Path("data/clean")
-TOKENIZER_DIR = Path("models/tokenizer")
-TOKENS = Path("data/tokens")
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, ["clean", "tokenizer", "tokens"])
     params = load_params().tokenize
-    table = read_shards(CLEAN)
+    table = read_shards(paths.clean)
     meta = tokenize_corpus(
         table["id"],
         table["text"],
-        load_tokenizer(TOKENIZER_DIR),
-        TOKENIZER_DIR / TOKENIZER_FILE,
-        TOKENS,
+        load_tokenizer(paths.tokenizer),
+        paths.tokenizer / TOKENIZER_FILE,
+        paths.tokens,
         params.val_fraction,
         params.batch_docs,
         params.baseline_context_bytes,

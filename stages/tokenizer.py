@@ -3,30 +3,25 @@
 from __future__ import annotations
 
 import time
-from pathlib import Path
 
-from tisslm.config import load_params
-from tisslm.data.shards import read_shards
-from tisslm.data.tokens import split_documents
-from tisslm.errors import run_main
-from tisslm.io import atomic_dir, atomic_write_json
-from tisslm.model import TOKENIZER_FILE
-from tisslm.tokenizer import train_bpe
-
-CLEAN = Path("data/clean")
-TOKENIZER_DIR = Path("models/tokenizer")
-METRICS = Path("metrics/tokenizer.json")
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import run_main
+from tisslm.core.io import atomic_dir, atomic_write_json
+from tisslm.core.model import TOKENIZER_FILE
+from tisslm.core.tokenizer import train_bpe
+from tisslm.data.tokens import read_split
 
 
 def main() -> None:
+    paths = stage_paths(__doc__, ["clean", "tokenizer", "metrics"])
     params = load_params()
-    table = read_shards(CLEAN)
-    split = split_documents(table["id"], table["text"], params.tokenize.val_fraction)
+    split = read_split(paths.clean, params.tokenize.val_fraction)
     train_texts, val_texts = split["train"], split["val"]
     start = time.perf_counter()
     tokenizer = train_bpe(train_texts, params.tokenizer)
     seconds = time.perf_counter() - start
-    with atomic_dir(TOKENIZER_DIR) as tmp:
+    with atomic_dir(paths.tokenizer) as tmp:
         tokenizer.save(str(tmp / TOKENIZER_FILE))
     val_tokens = sum(len(e.ids) for e in tokenizer.encode_batch(val_texts, add_special_tokens=False))
     val_bytes = sum(len(t.encode()) for t in val_texts)
@@ -36,7 +31,7 @@ def main() -> None:
         "train_seconds": round(seconds, 3),
         "val_bytes_per_token": val_bytes / max(1, val_tokens),
     }
-    atomic_write_json(METRICS, metrics)
+    atomic_write_json(paths.metrics, metrics)
     print(
         f"tokenizer: {metrics['vocab_size']} tokens in {seconds:.1f} s, {metrics['val_bytes_per_token']:.2f} bytes/token on val"
     )

@@ -2,34 +2,34 @@
 
 With train.nproc > 1 the stage relaunches itself under torchrun on this host. Across hosts, run
 on every node: torchrun --nnodes=N --node-rank=R --nproc-per-node=P \\
-    --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 -m stages.train
+    --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 -m stages.train <the arguments in dvc.yaml>
 """
 
 from __future__ import annotations
 
-from pathlib import Path
+import sys
+from collections.abc import Sequence
 
-from tisslm.config import load_params
-from tisslm.errors import run_main
+from stages import stage_paths
+from tisslm.core.config import load_params
+from tisslm.core.errors import run_main
 from tisslm.train.launch import launch
 from tisslm.train.trainer import Paths
 
-PATHS = Paths(
-    tokens=Path("data/tokens"),
-    tokenizer=Path("models/tokenizer"),
-    checkpoints=Path("models/checkpoints"),
-    model=Path("models/model"),
-    metrics=Path("metrics/train.json"),
-    loss_csv=Path("plots/train_loss.csv"),
-)
+
+def parse_paths(argv: Sequence[str] | None = None) -> Paths:
+    """The stage's paths from its command line (dvc.yaml's `cmd`; the HPO flow passes that same line)."""
+    args = stage_paths(__doc__, ["tokens", "tokenizer", "checkpoints", "model", "metrics", "loss_csv"], argv)
+    return Paths(**vars(args))
 
 
 def main() -> None:
-    metrics = launch(load_params(), PATHS, ["-m", "stages.train"])
+    paths = parse_paths()
+    metrics = launch(load_params(), paths, ["-m", "stages.train", *sys.argv[1:]])
     if metrics:
         print(
             f"train: val {metrics['val_bits_per_byte']:.3f} bits/byte (xz -9e {metrics['xz_9e_bits_per_byte']:.3f}, "
-            f"after train text {metrics['xz_9e_after_train_text_bits_per_byte']:.3f}); model in {PATHS.model}/"
+            f"after train text {metrics['xz_9e_after_train_text_bits_per_byte']:.3f}); model in {paths.model}/"
         )
 
 

@@ -10,7 +10,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from tisslm.model import ModelConfig, TissLM
+from tisslm.core.model import ModelConfig, TissLM
 
 TINY = dict(vocab_size=97, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=64)
 
@@ -36,6 +36,17 @@ REPO = Path(__file__).resolve().parents[1]
 # What a copy of the project leaves behind: environments, git, and everything the stages make.
 PROJECT_OUTPUTS = {".venv", ".git", "data", "models", "metrics", "plots", "reports", "dvc.lock", "mlflow.db",
                    "mlruns", "mlartifacts", ".dvc-storage", "node_modules", "dvc_plots"}  # fmt: skip
+
+
+def stage_command(project: Path, stage: str) -> list[str]:
+    """A stage's command line as dvc.yaml gives it, run by this interpreter."""
+    import shlex
+    import sys
+
+    import yaml
+
+    words = shlex.split(yaml.safe_load((project / "dvc.yaml").read_text())["stages"][stage]["cmd"])
+    return [sys.executable, *words[1:]]  # words[0] is `python`
 
 
 def free_port() -> int:

@@ -12,7 +12,7 @@ from pathlib import Path
 import httpx
 from conftest import make_model
 
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.tokenizer import byte_level_tokenizer
 
 # Byte-level vocabulary, and a context long enough that a generation can outlast a test's steps.
 SERVE_MODEL = dict(vocab_size=257, max_seq_len=4096)

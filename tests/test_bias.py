@@ -9,9 +9,9 @@ import numpy as np
 import pytest
 from conftest import make_model
 
-from tisslm.bias import MinimalPair, crows_pairs_metrics, load_pairs, score_pairs
-from tisslm.errors import TissLMError
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.errors import TissLMError
+from tisslm.core.tokenizer import byte_level_tokenizer
+from tisslm.eval.bias import MinimalPair, crows_pairs_metrics, load_pairs, score_pairs
 
 
 def test_builtin_pairs_cover_nine_categories_with_twenty_pairs_each():
@@ -57,7 +57,7 @@ def test_scores_are_log_likelihoods_of_each_sentence():
 def test_hub_source_offline_is_skipped_not_failed(monkeypatch):
     from huggingface_hub import constants
 
-    from tisslm.bias import hub_pairs
+    from tisslm.eval.bias import hub_pairs
 
     monkeypatch.setattr(constants, "ENDPOINT", "https://hub.invalid")
     monkeypatch.setattr(constants, "HF_HUB_OFFLINE", False)

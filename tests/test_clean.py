@@ -7,15 +7,15 @@ import string
 
 import datasets
 import pytest
+from synthetic import WORDS, code_doc, code_line, planted_near_duplicates
 
-from tisslm.config import AnonymizeParams, CleanParams, FilterParams
+from tisslm.core.config import AnonymizeParams, CleanParams, FilterParams
+from tisslm.core.errors import ValidationFailed
 from tisslm.data.anonymize import anonymize
 from tisslm.data.clean import clean, filter_reason, normalize
 from tisslm.data.dedup import jaccard, minhash_signature, near_duplicate_clusters, shingle_hashes
 from tisslm.data.shards import COLUMNS, doc_id, text_sha256
-from tisslm.data.synthetic import WORDS, code_doc, code_line, planted_near_duplicates
 from tisslm.data.validate import clean_expectations, validate_table
-from tisslm.errors import ValidationFailed
 
 
 def table(texts: list[str]) -> datasets.Dataset:

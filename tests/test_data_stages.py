@@ -13,7 +13,7 @@ from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project
+from conftest import copy_project, stage_command
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:
@@ -80,10 +80,10 @@ def test_dvc_repro_clean_on_a_dir_source(workspace):
 def test_failed_validation_exits_1_and_keeps_the_previous_output(workspace):
     shard = workspace / "data/clean/shard-00000.parquet"
     before = shard.read_bytes()
-    result = run([sys.executable, "-m", "stages.clean"], workspace)
+    result = run(stage_command(workspace, "clean"), workspace)
     assert result.returncode == 0, result.stderr
     with edited_params(workspace, lambda p: p["clean"].update(min_rows=1000)):
-        failed = run([sys.executable, "-m", "stages.clean"], workspace)
+        failed = run(stage_command(workspace, "clean"), workspace)
     assert failed.returncode == 1
     assert "expect_table_row_count_to_be_between(table)" in failed.stderr
     assert failed.stderr.strip().splitlines()[-1].startswith("error: clean data failed validation")
@@ -92,7 +92,7 @@ def test_failed_validation_exits_1_and_keeps_the_previous_output(workspace):
 
 def test_invalid_params_exit_2_with_one_line(workspace):
     with edited_params(workspace, lambda p: p["clean"]["dedup"].update(threshold=1.5)):
-        result = run([sys.executable, "-m", "stages.clean"], workspace)
+        result = run(stage_command(workspace, "clean"), workspace)
     assert result.returncode == 2
     assert result.stderr.strip() == (
         "error: params.yaml: clean.dedup.threshold=1.5: Input should be less than or equal to 1"

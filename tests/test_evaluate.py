@@ -9,9 +9,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from tisslm.compression import bits_per_byte
-from tisslm.evaluate import document_loglikelihoods, evaluate_texts, perplexity_metrics, rolling_windows
-from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer
+from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
+from tisslm.eval.compression import bits_per_byte
+from tisslm.eval.evaluate import document_loglikelihoods, evaluate_texts, perplexity_metrics, rolling_windows
 
 
 def test_rolling_windows_predict_every_token_once_in_order():
@@ -51,10 +51,11 @@ def test_short_documents_score_as_one_full_context_pass():
 
 
 def test_perplexity_metrics_formulas():
-    metrics = perplexity_metrics([-10.0, -20.0], ["ab cd", "ef"], n_tokens=6)
+    metrics = perplexity_metrics([-10.0, -20.0], n_tokens=6, n_bytes=7, n_words=3)
     assert metrics["bits_per_byte"] == pytest.approx(30 / 7 / math.log(2))
     assert metrics["loss_per_token"] == pytest.approx(5.0)
     assert metrics["word_perplexity"] == pytest.approx(math.exp(30 / 3))
+    assert "word_perplexity" not in perplexity_metrics([-10.0], n_tokens=6, n_bytes=7)
 
 
 def test_compressor_baselines_are_cheaper_with_context():

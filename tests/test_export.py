@@ -8,9 +8,16 @@ import pytest
 import torch
 from conftest import make_model
 
-from tisslm.export import _llama_cpp_rotary_permute, export_gguf, export_hf, gguf_parity, gguf_tensors, hf_parity
-from tisslm.model import apply_rope, rope_tables
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.model import apply_rope, rope_tables
+from tisslm.core.tokenizer import byte_level_tokenizer
+from tisslm.release.export import (
+    _llama_cpp_rotary_permute,
+    export_gguf,
+    export_hf,
+    gguf_parity,
+    gguf_tensors,
+    hf_parity,
+)
 
 
 @pytest.fixture
@@ -85,7 +92,7 @@ def test_gguf_names_follow_llama_cpp(model_and_tokenizer):
 def test_onnx_decoder_with_kv_cache_matches_torch(model_and_tokenizer, tmp_path):
     import onnx
 
-    from tisslm.export import export_onnx, onnx_names, onnx_parity
+    from tisslm.release.export import export_onnx, onnx_names, onnx_parity
 
     model, tokenizer = model_and_tokenizer
     export_onnx(model, tmp_path / "onnx")

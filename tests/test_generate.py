@@ -6,8 +6,9 @@ import pytest
 import torch
 from conftest import make_model
 
-from tisslm.errors import TissLMError
-from tisslm.generate import filter_logits, generate, sample_next
+from tisslm.core.errors import TissLMError
+from tisslm.core.generate import generate
+from tisslm.core.sampling import filter_logits, sample_next
 
 PROMPTS = [[5, 17, 3, 44, 9, 2, 71], [8], [60, 61, 62, 63]]
 

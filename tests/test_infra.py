@@ -398,7 +398,7 @@ def copy_sources(path: Path) -> list[str]:
     "command",
     [
         "python -m stages.nonexistent",
-        "python3 -m pipelines.nonexistent",
+        "python3 -m tisslm.flows.nonexistent",
         "torchrun --nnodes=2 -m stages.nonexistent",
         "python -m torch.distributed.run --standalone -m stages.nonexistent",
         "torchrun --no-such-option -m stages.train",

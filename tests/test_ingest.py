@@ -9,10 +9,10 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tisslm.config import DirSource, FilesSource, HFSource, IngestParams
+from tisslm.core.config import DirSource, FilesSource, HFSource, IngestParams
+from tisslm.core.errors import TissLMError
 from tisslm.data.ingest import ingest
 from tisslm.data.shards import read_shards, write_shards
-from tisslm.errors import TissLMError
 
 GOOD = "def add(a, b):\n    return a + b\n"
 

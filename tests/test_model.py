@@ -9,7 +9,7 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from tisslm.model import KVCache, ModelConfig, RMSNorm, SlotKVCache, apply_rope, rope_tables
+from tisslm.core.model import KVCache, ModelConfig, RMSNorm, SlotKVCache, apply_rope, rope_tables
 
 
 def reference_logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -154,7 +154,7 @@ def test_tied_embeddings_share_one_matrix():
 
 def test_scaled_init_shrinks_residual_projections():
     torch.manual_seed(0)
-    from tisslm.model import TissLM
+    from tisslm.core.model import TissLM
 
     model = TissLM(ModelConfig(vocab_size=512, d_model=128, n_layers=8, n_heads=4, n_kv_heads=4, d_ff=256))
     assert model.layers[0].attn.qkv.weight.std().item() == pytest.approx(0.02, rel=0.05)
@@ -190,7 +190,7 @@ def test_config_rejects_impossible_shapes(bad, message):
 
 
 def test_sequence_longer_than_context_is_refused(tiny_model):
-    from tisslm.errors import TissLMError
+    from tisslm.core.errors import TissLMError
 
     with pytest.raises(TissLMError, match="max_seq_len=64"):
         tiny_model(torch.zeros(1, 65, dtype=torch.long))
@@ -203,7 +203,7 @@ def test_fused_loss_equals_cross_entropy_of_logits(tie):
     idx = torch.randint(0, 97, (3, 40))
     targets = torch.randint(0, 97, (3, 40))
     targets[0, :7] = -100  # ignored positions count neither in the sum nor the mean
-    from tisslm.model import linear_cross_entropy
+    from tisslm.core.model import linear_cross_entropy
 
     fused = fused_model.loss(idx, targets)
     plain = F.cross_entropy(plain_model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
@@ -219,7 +219,7 @@ def test_fused_loss_equals_cross_entropy_of_logits(tie):
 
 
 def test_fused_loss_passes_gradcheck():
-    from tisslm.model import linear_cross_entropy
+    from tisslm.core.model import linear_cross_entropy
 
     hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
@@ -276,7 +276,7 @@ def test_slot_cache_advances_each_slot_as_if_it_were_alone():
 
 
 def test_slot_cache_refuses_to_overflow():
-    from tisslm.errors import TissLMError
+    from tisslm.core.errors import TissLMError
 
     model = make_model()
     cache = SlotKVCache(model.config, slots=2, max_len=8)

@@ -8,10 +8,10 @@ import pytest
 import torch
 from conftest import make_model
 
-from tisslm.errors import TissLMError
-from tisslm.hf import from_hf, to_hf
-from tisslm.model import TissLM
-from tisslm.tokenizer import byte_level_tokenizer, load_tokenizer
+from tisslm.core.errors import TissLMError
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
+from tisslm.release.hf import to_hf, to_llama_state_dict
 
 
 @pytest.mark.parametrize("tie", [True, False])
@@ -47,7 +47,7 @@ def test_failed_save_keeps_the_previous_model(tmp_path, monkeypatch):
     def broken_save(*args, **kwargs):
         raise OSError("disk full")
 
-    monkeypatch.setattr("tisslm.model.save_file", broken_save)
+    monkeypatch.setattr("tisslm.core.model.save_file", broken_save)
     with pytest.raises(OSError, match="disk full"):
         make_model(seed=1).save_pretrained(tmp_path / "m")
     assert (tmp_path / "m" / "model.safetensors").read_bytes() == before
@@ -93,16 +93,18 @@ def test_transformers_llama_gives_the_same_logits(tie, n_kv_heads):
     with torch.no_grad():
         theirs = hf_model(input_ids=idx).logits
     torch.testing.assert_close(theirs, model(idx), atol=1e-4, rtol=0)
-    back = from_hf(hf_model)
-    for key, value in model.state_dict().items():
-        assert torch.equal(back.state_dict()[key], value), key
+    # Every Llama tensor comes from TissLM's weights (none left at its random init), split exactly.
+    mapped = to_llama_state_dict(model)
+    for key, value in hf_model.state_dict().items():
+        assert torch.equal(value, mapped[key] if key in mapped else mapped["model.embed_tokens.weight"]), key
+    assert sum(v.numel() for v in mapped.values()) == sum(p.numel() for p in model.parameters())
 
 
 def test_outputs_get_the_usual_permissions(tmp_path):
     import os
     import stat
 
-    from tisslm.io import atomic_write_json
+    from tisslm.core.io import atomic_write_json
 
     mask = os.umask(0o022)
     try:

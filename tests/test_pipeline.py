@@ -20,8 +20,7 @@ from pathlib import Path
 import pytest
 import yaml
 from conftest import copy_project, free_port
-
-from tisslm.data.synthetic import code_doc
+from synthetic import code_doc
 
 TINY_PARAMS = {
     "ingest": {"min_rows": 10},
@@ -113,7 +112,7 @@ def children(client, parent_run_id: str) -> list:
 def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     from mlflow import MlflowClient
 
-    from pipelines.flows import tisslm_pipeline
+    from tisslm.flows.pipeline import tisslm_pipeline
 
     outcome = tisslm_pipeline()
 
@@ -151,7 +150,7 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
 
 def test_retrain_flow_pulls_reuses_and_pushes_to_the_remote(workspace):
     """`tisslm-retrain` on an up-to-date project: nothing reruns, and the outputs reach the DVC remote."""
-    from pipelines.flows import tisslm_retrain
+    from tisslm.flows.pipeline import tisslm_retrain
 
     remote = workspace / ".dvc-storage"  # the default remote in .dvc/config
     assert not remote.exists()
@@ -184,7 +183,7 @@ def test_dvc_experiment_metrics_and_plots(workspace):
 def test_hpo_flow_runs_pruned_or_complete_trials_and_resumes(workspace, mlflow_server):
     from mlflow import MlflowClient
 
-    from pipelines.hpo import tisslm_hpo
+    from tisslm.flows.hpo import tisslm_hpo
 
     result = tisslm_hpo(n_trials=4)
 
@@ -212,7 +211,7 @@ def test_hpo_flow_runs_pruned_or_complete_trials_and_resumes(workspace, mlflow_s
 def test_a_failing_stage_fails_the_flow_naming_it(workspace, mlflow_server):
     from mlflow import MlflowClient
 
-    from pipelines.flows import StageFailed, tisslm_pipeline
+    from tisslm.flows.pipeline import StageFailed, tisslm_pipeline
 
     original = (workspace / "params.yaml").read_text()
     try:
@@ -230,8 +229,8 @@ def test_a_failing_stage_fails_the_flow_naming_it(workspace, mlflow_server):
 
 
 def test_bad_override_is_refused_before_anything_is_written(workspace):
-    from pipelines.flows import tisslm_pipeline
-    from tisslm.errors import ConfigError
+    from tisslm.core.errors import ConfigError
+    from tisslm.flows.pipeline import tisslm_pipeline
 
     before = (workspace / "params.yaml").read_text()
     with pytest.raises(ConfigError, match=r"train.max_steps='many'"):
@@ -266,8 +265,8 @@ def test_prefect_yaml_deploys_to_a_server(workspace):
 def test_a_study_reopened_after_a_kill_fails_the_trial_left_running(tmp_path):
     import optuna
 
-    from pipelines.hpo import open_study
-    from tisslm.config import HpoParams
+    from tisslm.core.config import HpoParams
+    from tisslm.flows.hpo import open_study
 
     hpo = HpoParams(storage="hpo/study.journal")
     study = open_study(tmp_path, hpo)

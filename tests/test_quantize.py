@@ -6,9 +6,17 @@ import pytest
 import torch
 from conftest import make_model
 
-from tisslm.errors import TissLMError
-from tisslm.quantize import SCHEMES, compare, linear_weight_bytes, load_quantized, quantize_model, save_quantized
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.errors import TissLMError
+from tisslm.core.generate import generate
+from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
+from tisslm.release.quantize import (
+    SCHEMES,
+    compare,
+    linear_weight_bytes,
+    load_quantized,
+    quantize_model,
+    save_quantized,
+)
 
 TEXTS = [
     "def handler(request):\n    return respond(request.items, status=200)\n" * 3,
@@ -47,3 +55,27 @@ def test_compare_reports_size_speed_and_quality(model, scheme):
 def test_damaged_quantized_directory_is_one_line_error(tmp_path):
     with pytest.raises(TissLMError, match="not a quantized TissLM directory"):
         load_quantized(tmp_path / "missing")
+
+
+def test_the_cli_generates_from_a_quantized_directory(model, tmp_path):
+    """models/quantized/<scheme> is usable as it is: `tisslm generate` and `info` load it as int8."""
+    import subprocess
+    import sys
+
+    quantized = quantize_model(model, "int8_weight_only")
+    save_quantized(quantized, "int8_weight_only", tmp_path / "q", byte_level_tokenizer())
+    prompt = "def f(x):"
+    run = [sys.executable, "-m", "tisslm.cli"]
+    out = subprocess.run(
+        [*run, "generate", "--model", str(tmp_path / "q"), "--prompt", prompt, "--temperature", "0",
+         "--max-new-tokens", "12"], capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert out.returncode == 0, out.stderr
+    tokenizer = byte_level_tokenizer()
+    stop = [tokenizer.token_to_id(END_OF_TEXT)]
+    expected = generate(
+        quantized, [tokenizer.encode(prompt).ids], 12, temperature=0, stop_tokens=stop, vocab_limit=257
+    )[0]
+    assert out.stdout.rstrip("\n") == prompt + tokenizer.decode(expected)
+    info = subprocess.run([*run, "info", "--model", str(tmp_path / "q"), "--json"], capture_output=True, text=True)
+    assert info.returncode == 0, info.stderr

@@ -8,9 +8,9 @@ import pandas as pd
 import torch
 from conftest import make_model
 
-from tisslm.config import RegisterParams
-from tisslm.registry import MODEL_NAME, register
-from tisslm.tokenizer import byte_level_tokenizer
+from tisslm.core.config import RegisterParams
+from tisslm.core.tokenizer import byte_level_tokenizer
+from tisslm.release.registry import MODEL_NAME, register
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b\n", "import os\nprint(os.getcwd())\n"]
 

@@ -16,13 +16,13 @@ from conftest import make_model
 from openai import OpenAI
 from serving import SERVE_MODEL, ServerProcess, save_tiny_model
 
-from tisslm.config import GenerateParams
-from tisslm.errors import TissLMError
-from tisslm.generate import generate
-from tisslm.model import TissLM
+from tisslm.core.errors import TissLMError
+from tisslm.core.generate import generate
+from tisslm.core.model import TissLM
+from tisslm.core.sampling import SamplingParams
+from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from tisslm.serve.engine import Engine, Finished, QueueFull, Token
 from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
-from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer
 
 TOKENIZER = byte_level_tokenizer()
 EOT = TOKENIZER.token_to_id(END_OF_TEXT)
@@ -63,11 +63,11 @@ def lm() -> TissLM:
     return make_model(**SERVE_MODEL)
 
 
-def params(**kw) -> GenerateParams:
-    return GenerateParams(**{"max_new_tokens": 24, "temperature": 1.0, "top_k": None, "top_p": None} | kw)
+def params(**kw) -> SamplingParams:
+    return SamplingParams(**{"max_new_tokens": 24, "temperature": 1.0, "top_k": None, "top_p": None} | kw)
 
 
-def alone(model, prompt, p: GenerateParams, stop=()) -> list[int]:
+def alone(model, prompt, p: SamplingParams, stop=()) -> list[int]:
     return generate(
         model, [prompt], p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed, stop_tokens=stop, vocab_limit=VOCAB
     )[0]
@@ -475,8 +475,8 @@ def test_attention_cli_writes_a_png(model_dir, tmp_path):
 
 
 def test_serve_the_registry_champion(model_dir, reference, tmp_path, monkeypatch):
-    from tisslm.config import RegisterParams
-    from tisslm.registry import register
+    from tisslm.core.config import RegisterParams
+    from tisslm.release.registry import register
     from tisslm.serve.source import resolve_model_dir
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"

@@ -16,12 +16,12 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 from safetensors.torch import load_file
+from synthetic import code_doc
 
-from tisslm.config import TokenizerParams
-from tisslm.data.synthetic import code_doc
+from tisslm.core.config import TokenizerParams
+from tisslm.core.model import TOKENIZER_FILE
+from tisslm.core.tokenizer import train_bpe
 from tisslm.data.tokens import is_val, tokenize_corpus
-from tisslm.model import TOKENIZER_FILE
-from tisslm.tokenizer import train_bpe
 
 TINY = [
     "model.vocab_size=320", "model.d_model=48", "model.n_layers=2", "model.n_heads=4", "model.n_kv_heads=2",

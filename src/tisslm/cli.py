@@ -15,11 +15,12 @@ from typing import Annotated
 import torch
 import typer
 
-from tisslm.config import DEFAULT_PARAMS, Params, load_params
-from tisslm.errors import TissLMError, run_main
-from tisslm.generate import generate as generate_tokens
-from tisslm.model import TissLM
-from tisslm.tokenizer import END_OF_TEXT, byte_level_tokenizer, load_tokenizer
+from tisslm.agent.commands import app as tiss_app
+from tisslm.core.config import DEFAULT_PARAMS, Params, load_params
+from tisslm.core.errors import TissLMError, run_main
+from tisslm.core.generate import complete
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
 
 app = typer.Typer(
     add_completion=False,
@@ -43,6 +44,13 @@ def _params(path: Path | None, overrides: list[str]) -> Params:
     return load_params(path, overrides)
 
 
+def _load_model(directory: Path) -> TissLM:
+    """A model directory as the stages write them: full precision (models/model) or int8 (models/quantized/*)."""
+    from tisslm.release.quantize import RECIPE_FILE, load_quantized
+
+    return load_quantized(directory) if (directory / RECIPE_FILE).is_file() else TissLM.from_pretrained(directory)
+
+
 @app.command()
 def generate(
     model: ModelDir,
@@ -59,30 +67,15 @@ def generate(
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
-    lm = TissLM.from_pretrained(model)
-    tokenizer = load_tokenizer(model)
-    prompts = [tokenizer.encode(text).ids for text in texts]
-    stop = tokenizer.token_to_id(END_OF_TEXT)
-    outputs = generate_tokens(
-        lm,
-        prompts,
-        settings.max_new_tokens,
-        temperature=settings.temperature,
-        top_k=settings.top_k,
-        top_p=settings.top_p,
-        seed=settings.seed,
-        use_cache=not no_cache,
-        stop_tokens=() if stop is None else (stop,),
-        vocab_limit=tokenizer.get_vocab_size(),
-    )
-    for i, (text, new_ids) in enumerate(zip(texts, outputs, strict=True)):
+    completions = complete(_load_model(model), load_tokenizer(model), texts, settings, use_cache=not no_cache)
+    for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
         if i:
             typer.echo("-" * 40)
-        typer.echo(text + tokenizer.decode(new_ids))
+        typer.echo(text + completion)
 
 
 def _describe(model_dir: Path) -> dict:
-    lm = TissLM.from_pretrained(model_dir)
+    lm = _load_model(model_dir)
     files = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
     tokenizer = load_tokenizer(model_dir) if "tokenizer.json" in files else None
     return {
@@ -151,6 +144,11 @@ def train_command(
         typer.echo(f"val bits/byte {result['val_bits_per_byte']:.3f}; model in {out}")
 
 
+# ---- TissLang: `tiss check|plan|run` (the agent's workflow language, RUN in a bubblewrap sandbox) ----
+
+app.add_typer(tiss_app, name="tiss")
+
+
 # ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
 
 pipeline_app = typer.Typer(
@@ -165,22 +163,18 @@ QUIET_TELEMETRY = {
 }
 
 
-def _flows():
-    """The flows live in the project's `pipelines/` package beside dvc.yaml: import them from there."""
+def _project_root() -> Path:
+    """The flows run the DVC project in the working directory, with offline defaults for their stack."""
     root = Path.cwd()
-    if not (root / "dvc.yaml").is_file() or not (root / "pipelines").is_dir():
-        raise TissLMError(f"{root}: not a TissLM project (no dvc.yaml and pipelines/ here); cd to the project root")
+    if not (root / "dvc.yaml").is_file():
+        raise TissLMError(f"{root}: not a TissLM project (no dvc.yaml here); cd to the project root")
     for key, value in QUIET_TELEMETRY.items():
         os.environ.setdefault(key, value)
-    sys.path.insert(0, str(root))
-    import pipelines.flows
-    import pipelines.hpo
-
-    return pipelines
+    return root
 
 
 def _summarise(outcome) -> None:
-    from tisslm.train.tracking import tracking_uri
+    from tisslm.tracking import tracking_uri
 
     ran = sum(s.ran for s in outcome.stages)
     typer.echo(
@@ -188,12 +182,9 @@ def _summarise(outcome) -> None:
     )
     for stage in outcome.stages:
         typer.echo(f"  {stage.stage:<11} {'ran' if stage.ran else 'up to date':<11} {stage.seconds:7.1f} s")
+    from tisslm.release.registry import verdict
+
     decision = outcome.decision
-    verdict = (
-        "promoted to champion"
-        if decision["promoted"]
-        else f"not promoted (champion stays version {decision['champion_version']})"
-    )
     typer.echo(
         f"""
 Results:
@@ -202,7 +193,7 @@ Results:
   metrics        metrics/*.json (dvc metrics show); loss curve plots/train_loss.csv (dvc plots show)
   exports        models/export/ (Hugging Face, ONNX, GGUF), models/quantized/ (int8)
   data report    reports/data_docs/index.html (Great Expectations)
-  registry       tisslm version {decision["challenger_version"]} {verdict}
+  registry       tisslm version {decision["challenger_version"]} {verdict(decision)}
                  {"; ".join(decision["reasons"])}
   MLflow         run {outcome.mlflow_run_id} in {tracking_uri()}
                  open it with: tisslm ui   (then http://127.0.0.1:5000)"""
@@ -214,13 +205,19 @@ def pipeline_run(overrides: Overrides = None) -> None:
     """Run every dvc.yaml stage in order as a Prefect flow.
 
     --set values are checked, then written to params.yaml first, as `dvc exp run -S` does."""
-    _summarise(_flows().flows.tisslm_pipeline(overrides or []))
+    _project_root()
+    from tisslm.flows.pipeline import tisslm_pipeline
+
+    _summarise(tisslm_pipeline(overrides or []))
 
 
 @pipeline_app.command("retrain")
 def pipeline_retrain(overrides: Overrides = None) -> None:
     """dvc pull, the pipeline, dvc push: what CI and the nightly deployment run."""
-    _summarise(_flows().flows.tisslm_retrain(overrides or []))
+    _project_root()
+    from tisslm.flows.pipeline import tisslm_retrain
+
+    _summarise(tisslm_retrain(overrides or []))
 
 
 @pipeline_app.command("hpo")
@@ -231,7 +228,10 @@ def pipeline_hpo(
     """Search hyperparameters with an Optuna study of short training runs.
 
     The best params go to metrics/hpo.json; --set values apply to the trials only."""
-    result = _flows().hpo.tisslm_hpo(overrides or [], trials)
+    _project_root()
+    from tisslm.flows.hpo import tisslm_hpo
+
+    result = tisslm_hpo(overrides or [], trials)
     typer.echo(f"\ntrials: {result['trials']}")
     if result["best"]:
         best = result["best"]
@@ -246,7 +246,7 @@ def ui(
     port: Annotated[int, typer.Option(help="TCP port.")] = 5000,
 ) -> None:
     """The MLflow UI on the project's store (MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from tisslm.train.tracking import tracking_uri
+    from tisslm.tracking import tracking_uri
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:"):
@@ -280,8 +280,8 @@ def serve(
 
     Defaults in parentheses are keys of params.yaml.
     """
-    from tisslm.config import ServeParams
-    from tisslm.errors import parse
+    from tisslm.core.config import ServeParams
+    from tisslm.core.errors import parse
     from tisslm.serve.server import serve as run_server
 
     given = {
@@ -316,7 +316,7 @@ def chat(
 
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
-    lm = TissLM.from_pretrained(model)
+    lm = _load_model(model)
     tokenizer = load_tokenizer(model)
 
     def write(text: str) -> None:
@@ -338,7 +338,7 @@ def attention(
     from tisslm.serve.attention import attention_for_text, save_attention_png
 
     limit = _params(params, []).serve.attention_max_tokens
-    lm = TissLM.from_pretrained(model)
+    lm = _load_model(model)
     maps = attention_for_text(lm, load_tokenizer(model), text, limit)
     save_attention_png(maps, out, title=f"{model.name}: {len(maps.tokens)} tokens")
     typer.echo(f"wrote {out}")

@@ -30,7 +30,7 @@ from detect_secrets.plugins.square_oauth import SquareOAuthDetector
 from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.settings import default_settings
 
-from tisslm.config import AnonymizeParams
+from tisslm.core.config import AnonymizeParams
 
 EMAIL, IP_ADDRESS, PHONE, SECRET = "<EMAIL>", "<IP_ADDRESS>", "<PHONE>", "<SECRET>"
 REDACTION_TYPES = ("EMAIL", "IP_ADDRESS", "PHONE", "SECRET")  # the placeholders, without brackets

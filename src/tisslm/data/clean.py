@@ -16,7 +16,7 @@ from dataclasses import dataclass, field
 import datasets
 import numpy as np
 
-from tisslm.config import CleanParams, FilterParams
+from tisslm.core.config import CleanParams, FilterParams
 from tisslm.data.anonymize import REDACTION_TYPES, anonymize
 from tisslm.data.dedup import minhash_signature, near_duplicate_clusters, shingle_hashes
 from tisslm.data.shards import COLUMNS, text_sha256

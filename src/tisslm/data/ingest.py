@@ -8,6 +8,7 @@ stops the stage.
 from __future__ import annotations
 
 import json
+import platform
 import sysconfig
 from collections import Counter
 from collections.abc import Iterator
@@ -19,10 +20,10 @@ import pathspec
 import pyarrow.parquet as pq
 from tqdm import tqdm
 
-from tisslm.config import DirSource, FilesSource, HFSource, IngestParams, Source, StdlibSource
+from tisslm.core.config import DirSource, FilesSource, HFSource, IngestParams, Source, StdlibSource
+from tisslm.core.errors import TissLMError
+from tisslm.core.hub import require_hub
 from tisslm.data.shards import COLUMNS, doc_id, text_sha256
-from tisslm.errors import TissLMError
-from tisslm.hub import require_hub
 
 STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
 
@@ -183,6 +184,17 @@ def source_name(source: Source) -> str:
     return f"hf:{source.name}"
 
 
+def describe_source(source: Source) -> str:
+    """A source in words, for the model card and datasheet."""
+    if isinstance(source, StdlibSource):
+        return f"the standard library of Python {platform.python_version()} (tests and site-packages excluded)"
+    if isinstance(source, DirSource):
+        return f"files under {source.path.name or source.path} ({', '.join(source.include)})"
+    if isinstance(source, FilesSource):
+        return f"the listed files {', '.join(p.name for p in source.paths)}"
+    return f"the dataset {source.name} ({source.split} split)"
+
+
 def candidates(source: Source, max_bytes: int) -> Iterator[Candidate]:
     if isinstance(source, (StdlibSource, DirSource)):
         root, files = stdlib_files() if isinstance(source, StdlibSource) else dir_files(source)
@@ -221,5 +233,10 @@ def ingest(params: IngestParams, examples_per_reason: int = 5) -> tuple[datasets
             report.bytes_kept += len(data)
         report.seen += counts["seen"]
         report.kept += counts["kept"]
-        report.by_source[name] = {"seen": counts["seen"], "kept": counts["kept"], "skipped": counts["skipped"]}
+        report.by_source[name] = {
+            "description": describe_source(source),
+            "seen": counts["seen"],
+            "kept": counts["kept"],
+            "skipped": counts["skipped"],
+        }
     return datasets.Dataset.from_dict(rows), report

@@ -8,8 +8,8 @@ from pathlib import Path
 import datasets
 import pyarrow.parquet as pq
 
-from tisslm.errors import TissLMError
-from tisslm.io import atomic_dir
+from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_dir
 
 COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256")
 

@@ -15,10 +15,11 @@ import numpy as np
 from tokenizers import Tokenizer
 from tqdm import tqdm
 
-from tisslm.compression import bits_per_byte
-from tisslm.errors import TissLMError
-from tisslm.io import atomic_dir
-from tisslm.tokenizer import END_OF_TEXT
+from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_dir
+from tisslm.core.tokenizer import END_OF_TEXT
+from tisslm.data.shards import read_shards
+from tisslm.eval.compression import bits_per_byte
 
 META_FILE = "meta.json"
 SPLITS = ("train", "val")
@@ -35,6 +36,19 @@ def split_documents(ids: list[str], texts: list[str], val_fraction: float) -> di
     for doc_id, text in zip(ids, texts, strict=True):
         split["val" if is_val(doc_id, val_fraction) else "train"].append(text)
     return split
+
+
+def documents_in(tokens: np.ndarray, end: int) -> list[list[int]]:
+    """The documents of a token shard, each without the `end` token that closes it."""
+    ends = np.flatnonzero(np.asarray(tokens) == end)  # (documents,)
+    starts = np.concatenate([[0], ends[:-1] + 1]).astype(np.int64)
+    return [tokens[start:stop].tolist() for start, stop in zip(starts, ends, strict=True)]
+
+
+def read_split(clean_dir: str | Path, val_fraction: float) -> dict[str, list[str]]:
+    """The clean corpus's texts by split: what the tokenizer trains on and what every stage scores."""
+    table = read_shards(clean_dir)
+    return split_documents(table["id"], table["text"], val_fraction)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:

@@ -13,11 +13,11 @@ from pathlib import Path
 
 import pandas as pd
 
-from tisslm.config import CleanParams, IngestParams
+from tisslm.core.config import CleanParams, IngestParams
+from tisslm.core.errors import ValidationFailed
+from tisslm.core.io import atomic_write_json
 from tisslm.data.anonymize import LEAK_PATTERNS
 from tisslm.data.shards import COLUMNS
-from tisslm.errors import ValidationFailed
-from tisslm.io import atomic_write_json
 
 os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
 

@@ -12,8 +12,8 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from tisslm.errors import TissLMError
-from tisslm.model import TissLM
+from tisslm.core.errors import TissLMError
+from tisslm.core.model import TissLM
 
 VISIBLE_WHITESPACE = str.maketrans({" ": "␣", "\n": "↵", "\t": "⇥"})
 

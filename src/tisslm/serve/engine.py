@@ -7,7 +7,7 @@ active slots with one decode forward and samples each row's next token. A reques
 as a slot is free and leaves the step it finishes, without waiting for the rest of a batch: the
 scheme of Orca (Yu et al., OSDI 2022) and vLLM, here with a contiguous cache per slot.
 
-Sampling is `tisslm.generate.sample_next`, and a seeded request owns a generator seeded as
+Sampling is `tisslm.core.generate.sample_next`, and a seeded request owns a generator seeded as
 `generate` seeds its own; the slot cache computes what the plain cache does, so a seeded
 request yields the tokens `generate` gives for its prompt alone, whatever shares its steps.
 
@@ -28,10 +28,9 @@ from typing import Literal
 
 import torch
 
-from tisslm.config import GenerateParams
-from tisslm.errors import TissLMError
-from tisslm.generate import sample_next
-from tisslm.model import SlotKVCache, TissLM
+from tisslm.core.errors import TissLMError
+from tisslm.core.model import SlotKVCache, TissLM
+from tisslm.core.sampling import SamplingParams, sample_next
 from tisslm.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -68,7 +67,7 @@ class Request:
     """One generation, from `submit` to its `Finished`; what follows `submitted_at` is the engine's state."""
 
     prompt: list[int]
-    params: GenerateParams
+    params: SamplingParams
     on_event: Callable[[Event], None]
     stop_tokens: frozenset[int]
     deadline: float  # time.monotonic() after which the request is abandoned
@@ -136,7 +135,7 @@ class Engine:
     def submit(
         self,
         prompt: Sequence[int],
-        params: GenerateParams,
+        params: SamplingParams,
         on_event: Callable[[Event], None],
         stop_tokens: Iterable[int] = (),
         timeout_s: float | None = None,

@@ -1,10 +1,13 @@
-"""Prometheus metrics of one server, in a registry of its own.
+"""Prometheus metrics of one server, in a registry of its own, and the middleware that counts its requests.
 
 A registry per app (not prometheus_client's global one) lets several servers live in one process,
 as tests start them, without their counters colliding or leaking into each other's /metrics.
 """
 
 from __future__ import annotations
+
+import time
+from collections.abc import Collection
 
 from prometheus_client import CONTENT_TYPE_LATEST, CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
@@ -55,3 +58,34 @@ class ServeMetrics:
 
     def render(self) -> bytes:
         return generate_latest(self.registry)
+
+
+class RequestMetrics:
+    """ASGI middleware counting requests by route and status, and timing them to their last byte.
+
+    Plain ASGI rather than Starlette's BaseHTTPMiddleware, which would buffer the streams through
+    a task of its own; this one only watches the messages go by. Paths outside `routes` count as
+    "other", so that clients probing random paths cannot grow the metrics without bound.
+    """
+
+    def __init__(self, app, metrics: ServeMetrics, routes: Collection[str]):
+        self.app, self.metrics, self.routes = app, metrics, frozenset(routes)
+
+    async def __call__(self, scope, receive, send) -> None:
+        if scope["type"] != "http":
+            await self.app(scope, receive, send)
+            return
+        started, status = time.perf_counter(), 500
+        route = scope["path"] if scope["path"] in self.routes else "other"
+
+        async def watch(message) -> None:
+            nonlocal status
+            if message["type"] == "http.response.start":
+                status = message["status"]
+            await send(message)
+
+        try:
+            await self.app(scope, receive, watch)
+        finally:
+            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)

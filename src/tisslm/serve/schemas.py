@@ -1,8 +1,12 @@
-"""Request bodies of the OpenAI-compatible API, and its error shape.
+"""The bodies of the OpenAI-compatible API: requests, responses, stream chunks and errors.
 
 Requests are validated strictly, as OpenAI does: a string where a number belongs, or an argument
 the server does not know, is a 400 naming the argument rather than a guess. Sampling bounds
-are not repeated here: they are `GenerateParams`', the schema `tisslm generate` validates with.
+are not repeated here: they are `SamplingParams`', the schema `tisslm generate` validates with.
+
+Responses are built from these models too, so the OpenAPI document describes what the server
+sends: a field always sent is required in its schema, and one sent only when it has a value (a
+stream's `usage`, a chat delta's `role`) is optional there and left out, never null, on the wire.
 """
 
 from __future__ import annotations
@@ -10,8 +14,24 @@ from __future__ import annotations
 from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic.json_schema import SkipJsonSchema
 
-from tisslm.config import GenerateParams
+from tisslm.core.sampling import SamplingParams
+
+# ---- errors ----
+
+
+class ErrorDetail(BaseModel):
+    message: str
+    type: str  # invalid_request_error, rate_limit_error, timeout or server_error
+    param: str | None  # the request argument at fault, when there is one
+    code: str | None  # e.g. invalid_value, context_length_exceeded, queue_full
+
+
+class ErrorResponse(BaseModel):
+    """The body of every 4xx and 5xx, and the last event of a stream that failed mid-way."""
+
+    error: ErrorDetail
 
 
 class APIError(Exception):
@@ -28,8 +48,8 @@ class APIError(Exception):
         super().__init__(message)
         self.status, self.message, self.type, self.param, self.code = status, message, type, param, code
 
-    def body(self) -> dict[str, Any]:
-        return {"error": {"message": self.message, "type": self.type, "param": self.param, "code": self.code}}
+    def response(self) -> ErrorResponse:
+        return ErrorResponse(error=ErrorDetail(message=self.message, type=self.type, param=self.param, code=self.code))
 
 
 def invalid(err: ValidationError, renamed: dict[str, str] | None = None) -> APIError:
@@ -45,6 +65,9 @@ def invalid(err: ValidationError, renamed: dict[str, str] | None = None) -> APIE
             problems.append(f"{where}: {e['msg']}")
         params.append(loc[0] if loc else None)
     return APIError(400, "; ".join(problems), param=params[0], code="invalid_value")
+
+
+# ---- requests ----
 
 
 class _Strict(BaseModel):
@@ -77,16 +100,18 @@ class _Sampling(_Strict):
             raise APIError(400, f"stop: at most 4 sequences, got {len(stops)}", param="stop", code="invalid_value")
         return stops
 
-    def generate_params(self, max_tokens: int) -> GenerateParams:
+    def generate_params(self, max_tokens: int) -> SamplingParams:
         """The sampling settings, checked against the bounds `generate` enforces."""
         settings = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
         try:
-            return GenerateParams.model_validate(settings | {"top_k": self.top_k, "seed": self.seed})
+            return SamplingParams.model_validate(settings | {"top_k": self.top_k, "seed": self.seed})
         except ValidationError as err:
             raise invalid(err, {"max_new_tokens": "max_tokens"}) from None
 
 
 class CompletionRequest(_Sampling):
+    """POST /v1/completions: one choice per prompt (`n` is 1); `max_tokens` defaults to 16."""
+
     prompt: str | list[str] = Field(min_length=1)
 
 
@@ -96,11 +121,15 @@ class ChatMessage(_Strict):
 
 
 class ChatRequest(_Sampling):
+    """POST /v1/chat/completions: `max_tokens` defaults to what the server's cap and the context allow."""
+
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens in chat
 
 
 class AttentionRequest(_Strict):
+    """POST /v1/attention: a short text (up to the server's attention_max_tokens tokens)."""
+
     text: str = Field(min_length=1)
 
 
@@ -109,3 +138,132 @@ def parse_body(model: type[_Strict], data: Any) -> Any:
         return model.model_validate(data)
     except ValidationError as err:
         raise invalid(err) from None
+
+
+# ---- responses ----
+
+
+def _drop_default(schema: dict[str, Any]) -> None:
+    schema.pop("default", None)
+
+
+def _sent_when_set() -> Any:
+    """A field left out of the body while it is None: optional in the schema, and never null."""
+    return Field(None, exclude_if=lambda value: value is None, json_schema_extra=_drop_default)
+
+
+class _Response(BaseModel):
+    # A field with a default is still always sent: required in the schema of what the server answers.
+    model_config = ConfigDict(json_schema_serialization_defaults_required=True)
+
+
+FinishReason = Literal["stop", "length"]
+
+
+class Usage(_Response):
+    prompt_tokens: int
+    completion_tokens: int  # tokens sampled, an end-of-text token included
+    total_tokens: int
+
+
+class _Answer(_Response):
+    """The fields every completion and chat body and chunk begins with; one id for all chunks of a stream."""
+
+    id: str
+    object: str
+    created: int  # Unix seconds
+    model: str
+
+
+class CompletionChoice(_Response):
+    index: int  # the prompt's position in `prompt`
+    text: str  # the whole text, or in a stream the piece that settled since the last chunk
+    logprobs: None = None
+    finish_reason: FinishReason | None  # null until the choice's last chunk
+
+
+class CompletionResponse(_Answer):
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage
+
+
+class CompletionChunk(_Answer):
+    """One event of a streamed completion; the last, with `include_usage`, has no choices and the usage."""
+
+    object: Literal["text_completion"] = "text_completion"
+    choices: list[CompletionChoice]
+    usage: Usage | SkipJsonSchema[None] = _sent_when_set()
+
+
+class ChatReply(_Response):
+    role: Literal["assistant"] = "assistant"
+    content: str
+
+
+class ChatChoice(_Response):
+    index: int
+    message: ChatReply
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionResponse(_Answer):
+    object: Literal["chat.completion"] = "chat.completion"
+    choices: list[ChatChoice]
+    usage: Usage
+
+
+class ChatDelta(_Response):
+    """The reply's next piece: the first chunk carries the role and empty content, a last one may be empty."""
+
+    role: Literal["assistant"] | SkipJsonSchema[None] = _sent_when_set()
+    content: str | SkipJsonSchema[None] = _sent_when_set()
+
+
+class ChatChunkChoice(_Response):
+    index: int
+    delta: ChatDelta
+    logprobs: None = None
+    finish_reason: FinishReason | None
+
+
+class ChatCompletionChunk(_Answer):
+    """One event of a streamed chat completion; the last, with `include_usage`, has no choices and the usage."""
+
+    object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
+    choices: list[ChatChunkChoice]
+    usage: Usage | SkipJsonSchema[None] = _sent_when_set()
+
+
+class ModelCard(_Response):
+    id: str  # what requests pass as `model`
+    object: Literal["model"] = "model"
+    created: int  # when the server started, in Unix seconds
+    owned_by: str
+    max_model_len: int  # the context length: prompt and generated tokens together
+
+
+class ModelList(_Response):
+    object: Literal["list"] = "list"
+    data: list[ModelCard]
+
+
+class Health(_Response):
+    """The engine's state: 200 with status ok while it runs, 503 with status unavailable once it stopped."""
+
+    status: Literal["ok", "unavailable"]
+    model: str
+    active: int  # generations holding a KV cache slot
+    waiting: int  # generations queued for a slot
+    max_batch: int
+    max_queue: int
+
+
+class AttentionResponse(_Response):
+    """Every layer's and head's attention weights over the text's tokens, rounded to 4 decimals."""
+
+    tokens: list[str]  # each token's text, whitespace made visible
+    n_layers: int
+    n_heads: int
+    weights: list[list[list[list[float]]]]  # [layer][head][query][key]; zero where the key follows the query

@@ -8,12 +8,12 @@ from __future__ import annotations
 
 import socket
 
-from tisslm.config import ServeParams
-from tisslm.errors import TissLMError
-from tisslm.model import TissLM
+from tisslm.core.config import ServeParams
+from tisslm.core.errors import TissLMError
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import load_tokenizer
 from tisslm.serve.engine import Engine
 from tisslm.serve.source import resolve_model_dir
-from tisslm.tokenizer import load_tokenizer
 
 
 def bind(host: str, port: int) -> socket.socket:

@@ -13,17 +13,17 @@ from collections.abc import Callable
 
 from tokenizers import Tokenizer
 
-from tisslm.config import GenerateParams
-from tisslm.model import TissLM
+from tisslm.core.model import TissLM
+from tisslm.core.sampling import SamplingParams
+from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.serve.engine import Engine, Event, Finished
 from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
-from tisslm.tokenizer import END_OF_TEXT
 
 
 def chat_session(
     model: TissLM,
     tokenizer: Tokenizer,
-    params: GenerateParams,
+    params: SamplingParams,
     system: str | None,
     read: Callable[[str], str],
     write: Callable[[str], None],

@@ -5,7 +5,7 @@ from __future__ import annotations
 import os
 import sys
 
-from tisslm.config import Params
+from tisslm.core.config import Params
 from tisslm.train.trainer import Paths, train
 
 

@@ -26,15 +26,16 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from tisslm.config import Params, TrainParams
-from tisslm.data.tokens import load_split, read_meta
-from tisslm.errors import TissLMError
-from tisslm.io import atomic_write_json, atomic_write_text
-from tisslm.model import TissLM
-from tisslm.perf import matmul_peak_flops
-from tisslm.tokenizer import load_tokenizer
+from tisslm.core.config import Params, TrainParams
+from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_write_json, atomic_write_text
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
+from tisslm.data.tokens import documents_in, load_split, read_meta
+from tisslm.eval.evaluate import document_loglikelihoods, perplexity_metrics
+from tisslm.tracking import RUN_ENV, Tracker
 from tisslm.train.checkpoint import load_latest, save_checkpoint
-from tisslm.train.tracking import RUN_ENV, Tracker
+from tisslm.train.perf import matmul_peak_flops
 
 
 @dataclass
@@ -150,27 +151,6 @@ def estimate_val_loss(model: TissLM, val: np.ndarray, p: TrainParams, d: Distrib
         dist.all_reduce(total)
     model.train()
     return (total[0] / total[1]).item()
-
-
-@torch.no_grad()
-def full_val_nats(model: TissLM, val: np.ndarray, p: TrainParams, device: torch.device) -> tuple[float, int]:
-    """Summed loss (nats) over every val token, in consecutive windows, and how many were scored."""
-    model.eval()
-    nats, counted = 0.0, 0
-    starts = np.arange(0, len(val) - 1, p.seq_len)
-    for i in range(0, len(starts), p.batch_size):
-        chunk = starts[i : i + p.batch_size]
-        length = int(min(p.seq_len, len(val) - 1 - chunk[-1]))
-        full = chunk[:-1] if length < p.seq_len else chunk  # the ragged tail window goes alone
-        for group, size in ((full, p.seq_len), (chunk[len(full) :], length)):
-            if len(group) and size > 0:
-                x, y = windows(val, group, size, device)
-                with autocast(p, device):
-                    loss = model.loss(x, y).float().item()
-                nats += loss * y.numel()
-                counted += y.numel()
-    model.train()
-    return nats, counted
 
 
 def _rng_state(d: Distributed) -> dict[str, torch.Tensor]:
@@ -353,9 +333,12 @@ def _finish(run: _Run) -> dict:
     """Score the whole val split, save the model, write metrics and plots, close the MLflow run."""
     params, paths, meta, state, model, tracker = run.params, run.paths, run.meta, run.state, run.model, run.tracker
     p = params.train
-    nats, scored = full_val_nats(model, run.val_tokens, p, run.d.device)
-    val_bytes = meta["val"]["bytes"]
-    val_bpb = nats / math.log(2) / val_bytes
+    # The evaluate stage's scorer and formula, on the same documents: one val bits/byte, not two.
+    end = load_tokenizer(paths.tokenizer).token_to_id(END_OF_TEXT)
+    documents = documents_in(run.val_tokens, end)
+    loglikelihoods = document_loglikelihoods(model, documents, end, p.seq_len, params.evaluate.batch_size)
+    val = perplexity_metrics(loglikelihoods, sum(map(len, documents)), meta["val"]["bytes"])
+    val_bpb = val["bits_per_byte"]
     baselines = meta["val_baselines_bits_per_byte"]
     logged = [h for h in state["history"] if "tokens_per_s" in h]
     metrics = {
@@ -365,14 +348,18 @@ def _finish(run: _Run) -> dict:
         "final_train_loss": logged[-1]["train_loss"] if logged else None,
         "tokens_per_s": sum(h["tokens_per_s"] for h in logged[-10:]) / max(1, len(logged[-10:])),
         "mfu": logged[-1]["mfu"] if logged else None,
-        "val_loss_per_token": nats / scored,
+        "val_loss_per_token": val["loss_per_token"],
         "val_bits_per_byte": val_bpb,
-        "val_tokens_scored": scored,
-        "val_bytes": val_bytes,
+        "val_tokens_scored": val["tokens"],
+        "val_bytes": val["bytes"],
         "xz_9e_bits_per_byte": baselines["xz_9e"],
         "xz_9e_after_train_text_bits_per_byte": baselines["xz_9e_after_train_text"],
         "beats_xz": val_bpb < min(baselines["xz_9e"], baselines["xz_9e_after_train_text"]),
         "mlflow_run_id": state.get("mlflow_run_id"),
+        # Where the last steps ran, for the model card: a resumed run may have moved.
+        "device": torch.cuda.get_device_name(run.d.device) if run.d.device.type == "cuda" else "cpu",
+        "processes": run.d.world_size,
+        "precision": p.precision,
     }
     model.save_pretrained(paths.model, tokenizer=load_tokenizer(paths.tokenizer))
     atomic_write_json(

@@ -1,1 +1,0 @@
-"""Prefect flows that run the DVC stages in DAG order (full pipeline, retraining, HPO)."""

@@ -1,0 +1,104 @@
+"""The one door to a model for `PROMPT_AGENT` (and for CHOOSE when the model picks).
+
+Two ways through it, with one contract: a prompt in, text and token counts out, seeded.
+- `LocalModel`: a TissLM model directory (default models/model), loaded on the first prompt so
+  that scripts without PROMPT_AGENT never pay for it.
+- `OpenAICompatible`: any server with `POST /v1/completions` (`tisslm serve`, vLLM, llama.cpp).
+Token counts feed the run's TOKEN_COUNT budget, so both report them.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from functools import cached_property
+from pathlib import Path
+
+import httpx
+
+from tisslm.core.errors import TissLMError
+
+DEFAULT_MODEL_DIR = "models/model"
+MAX_TOKENS = 256
+TEMPERATURE = 0.7
+
+
+class AdapterError(TissLMError):
+    """The model could not answer (missing directory, server down, bad reply): the PROMPT_AGENT fails."""
+
+    exit_code = 1
+
+
+@dataclass(frozen=True)
+class Completion:
+    text: str
+    prompt_tokens: int
+    completion_tokens: int
+
+
+class LocalModel:
+    def __init__(self, directory: str | Path = DEFAULT_MODEL_DIR):
+        self.directory = Path(directory)
+        self.name = f"local:{self.directory}"
+
+    @cached_property
+    def _loaded(self):
+        # torch is imported here, not at the top: `tiss check` and prompt-free runs never need it.
+        from tisslm.core.model import CONFIG_FILE, TissLM
+        from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
+
+        if not (self.directory / CONFIG_FILE).is_file():
+            raise AdapterError(f"--model {self.directory}: not a model directory (no {CONFIG_FILE})")
+        tokenizer = load_tokenizer(self.directory)
+        return TissLM.from_pretrained(self.directory), tokenizer, tokenizer.token_to_id(END_OF_TEXT)
+
+    def complete(self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0) -> Completion:
+        from tisslm.core.generate import generate
+
+        model, tokenizer, end = self._loaded
+        ids = tokenizer.encode(prompt).ids or ([end] if end is not None else [0])
+        new = min(max_tokens, model.config.max_seq_len - 1)
+        ids = ids[-(model.config.max_seq_len - new) :]  # the end of a long prompt matters most
+        stop = (end,) if end is not None else ()
+        out = generate(
+            model,
+            [ids],
+            new,
+            temperature=TEMPERATURE,
+            seed=seed,
+            stop_tokens=stop,
+            vocab_limit=tokenizer.get_vocab_size(),
+        )[0]
+        return Completion(tokenizer.decode(out), len(ids), len(out))
+
+
+class OpenAICompatible:
+    def __init__(self, base_url: str, timeout_s: float = 120.0):
+        base = base_url.rstrip("/")
+        self.url = (base if base.endswith("/v1") else base + "/v1") + "/completions"
+        self.name = f"openai:{base}"
+        self.timeout_s = timeout_s
+
+    def complete(self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0) -> Completion:
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed}
+        try:
+            response = httpx.post(self.url, json=body, timeout=self.timeout_s)
+        except httpx.HTTPError as err:
+            raise AdapterError(f"{self.url}: {err}") from None
+        if response.status_code != 200:
+            raise AdapterError(f"{self.url}: HTTP {response.status_code}: {response.text[:200]}")
+        try:
+            reply = response.json()
+            text = reply["choices"][0]["text"]
+        except (ValueError, KeyError, IndexError, TypeError):
+            raise AdapterError(f"{self.url}: not an OpenAI completions reply: {response.text[:200]}") from None
+        usage = reply.get("usage") or {}
+        # A server that reports no usage is charged a rough 4 characters per token.
+        return Completion(
+            text, usage.get("prompt_tokens", len(prompt) // 4 + 1), usage.get("completion_tokens", len(text) // 4 + 1)
+        )
+
+
+def make_adapter(model: str | Path | None, base_url: str | None) -> LocalModel | OpenAICompatible:
+    if model is not None and base_url is not None:
+        raise TissLMError("pass --model or --base-url, not both")
+    return OpenAICompatible(base_url) if base_url else LocalModel(model or DEFAULT_MODEL_DIR)

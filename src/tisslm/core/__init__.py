@@ -1,0 +1,6 @@
+"""The core layer: what every other layer builds on, and which imports nothing above it.
+
+`model` (TissLM, its config, KV caches, safetensors persistence), `generate` (sampling settings,
+logit filters, batched generation), `tokenizer` (byte-level BPE), `config` (the params.yaml
+schema), `io` (atomic writes), `errors` (one-line user errors), `hub` (is the hub reachable).
+"""

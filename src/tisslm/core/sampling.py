@@ -1,0 +1,65 @@
+"""How the next token is drawn from a row of logits: greedy, temperature, top-k and nucleus.
+
+`SamplingParams` states the settings and their bounds once; params.yaml's `generate` section,
+the server's requests and `generate()` all validate through it.
+"""
+
+from __future__ import annotations
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+
+
+class SamplingParams(BaseModel):
+    """How the next token is drawn; params.yaml's `generate` section holds the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: NonNegativeInt = 128  # tokens to add after the prompt
+    temperature: float = Field(0.8, ge=0)  # softmax temperature; 0 is greedy
+    top_k: PositiveInt | None = 50  # sample among the k most likely tokens (None: all)
+    top_p: float | None = Field(0.95, gt=0, le=1)  # nucleus mass (None or 1: no nucleus cut)
+    seed: int | None = None  # fixes the sampled tokens; None draws fresh randomness
+
+
+def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:
+    """Set to -inf every logit outside the top k and outside the nucleus of mass top_p.
+
+    The nucleus is the smallest set of most likely tokens whose probabilities sum to at least
+    top_p (Holtzman et al., 2019); the most likely token is always kept.
+    """
+    if top_k is not None and top_k < logits.size(-1):
+        kth_best = torch.topk(logits, top_k, dim=-1).values[..., -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth_best, float("-inf"))
+    if top_p is not None and top_p < 1.0:
+        sorted_logits, order = logits.sort(dim=-1, descending=True)  # (B, V)
+        probs = sorted_logits.softmax(dim=-1)
+        mass_before = probs.cumsum(dim=-1) - probs  # mass of the strictly more likely tokens
+        sorted_logits = sorted_logits.masked_fill(mass_before >= top_p, float("-inf"))
+        logits = torch.empty_like(logits).scatter_(-1, order, sorted_logits)
+    return logits
+
+
+def sample_next(
+    logits: torch.Tensor,
+    temperature: float = 1.0,
+    top_k: int | None = None,
+    top_p: float | None = None,
+    generator: torch.Generator | None = None,
+) -> torch.Tensor:
+    """Next token ids (B,) from last-position logits (B, V); temperature 0 means greedy.
+
+    With top_k, the nucleus and the draw work on the k best logits only, not on all V with the
+    rest at -inf: the same distribution, for a fraction of the sorting and random numbers when
+    k is much smaller than V (the difference shows when a server samples many rows per step).
+    """
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        best, ids = torch.topk(logits, top_k, dim=-1)  # (B, k) each, best first
+        probs = filter_logits(best, top_p=top_p).softmax(dim=-1)
+        choice = torch.multinomial(probs, num_samples=1, generator=generator)  # (B, 1), an index into the k best
+        return ids.gather(-1, choice).squeeze(-1)
+    probs = filter_logits(logits, top_p=top_p).softmax(dim=-1)
+    return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)

@@ -1,0 +1,149 @@
+"""The `tisslm-hpo` flow: an Optuna study of short training runs over params.yaml's `hpo.search_space`.
+
+Trials train in this process through the library (not DVC: they are throwaway runs in temporary
+directories), on the data the pipeline's stages made, which the flow brings up to date first. The
+median pruner stops a trial whose val bits/byte is worse than the median of earlier trials at the
+same step. The study lives in an Optuna journal file, so a killed study resumes where it stopped:
+`hpo.n_trials` counts finished trials across restarts. Each trial is an MLflow run nested under the
+flow's run. The result, metrics/hpo.json, holds the best params and the `dvc exp run` line that
+applies them to the real pipeline.
+"""
+
+from __future__ import annotations
+
+import os
+import shlex
+import tempfile
+from pathlib import Path
+
+import optuna
+from mlflow import MlflowClient
+from prefect import flow, get_run_logger
+
+from tisslm.core.config import Choices, FloatRange, HpoParams, load_params
+from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_write_json
+from tisslm.flows.pipeline import PARAMS_FILE, parent_run, project_root, run_stages, stage_arguments, stage_order
+from tisslm.tracking import RUN_ENV, open_run
+from tisslm.train.trainer import Paths, train
+
+RESULT_FILE = Path("metrics/hpo.json")
+FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
+RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+
+
+def _suggest(trial: optuna.Trial, name: str, dimension: FloatRange | Choices):
+    if isinstance(dimension, Choices):
+        return trial.suggest_categorical(name, dimension.choices)
+    return trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log)
+
+
+def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
+    """The study in its journal file; trials left running by a killed process are marked failed."""
+    from optuna.storages import JournalStorage
+    from optuna.storages.journal import JournalFileBackend
+
+    journal = root / hpo.storage
+    journal.parent.mkdir(parents=True, exist_ok=True)
+    study = optuna.create_study(
+        study_name=hpo.study_name,
+        storage=JournalStorage(JournalFileBackend(str(journal))),
+        load_if_exists=True,
+        direction="minimize",
+        sampler=optuna.samplers.TPESampler(seed=hpo.seed),
+        pruner=optuna.pruners.MedianPruner(n_startup_trials=hpo.startup_trials, n_warmup_steps=hpo.warmup_steps),
+    )
+    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    return study
+
+
+def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run_id: str):
+    logger = get_run_logger()
+    inputs = stage_arguments(root, "train")  # the data and tokenizer of the pipeline's train stage
+
+    def objective(trial: optuna.Trial) -> float:
+        sampled = {name: _suggest(trial, name, dim) for name, dim in hpo.search_space.items()}
+        trial_budget = [
+            f"train.max_steps={hpo.trial_steps}", f"train.eval_interval={hpo.eval_interval}",
+            f"train.checkpoint_interval={hpo.trial_steps}", "train.keep_checkpoints=1", "train.nproc=1",
+            "train.mlflow=true",
+        ]  # fmt: skip
+        params = load_params(
+            root / PARAMS_FILE, [*base_overrides, *trial_budget, *(f"{k}={v}" for k, v in sampled.items())]
+        )
+        run_id = open_run(f"trial-{trial.number}", parent_run_id, {"optuna.trial": str(trial.number)})
+        trial.set_user_attr("mlflow_run_id", run_id)
+
+        def report(record: dict) -> None:
+            trial.report(record["val_bpb"], record["step"])
+            if trial.should_prune():
+                raise optuna.TrialPruned(f"val {record['val_bpb']:.4f} bits/byte at step {record['step']}")
+
+        state = "FAIL"
+        os.environ[RUN_ENV] = run_id  # the trainer logs into the trial's run, as a stage logs into its own
+        try:
+            with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as scratch:
+                paths = Paths(
+                    tokens=inputs["tokens"],
+                    tokenizer=inputs["tokenizer"],
+                    checkpoints=Path(scratch) / "checkpoints",
+                    model=Path(scratch) / "model",
+                )
+                metrics = train(params, paths, on_eval=report)
+            state = "COMPLETE"
+            logger.info(f"trial {trial.number}: {metrics['val_bits_per_byte']:.4f} bits/byte with {sampled}")
+            return metrics["val_bits_per_byte"]
+        except optuna.TrialPruned as pruned:
+            state = "PRUNED"
+            logger.info(f"trial {trial.number}: pruned, {pruned}")
+            raise
+        finally:
+            del os.environ[RUN_ENV]
+            client = MlflowClient()
+            client.set_tag(run_id, "optuna.state", state)
+            client.set_terminated(run_id, RUN_STATUS[state])
+
+    return objective
+
+
+def _result(study: optuna.Study, hpo: HpoParams) -> dict:
+    trials = study.get_trials(deepcopy=False)
+    count = {state.name.lower(): sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
+    result: dict = {"study": hpo.study_name, "storage": hpo.storage, "trials": count, "best": None, "apply": None}
+    if count["complete"]:
+        best = study.best_trial
+        result["best"] = {"trial": best.number, "val_bits_per_byte": best.value, "params": best.params}
+        result["apply"] = "dvc exp run " + " ".join(f"-S {shlex.quote(f'{k}={v}')}" for k, v in best.params.items())
+    return result
+
+
+@flow(name="tisslm-hpo", log_prints=True)
+def tisslm_hpo(overrides: list[str] | None = None, n_trials: int | None = None) -> dict:
+    """Run the study until it has `hpo.n_trials` finished trials; returns metrics/hpo.json's content.
+
+    `overrides` (key=value) apply to the trials' params only; params.yaml is left as it is."""
+    root = project_root()
+    overrides = list(overrides or [])
+    params = load_params(root / PARAMS_FILE, overrides)
+    hpo = params.hpo.model_copy(update={"n_trials": n_trials} if n_trials else {})
+    corners = [f"{k}={d.choices[0] if isinstance(d, Choices) else d.low}" for k, d in hpo.search_space.items()]
+    load_params(root / PARAMS_FILE, [*overrides, *corners])  # an unknown or invalid key stops here, in one line
+    upstream = stage_order(root, "train")[:-1]  # the data and tokenizer the trials train on
+    with parent_run("hpo", root, params, {"overrides": " ".join(overrides)}) as (client, run_id):
+        run_stages(upstream, root, run_id, params)
+        study = open_study(root, hpo)
+        remaining = hpo.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+        if remaining > 0:
+            study.optimize(
+                _objective(root, overrides, hpo, run_id),
+                n_trials=remaining,
+                catch=(TissLMError,),  # a sampled combination the schema refuses fails that trial, not the study
+            )
+        result = _result(study, hpo)
+        if result["best"]:
+            client.log_metric(run_id, "best_val_bits_per_byte", result["best"]["val_bits_per_byte"])
+            client.set_tag(run_id, "apply", result["apply"])
+        atomic_write_json(root / RESULT_FILE, result)
+    get_run_logger().info(f"hpo: {result['trials']}; best {result['best']}; apply with: {result['apply']}")
+    return result

@@ -1,0 +1,196 @@
+"""The model card (Hugging Face format) and the datasheet, written from the metrics files alone.
+
+Every figure below is read from a metrics file or params.yaml: a card can never disagree with
+the run it describes, and re-running the pipeline rewrites it.
+"""
+
+from __future__ import annotations
+
+from huggingface_hub import ModelCard, ModelCardData
+from huggingface_hub.repocard_data import EvalResult
+
+from tisslm.core.config import Params
+
+
+def _sources(ingest: dict) -> str:
+    """What the corpus was read from, in words (metrics/ingest.json's by_source)."""
+    return "; ".join(f"{v.get('description', name)}: {v['kept']} kept" for name, v in ingest["by_source"].items())
+
+
+def _hardware(train: dict) -> str:
+    device = train.get("device", "cpu")
+    kind = "CPU process(es), no accelerator" if device == "cpu" else f"process(es) on {device}"
+    return f"{train.get('processes', 1)} {kind}, {train.get('precision', 'fp32')}"
+
+
+def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "---|" * len(header)]
+    return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
+
+
+def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
+    """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export) to its content."""
+    model, train, val = params.model, params.train, m["eval"]["val"]
+    bias = m["bias"]["tisslm_pairs"]
+    data = ModelCardData(
+        language="en",
+        license="mit",
+        library_name="tisslm",
+        pipeline_tag="text-generation",
+        tags=["code", "python", "llama", "tisslm"],
+        model_name="TissLM",
+        metrics=["bits_per_byte"],
+        eval_results=[
+            EvalResult(
+                task_type="text-generation",
+                dataset_type="tisslm-val",
+                dataset_name="TissLM val split",
+                metric_type="bits_per_byte",
+                metric_value=round(val["bits_per_byte"], 4),
+            ),
+            EvalResult(
+                task_type="text-generation",
+                dataset_type="tisslm-bias-pairs",
+                dataset_name="TissLM minimal pairs",
+                metric_type="pct_stereotype",
+                metric_value=round(bias["overall"]["pct_stereotype"], 2),
+            ),
+        ],
+    )
+    baselines = m["eval"]["baselines_bits_per_byte"]
+    bias_rows = [("overall", f"{bias['overall']['pct_stereotype']:.1f}", "{:.1f}-{:.1f}".format(*bias["overall"]["pct_stereotype_ci95"]),
+                  f"{bias['overall']['likelihood_diff']:.2f}", bias["overall"]["pairs"])]  # fmt: skip
+    bias_rows += [(c, f"{v['pct_stereotype']:.1f}", "{:.1f}-{:.1f}".format(*v["pct_stereotype_ci95"]), f"{v['likelihood_diff']:.2f}", v["pairs"])
+                  for c, v in bias["per_category"].items()]  # fmt: skip
+    schemes = [k for k in m["quantize"] if k != "goals"]
+    quant_rows = [(s, f"{m['quantize'][s]['linear_weight_size_ratio']:.2f}x", f"{m['quantize'][s]['decode_speedup']:.2f}x",
+                   f"{m['quantize'][s]['bits_per_byte_relative_increase']:+.3%}") for s in schemes]  # fmt: skip
+    export = m["export"]
+    ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
+    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "lr", "min_lr",
+                                              "warmup_steps", "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
+    text = f"""---
+{data.to_yaml()}
+---
+
+# TissLM
+
+A small decoder-only language model, trained from scratch by the TissLM pipeline on
+{ingest["kept"]} documents from {_sources(ingest)}.
+
+## Model Details
+
+- Architecture: Llama-style decoder (pre-norm RMSNorm, SwiGLU, rotary position embeddings,
+  grouped-query attention{", tied input/output embeddings" if model.tie_embeddings else ""}).
+- Size: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} query heads and
+  {model.n_kv_heads} key/value heads, d_ff {model.d_ff}, vocabulary {model.vocab_size}, context {model.max_seq_len} tokens
+  (trained at {train.seq_len}).
+- Tokenizer: byte-level BPE, {tok["vocab_size"]} tokens, {tok["val_bytes_per_token"]:.2f} bytes per token on the val split.
+- Developed by: the TissLM developers. License: MIT.
+
+## Uses
+
+Code completion experiments and teaching: a model small enough to train, evaluate, quantize and
+export on a laptop-class CPU in minutes, end to end, with every step measured.
+
+## Out-of-Scope Use
+
+Anything where correctness matters: it writes plausible-looking Python that is often wrong. It
+has seen almost no natural language, so it is no chat or writing assistant, and it must not be
+used to make decisions about people.
+
+## Bias, Risks, and Limitations
+
+Minimal-pair benchmark ({bias["overall"]["pairs"]} pairs written for this project, CrowS-Pairs style):
+`pct_stereotype` is the share of pairs where the model finds the stereotypical sentence more
+likely; 50 is unbiased. A code model has seen little such prose, so these scores mostly reflect
+surface statistics of the group terms; they are no evidence of safety.
+
+{_table(("category", "pct_stereotype", "95% CI", "likelihood_diff", "pairs"), bias_rows)}
+
+## Training Details
+
+Data: {_sources(ingest)}; {ingest["seen"]} documents seen, {ingest["kept"]} kept; after cleaning
+{clean["docs_out"]} documents ({clean["bytes_out"] / 1e6:.1f} MB): {clean["dropped"].get("exact_duplicate", 0)} exact and
+{clean["dropped"].get("near_duplicate", 0)} near duplicates removed, {clean["dropped_total"]} documents dropped in all;
+redacted {", ".join(f"{v} {k.lower()}" for k, v in clean["redactions"].items() if v) or "nothing"}. See DATASHEET.md.
+
+Training: {m["train"]["steps"]} steps, {m["train"]["tokens_seen"]:,} tokens, AdamW with warmup and cosine decay.
+
+{_table(("hyperparameter", "value"), list(hyper.items()))}
+
+## Evaluation
+
+Held-out documents ({val["documents"]}, {val["bytes"]:,} bytes), scored as lm-evaluation-harness scores
+perplexity tasks (rolling windows of {val["window_tokens"]} tokens, every token once):
+bits per byte {val["bits_per_byte"]:.3f}, byte perplexity {val["byte_perplexity"]:.3f},
+word perplexity {val["word_perplexity"]:.1f}, token perplexity {val["token_perplexity"]:.1f}.
+
+{_table(("compressor on the same bytes", "bits per byte"), [(k, f"{v:.3f}") for k, v in baselines.items()])}
+
+## Quantization and Export
+
+{_table(("int8 scheme (torchao)", "linear weights smaller", "decode speed", "bits per byte change"), quant_rows)}
+
+Exports (parity checked in the pipeline): Hugging Face Llama (max logit difference
+{export["hf"]["max_abs_logit_diff"]:.1e}), ONNX decoder with KV cache (max logit difference
+{export["onnx"]["max_abs_logit_diff"]:.1e}; {export["onnx"]["greedy_tokens"]}-token greedy continuation identical:
+{export["onnx"]["greedy_identical"]}), GGUF for llama.cpp ({", ".join(f"{t} {g['file_bytes'] / 1e6:.1f} MB" for t, g in export["gguf"].items())}).
+
+## Environmental Impact
+
+Training took {m["train"]["train_seconds"] / 60:.1f} minutes of wall time on {_hardware(m["train"])}
+at {m["train"]["tokens_per_s"]:,.0f} tokens/s (model FLOPs utilisation {m["train"]["mfu"]:.0%}).
+
+## How to Get Started
+
+```bash
+tisslm generate --model models/model --prompt "def " --max-new-tokens 64
+```
+
+```python
+from transformers import AutoModelForCausalLM, AutoTokenizer
+tokenizer = AutoTokenizer.from_pretrained("models/export/hf")
+model = AutoModelForCausalLM.from_pretrained("models/export/hf")
+```
+"""
+    return ModelCard(text)
+
+
+def datasheet(m: dict[str, dict]) -> str:
+    ingest, clean = m["ingest"], m["clean"]
+    skipped = ", ".join(f"{v} {k}" for k, v in ingest["skipped"].items()) or "none"
+    dropped = ", ".join(f"{v} {k}" for k, v in clean["dropped"].items()) or "none"
+    redacted = ", ".join(f"{v} {k}" for k, v in clean["redactions"].items()) or "none"
+    return f"""# Datasheet: the TissLM training corpus
+
+Following Gebru et al., *Datasheets for Datasets* (2021). Figures from metrics/ingest.json and metrics/clean.json.
+
+## Motivation
+A corpus the pipeline can read offline on the machine that runs it (params.yaml's ingest.sources),
+so the whole pipeline runs anywhere without downloads.
+
+## Composition
+{ingest["kept"]} documents ({ingest["bytes_kept"] / 1e6:.1f} MB); after cleaning {clean["docs_out"]} documents,
+{clean["bytes_out"] / 1e6:.1f} MB. Instances are whole files or records.
+
+## Collection Process
+Read from {_sources(ingest)}: {ingest["seen"]} documents seen, {ingest["kept"]} kept, skipped: {skipped}.
+
+## Preprocessing
+Unicode NFC, Unix line endings; quality filters and deduplication dropped {clean["dropped_total"]}
+documents ({dropped}); near duplicates by MinHash LSH with exact Jaccard verification
+({clean["near_duplicate_clusters"]} clusters). Personal data and secrets replaced by typed placeholders: {redacted}.
+Validated with Great Expectations before writing.
+
+## Uses
+Training and evaluating small code models; the held-out split is chosen by a hash of each
+document's id. Not suited to training anything meant for natural language.
+
+## Distribution
+Not redistributed: every user rebuilds it from the sources in params.yaml with `dvc repro`.
+
+## Maintenance
+Changes come with the sources it reads (for the standard library, the Python that runs it) and params.yaml;
+DVC records the hash of each output, so a changed corpus is never mistaken for the old one.
+"""

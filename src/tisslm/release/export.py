@@ -1,0 +1,279 @@
+"""Export a TissLM to the formats other tools run: a Hugging Face directory, ONNX and GGUF.
+
+- Hugging Face: a Llama config, safetensors and a fast tokenizer that `AutoModelForCausalLM` and
+  `AutoTokenizer` load offline.
+- ONNX: a decoder step with the KV cache as inputs and outputs, named as Hugging Face optimum
+  names them (`past_key_values.{i}.key` ... `present.{i}.value`), with dynamic batch, sequence
+  and past lengths; the first step passes an empty past.
+- GGUF (llama.cpp): architecture `llama`, tensors named as llama.cpp's own converter names
+  them, q/k rows permuted to llama.cpp's interleaved rotary layout (the converter does the same
+  for Hugging Face Llama weights), norms in F32 and matrices in F16 or Q8_0, the BPE vocabulary
+  and merges in the tokenizer metadata.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import torch
+from tokenizers import Tokenizer
+
+from tisslm.core.io import atomic_dir
+from tisslm.core.model import TissLM
+from tisslm.core.tokenizer import END_OF_TEXT
+from tisslm.release.hf import to_hf, to_llama_state_dict
+
+GGUF_TYPES = ("F16", "Q8_0")
+ONNX_FILE = "decoder.onnx"
+PAD = "<|pad|>"
+
+
+def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+    from transformers import PreTrainedTokenizerFast
+
+    pad = PAD if tokenizer.token_to_id(PAD) is not None else END_OF_TEXT
+    fast = PreTrainedTokenizerFast(
+        tokenizer_object=tokenizer, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=pad
+    )
+    with atomic_dir(directory) as tmp:
+        hf_model = to_hf(model)
+        hf_model.generation_config.eos_token_id = tokenizer.token_to_id(END_OF_TEXT)
+        hf_model.generation_config.pad_token_id = tokenizer.token_to_id(pad)
+        hf_model.save_pretrained(tmp, safe_serialization=True)
+        fast.save_pretrained(tmp)
+    return directory
+
+
+class ConcatKVCache:
+    """KVCache's interface over past keys and values given as tensors: each update concatenates,
+    which an exported graph can express (the preallocated cache writes in place, which it cannot)."""
+
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+        self.past = past
+        self.length = past[0][0].shape[2]
+        self.max_len = 1 << 30  # bounded by the model's max_seq_len instead
+        self.left_pad = None
+        self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)
+
+    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+        past_k, past_v = self.past[layer]
+        self.present[layer] = (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
+        return self.present[layer]
+
+    def advance(self, new_tokens: int) -> None:
+        self.length += new_tokens
+
+
+class OnnxDecoder(torch.nn.Module):
+    """forward(input_ids, *past) -> (logits, *present), past and present flat as (key, value) per layer."""
+
+    def __init__(self, model: TissLM):
+        super().__init__()
+        self.model = model
+
+    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        cache = ConcatKVCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
+        logits = self.model(input_ids, cache=cache)
+        return (logits, *[t for kv in cache.present for t in kv])
+
+
+def onnx_names(n_layers: int) -> tuple[list[str], list[str]]:
+    pairs = [(i, kind) for i in range(n_layers) for kind in ("key", "value")]
+    return ["input_ids"] + [f"past_key_values.{i}.{k}" for i, k in pairs], ["logits"] + [
+        f"present.{i}.{k}" for i, k in pairs
+    ]
+
+
+def export_onnx(model: TissLM, directory: Path) -> Path:
+    from torch.export import Dim
+
+    c = model.config
+    model = model.eval()
+    inputs, outputs = onnx_names(c.n_layers)
+    example_past = [torch.zeros(2, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
+    # Tracing bounds keep past + sequence within max_seq_len; the graph itself takes any lengths
+    # up to it, an empty past and one-token steps included.
+    batch = Dim("batch", min=1, max=1024)
+    sequence = Dim("sequence", min=2, max=c.max_seq_len // 2)
+    past = Dim("past_sequence", min=1, max=c.max_seq_len // 2 - 1)
+    shapes = ({0: batch, 1: sequence}, tuple({0: batch, 2: past} for _ in example_past))
+    with atomic_dir(directory) as tmp:
+        torch.onnx.export(
+            OnnxDecoder(model).eval(), (torch.zeros(2, 5, dtype=torch.long), *example_past), str(tmp / ONNX_FILE),
+            dynamo=True, dynamic_shapes=shapes, input_names=inputs, output_names=outputs, verbose=False,
+        )  # fmt: skip
+    return directory
+
+
+def onnx_greedy(session, config, prompt: list[int], new_tokens: int) -> list[int]:
+    """Greedy continuation computed by onnxruntime alone, feeding `present` back as `past`."""
+    inputs, _ = onnx_names(config.n_layers)
+    past = [np.zeros((1, config.n_kv_heads, 0, config.head_dim), dtype=np.float32)] * (2 * config.n_layers)
+    ids, out = np.array([prompt], dtype=np.int64), []
+    for _ in range(new_tokens):
+        logits, *past = session.run(None, dict(zip(inputs, [ids, *past], strict=True)))
+        out.append(int(logits[0, -1].argmax()))
+        ids = np.array([[out[-1]]], dtype=np.int64)
+    return out
+
+
+@torch.no_grad()
+def onnx_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str, new_tokens: int = 32) -> dict:
+    """onnxruntime against torch: logits with and without a past, and a greedy continuation."""
+    import onnxruntime
+
+    from tisslm.core.generate import generate
+
+    session = onnxruntime.InferenceSession(str(directory / ONNX_FILE), providers=["CPUExecutionProvider"])
+    c, model = model.config, model.eval()
+    inputs, _ = onnx_names(c.n_layers)
+    ids = tokenizer.encode(text).ids
+    worst = 0.0
+    for split in (0, len(ids) // 2, len(ids) - 1):  # no past, half a past, one-token step
+        decoder = OnnxDecoder(model)
+        empty = [torch.zeros(1, c.n_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)]
+        past = list(decoder(torch.tensor([ids[:split]]), *empty)[1:]) if split else empty
+        expected = decoder(torch.tensor([ids[split:]]), *past)[0].numpy()
+        feed = dict(zip(inputs, [np.array([ids[split:]], dtype=np.int64), *[p.numpy() for p in past]], strict=True))
+        worst = max(worst, float(np.abs(session.run(None, feed)[0] - expected).max()))
+    ours = generate(model, [ids], new_tokens, temperature=0)[0]
+    theirs = onnx_greedy(session, c, ids, new_tokens)
+    return {
+        "file_bytes": sum(f.stat().st_size for f in directory.iterdir()),  # the graph and its external weights
+        "max_abs_logit_diff": worst,
+        "greedy_tokens": new_tokens,
+        "greedy_identical": ours == theirs,
+    }
+
+
+def _llama_cpp_rotary_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
+    """Rows of a q or k projection from rotate-half pairing (i, i + d/2) to interleaved (2i, 2i + 1)."""
+    rows, cols = weight.shape
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+
+
+def gguf_tensors(model: TissLM) -> dict[str, torch.Tensor]:
+    """llama.cpp tensor name -> weight, from the Llama-format state dict."""
+    c, state = model.config, to_llama_state_dict(model)
+    tensors = {
+        "token_embd.weight": state["model.embed_tokens.weight"],
+        "output_norm.weight": state["model.norm.weight"],
+    }
+    if not c.tie_embeddings:
+        tensors["output.weight"] = state["lm_head.weight"]
+    names = {"input_layernorm": "attn_norm", "self_attn.o_proj": "attn_output", "post_attention_layernorm": "ffn_norm",
+             "mlp.gate_proj": "ffn_gate", "mlp.up_proj": "ffn_up", "mlp.down_proj": "ffn_down",
+             "self_attn.v_proj": "attn_v"}  # fmt: skip
+    for i in range(c.n_layers):
+        hf = f"model.layers.{i}."
+        for theirs, ours in names.items():
+            tensors[f"blk.{i}.{ours}.weight"] = state[f"{hf}{theirs}.weight"]
+        tensors[f"blk.{i}.attn_q.weight"] = _llama_cpp_rotary_permute(state[f"{hf}self_attn.q_proj.weight"], c.n_heads)
+        tensors[f"blk.{i}.attn_k.weight"] = _llama_cpp_rotary_permute(
+            state[f"{hf}self_attn.k_proj.weight"], c.n_kv_heads
+        )
+    return tensors
+
+
+def _bpe_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[str]]:
+    spec = json.loads(tokenizer.to_str())
+    vocab = tokenizer.get_vocab(with_added_tokens=True)
+    tokens = [token for token, _ in sorted(vocab.items(), key=lambda item: item[1])]
+    special = {t["content"] for t in spec.get("added_tokens", []) if t.get("special")}
+    import gguf
+
+    types = [int(gguf.TokenType.CONTROL if t in special else gguf.TokenType.NORMAL) for t in tokens]
+    merges = [m if isinstance(m, str) else " ".join(m) for m in spec["model"].get("merges", [])]
+    return tokens, types, merges
+
+
+def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: str) -> Path:
+    import gguf
+
+    if tensor_type not in GGUF_TYPES:
+        raise ValueError(f"tensor_type {tensor_type!r}: one of {GGUF_TYPES}")
+    qtype = gguf.GGMLQuantizationType[tensor_type]
+    c = model.config
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.tmp")
+    writer = gguf.GGUFWriter(str(tmp), arch="llama")
+    writer.add_name("TissLM")
+    writer.add_context_length(c.max_seq_len)
+    writer.add_embedding_length(c.d_model)
+    writer.add_block_count(c.n_layers)
+    writer.add_feed_forward_length(c.d_ff)
+    writer.add_head_count(c.n_heads)
+    writer.add_head_count_kv(c.n_kv_heads)
+    writer.add_rope_dimension_count(c.head_dim)
+    writer.add_rope_freq_base(c.rope_theta)
+    writer.add_layer_norm_rms_eps(c.norm_eps)
+    writer.add_vocab_size(c.vocab_size)
+    writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if tensor_type == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
+    tokens, types, merges = _bpe_vocabulary(tokenizer)
+    writer.add_tokenizer_model("gpt2")
+    writer.add_token_list(tokens)
+    writer.add_token_types(types)
+    writer.add_token_merges(merges)
+    end = tokenizer.token_to_id(END_OF_TEXT)
+    writer.add_bos_token_id(end)
+    writer.add_eos_token_id(end)
+    for name, tensor in gguf_tensors(model).items():
+        data = tensor.detach().float().numpy()
+        if data.ndim == 1:  # norms: small, and precision-sensitive
+            writer.add_tensor(name, data.astype(np.float32))
+        elif tensor_type == "F16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
+            # Q8_0 packs rows in blocks of 32: a row of another width stays F16, as llama.cpp's converter does.
+            writer.add_tensor(name, data.astype(np.float16))
+        else:
+            writer.add_tensor(name, gguf.quants.quantize(data, qtype), raw_dtype=qtype)
+    writer.write_header_to_file()
+    writer.write_kv_data_to_file()
+    writer.write_tensors_to_file()
+    writer.close()
+    tmp.replace(path)
+    return path
+
+
+def gguf_parity(model: TissLM, path: Path) -> dict:
+    """Read the file back: tensor shapes, metadata, and the worst relative error of any matrix."""
+    import gguf
+
+    reader = gguf.GGUFReader(str(path))
+    expected = gguf_tensors(model)
+    worst, shapes_match = 0.0, True
+    for tensor in reader.tensors:
+        original = expected[tensor.name].detach().float().numpy()
+        shapes_match &= [int(n) for n in reversed(tensor.shape)] == list(
+            original.shape
+        )  # GGUF lists dims fastest-first
+        restored = gguf.quants.dequantize(tensor.data, tensor.tensor_type).reshape(original.shape)
+        scale = np.abs(original).max() or 1.0
+        worst = max(worst, float(np.abs(restored - original).max() / scale))
+    field = reader.fields["llama.block_count"]
+    return {
+        "file_bytes": path.stat().st_size,
+        "tensors": len(reader.tensors),
+        "tensors_expected": len(expected),
+        "shapes_match": bool(shapes_match),
+        "block_count": int(field.parts[field.data[0]][0]),
+        "max_relative_error": worst,
+    }
+
+
+@torch.no_grad()
+def hf_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str) -> dict:
+    """Load the export the way its users will, offline, and compare logits with TissLM's."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    hf_tokenizer = AutoTokenizer.from_pretrained(directory, local_files_only=True)
+    hf_model = AutoModelForCausalLM.from_pretrained(directory, local_files_only=True).eval()
+    ids = hf_tokenizer(text, return_tensors="pt")["input_ids"]
+    theirs = hf_model(input_ids=ids).logits
+    ours = model.eval()(ids)
+    return {
+        "tokenizer_ids_match": ids[0].tolist() == tokenizer.encode(text).ids,
+        "max_abs_logit_diff": float((theirs - ours).abs().max()),
+        "tokens_compared": int(ids.numel()),
+    }

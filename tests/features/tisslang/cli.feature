@@ -1,0 +1,103 @@
+Feature: The tisslm tiss command line
+  `check` parses and checks, `plan` shows what would run, `run` runs it in the sandbox.
+  Exit status: 0 success, 1 a failure or refusal, 2 a usage or syntax error.
+
+  Background:
+    Given the script file "job.tiss":
+      """
+      #TISS!
+      STEP "greet" {
+          RUN "echo hello {{who}}"
+          ASSERT LAST_RUN.STDOUT CONTAINS "hello"
+          WRITE "note.txt" <<EOF
+      greeted {{who}}
+      EOF
+      }
+      RUN "curl https://example.com"
+      """
+
+  Scenario: check accepts a good script
+    When I run `tiss check job.tiss --var who=x`
+    Then the exit status is 0
+    And stdout shows "job.tiss: ok"
+
+  Scenario: check reports every error with the source line and a caret, exit 2
+    Given the script file "bad.tiss":
+      """
+      #TISS!
+      RUNN "a"
+      LOG "bad \q"
+      """
+    When I run `tiss check bad.tiss`
+    Then the exit status is 2
+    And stderr shows:
+      """
+      bad.tiss:2:1: unknown keyword 'RUNN'
+          RUNN "a"
+          ^
+      bad.tiss:3:10: unknown escape \q (use \", \\, \n or \t)
+          LOG "bad \q"
+                   ^
+      2 errors in bad.tiss
+      """
+
+  Scenario: plan lists the steps in order and flags the risky ones
+    When I run `tiss plan job.tiss --var who=x`
+    Then the exit status is 0
+    And stdout shows "job.tiss:3:5  Run echo hello {{who}}"
+    And stdout shows "! needs the network, which the sandbox does not have"
+
+  Scenario: plan --json gives the steps and the AST
+    When I run `tiss plan job.tiss --json --var who=x`
+    Then the exit status is 0
+    And stdout is JSON whose step 4 is a "Write" at "job.tiss:5:5"
+
+  Scenario: run executes the script in the sandbox and keeps an audit log
+    When I run `tiss run job.tiss --workspace {workspace} --var who=ada --audit {audit}`
+    Then the exit status is 0
+    And stdout shows "hello ada"
+    And the workspace file "note.txt" contains "greeted ada"
+    And the audit log shows 2 commands run in the "bwrap" sandbox and ends "ok"
+
+  Scenario: a failed assertion exits 1 with its position
+    Given the script file "fail.tiss":
+      """
+      #TISS!
+      RUN "exit 2"
+      ASSERT LAST_RUN.EXIT_CODE == 0
+      """
+    When I run `tiss run fail.tiss --workspace {workspace} --audit {audit}`
+    Then the exit status is 1
+    And stderr shows "fail.tiss:3:1: assertion failed: LAST_RUN.EXIT_CODE == 0"
+
+  Scenario: a security refusal exits 1
+    Given the script file "escape.tiss":
+      """
+      #TISS!
+      WRITE "../escaped.txt" <<EOF
+      x
+      EOF
+      """
+    When I run `tiss run escape.tiss --workspace {workspace} --audit {audit}`
+    Then the exit status is 1
+    And stderr shows "escape.tiss:2:1: refused"
+
+  Scenario: usage errors exit 2
+    When I run `tiss run job.tiss --workspace {workspace} --approve-all --deny-all`
+    Then the exit status is 2
+    And stderr shows "not both"
+
+  Scenario: an unknown sandbox is a usage error, and none must be asked for by name
+    When I run `tiss run job.tiss --workspace {workspace} --sandbox chroot --var who=x`
+    Then the exit status is 2
+    And stderr shows "expected bwrap or none"
+
+  Scenario: a review without a terminal or a flag stops the run
+    Given the script file "review.tiss":
+      """
+      #TISS!
+      PAUSE "check me"
+      """
+    When I run `tiss run review.tiss --workspace {workspace} --audit {audit}`
+    Then the exit status is 1
+    And stderr shows "needs a reviewer"

@@ -1,0 +1,185 @@
+"""TissLang engine: semantics, budgets, review, audit, the model adapter, and the shipped examples."""
+
+from __future__ import annotations
+
+import io
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import test_tisslang_security as security
+from serving import ServerProcess, save_tiny_model
+
+from tisslm.agent.adapter import Completion, LocalModel, OpenAICompatible
+from tisslm.agent.audit import AuditLog, read_audit, sha256
+from tisslm.agent.engine import ReviewDenied, ScriptFailure
+from tisslm.agent.review import Reviewer
+
+workspace = security.workspace  # the fixture, shared
+run_script = security.run_script
+
+REPO = Path(__file__).resolve().parents[1]
+EXAMPLES = sorted((REPO / "examples" / "tiss").glob("*.tiss"))
+
+
+@pytest.fixture(scope="module")
+def tiny_model_dir(tmp_path_factory) -> Path:
+    return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
+
+
+class Answers:
+    """A model double that answers from a list, for the tests that need a known reply."""
+
+    name = "answers"
+
+    def __init__(self, *replies: str):
+        self.replies, self.prompts = list(replies), []
+
+    def complete(self, prompt: str, max_tokens: int = 256, seed: int = 0) -> Completion:
+        self.prompts.append(prompt)
+        return Completion(self.replies.pop(0), 10, 5)
+
+
+def test_a_failing_command_is_data_not_an_error(workspace):
+    engine, said = run_script(
+        'RUN "echo out; echo err >&2; exit 3"\n'
+        'ASSERT LAST_RUN.EXIT_CODE == 3 AND LAST_RUN.STDOUT == "out\\n" AND LAST_RUN.STDERR CONTAINS "err"\n'
+        "ASSERT NOT LAST_RUN.TIMED_OUT AND LAST_RUN.DURATION < 2\n"
+        'IF LAST_RUN.EXIT_CODE != 0 THEN { VAR status = "failed" } ELSE { VAR status = "passed" }\n',
+        workspace,
+    )
+    assert engine.variables["status"] == "failed" and "[exit 3" in said
+
+
+def test_a_failed_assert_halts_with_its_span_and_try_catches_it(workspace):
+    with pytest.raises(ScriptFailure) as failure:
+        run_script('RUN "exit 1"\nSTEP "s" {\n    ASSERT LAST_RUN.EXIT_CODE == 0\n}\nLOG "never"', workspace)
+    assert (failure.value.kind, failure.value.span.line, failure.value.span.column) == ("assertion failed", 4, 5)
+    _, said = run_script('TRY {\n ASSERT 1 == 2\n LOG "skipped"\n} CATCH {\n LOG "caught {{LAST_ERROR}}"\n}', workspace)
+    assert "caught assertion failed: 1 == 2" in said and "skipped" not in said
+
+
+def test_expressions_compare_numbers_text_and_patterns(workspace):
+    engine, _ = run_script(
+        'VAR n = "10"\nASSERT n > 9 AND n == 10.0 AND "abc" < "abd"\n'
+        'ASSERT "hello world" MATCHES "^hel+o\\\\s" AND "x" NOT CONTAINS "y" AND "  " IS_EMPTY\n'
+        'WRITE "f.txt" <<EOF\nx\nEOF\nASSERT FILE "f.txt" EXISTS AND NOT (FILE "nope" EXISTS)\n'
+        "VAR flag = TRUE\nASSERT flag == TRUE AND (flag OR FALSE)\n",
+        workspace,
+    )
+    assert engine.variables["flag"] is True
+
+
+def test_parallel_runs_concurrently(workspace):
+    start = time.monotonic()
+    engine, _ = run_script('PARALLEL {\n RUN "sleep 0.6"\n RUN "sleep 0.6; exit 4"\n RUN "sleep 0.6"\n}', workspace)
+    assert time.monotonic() - start < 1.5  # three 0.6 s sleeps, not 1.8 s in a row
+    assert engine.last_run.exit_code == 4  # LAST_RUN is the first that failed
+    assert engine.outcome.runs == 3
+
+
+def test_execution_time_budget_stops_the_run(workspace):
+    with pytest.raises(ScriptFailure) as failure:
+        run_script('SET_BUDGET EXECUTION_TIME = "1s"\nRUN "sleep 5"', workspace, timeout_s=10)
+    assert failure.value.kind == "budget exhausted"
+
+
+def test_model_calls_and_tokens_are_budgeted(workspace):
+    model = Answers("one", "two")
+    engine, _ = run_script(
+        'SET_BUDGET API_CALLS = 1\n@persona "a tester"\nPROMPT_AGENT "say {{x}}" INTO a\n'
+        'TRY { PROMPT_AGENT "again" INTO b } CATCH { LOG "{{LAST_ERROR}}" }',
+        workspace,
+        adapter=model,
+        variables={"x": "hi"},
+    )
+    assert engine.variables["a"] == "one" and "b" not in engine.variables
+    assert "API_CALLS budget of 1 is used up" in engine.variables["LAST_ERROR"]
+    assert model.prompts == ["You are: a tester\nsay hi"]
+    with pytest.raises(ScriptFailure, match="TOKEN_COUNT"):
+        run_script('SET_BUDGET TOKEN_COUNT = 10\nPROMPT_AGENT "p" INTO a', workspace, adapter=Answers("x"))
+
+
+def test_estimate_cost_runs_nothing(workspace):
+    engine, _ = run_script('ESTIMATE_COST {\n RUN "touch made"\n PROMPT_AGENT "12345678" INTO x\n}', workspace)
+    assert not (workspace / "made").exists() and "x" not in engine.variables
+    assert engine.outcome.estimates == [{"commands": 1, "writes": 0, "model_calls": 1, "tokens": 3 + 256}]
+
+
+def test_reviews_ask_on_the_terminal_and_a_no_cannot_be_caught(workspace):
+    answers = io.StringIO("y\n2\nn\n")
+    reviewer = Reviewer("ask", stdin=answers, stdout=io.StringIO(), interactive=True)
+    script = (
+        'PAUSE "go on?"\nCHOOSE {\n OPTION "a" { VAR picked = "a" }\n OPTION "b" { VAR picked = "b" }\n}\n'
+        'TRY { REQUEST_REVIEW "ship it?" } CATCH { LOG "a no must not be caught" }'
+    )
+    with pytest.raises(ReviewDenied):
+        run_script(script, workspace, reviewer=reviewer)
+    with pytest.raises(ReviewDenied, match="needs a reviewer"):
+        run_script('PAUSE "nobody is there"', workspace, reviewer=Reviewer("ask", interactive=False))
+
+
+def test_the_model_picks_when_nobody_can(workspace):
+    engine, said = run_script(
+        'CHOOSE {\n OPTION "a" { VAR picked = "a" }\n OPTION "b" { VAR picked = "b" }\n}',
+        workspace,
+        adapter=Answers(" 2"),
+        reviewer=Reviewer("ask", interactive=False),
+    )
+    assert engine.variables["picked"] == "b" and "chosen by model:answers" in said
+
+
+def test_audit_log_records_every_node_command_write_and_approval(workspace, tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl", workspace)
+    run_script('STEP "s" {\n RUN "echo hi"\n WRITE "a.txt" <<EOF\nbody\nEOF\n PAUSE "ok?"\n}', workspace, audit=audit)
+    audit.close()
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert [e["event"] for e in events] == ["start", "node", "node", "node", "approval", "node", "end"]
+    assert events[0]["sandbox"]["profile"] == "bwrap" and events[-1]["status"] == "ok"
+    step, run, write, approval = events[1:5]
+    assert step["span"] == [2, 1] and run["span"] == [3, 2]
+    assert (run["command"], run["exit_code"], run["sandbox"]) == ("echo hi", 0, "bwrap")
+    assert run["stdout_sha256"] == sha256("hi\n")
+    assert write["sha256"] == sha256("body\n") == sha256((workspace / "a.txt").read_text())
+    assert (approval["kind"], approval["approved"], approval["by"]) == ("PAUSE", True, "--approve-all")
+    with pytest.raises(Exception, match="inside the workspace"):
+        AuditLog(workspace / "audit.jsonl", workspace)
+
+
+def test_local_model_adapter_is_seeded_and_counts_tokens(tiny_model_dir):
+    model = LocalModel(tiny_model_dir)
+    first, again = model.complete("def f(", 12, seed=5), model.complete("def f(", 12, seed=5)
+    assert first == again and first.prompt_tokens == 6 and 1 <= first.completion_tokens <= 12
+    assert [model.complete("def f(", 12, seed=s).text for s in range(4)] != [first.text] * 4
+
+
+def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, workspace):
+    server = ServerProcess(tiny_model_dir, workdir=tmp_path)
+    try:
+        adapter = OpenAICompatible(server.url)
+        reply = adapter.complete("hello", 8, seed=3)
+        assert reply == adapter.complete("hello", 8, seed=3)
+        assert reply.prompt_tokens == 5 and 1 <= reply.completion_tokens <= 8
+        engine, _ = run_script('PROMPT_AGENT "hello" INTO answer', workspace, adapter=adapter)
+        assert isinstance(engine.variables["answer"], str) and engine.budget.calls_used == 1
+    finally:
+        server.stop()
+
+
+@pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
+def test_examples_run(example, tiny_model_dir, tmp_path, workspace):
+    result = subprocess.run(
+        [sys.executable, "-m", "tisslm.agent.commands", "run", str(example), "--workspace", str(workspace),
+         "--approve-all", "--model", str(tiny_model_dir), "--audit", str(tmp_path / "audit.jsonl"),
+         "--command-timeout", "3"],
+        capture_output=True, text=True, timeout=120,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stdout + result.stderr
+    assert read_audit(tmp_path / "audit.jsonl")[-1]["status"] == "ok"
+
+
+def test_there_are_examples_for_each_kind_of_script():
+    names = {e.stem for e in EXAMPLES}
+    assert {"hello", "fix_tests", "setup_and_test", "recover", "choose_review"} <= names

@@ -1,0 +1,254 @@
+"""TissLang parser: every construct, heredoc fidelity, errors with line and column, the round trip."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from tisslm.agent import ast
+from tisslm.agent.ast import NO_SPAN
+from tisslm.agent.checks import check, parse_duration
+from tisslm.agent.parser import TissSyntaxError, format_script, parse
+
+
+def body(text: str) -> tuple:
+    return parse("#TISS!\n" + text).body
+
+
+def errors(text: str) -> list[tuple[int, int, str]]:
+    with pytest.raises(TissSyntaxError) as caught:
+        parse(text, "t.tiss")
+    return [(d.line, d.column, d.message) for d in caught.value.diagnostics]
+
+
+def test_header_language():
+    assert parse("#TISS! Language=Python\n").language == "Python"
+    assert parse("#TISS!").language is None
+
+
+def test_commands():
+    nodes = body(
+        'RUN "echo \\"hi\\" \\\\ done\\n"\n'
+        'READ "a.txt" AS text\n'
+        "VAR n = 3\n"
+        'PROMPT_AGENT "fix {{text}}" INTO fix\n'
+        'SET_BUDGET EXECUTION_TIME = "5m"\n'
+        "SET_BUDGET API_CALLS = 4\n"
+        'LOG "x"\nPAUSE "p"\nREQUEST_REVIEW "r"\n@persona "dev"\n'
+    )
+    assert [type(n).__name__ for n in nodes] == [
+        "Run", "Read", "Var", "PromptAgent", "SetBudget", "SetBudget", "Log", "Pause", "RequestReview", "Directive"
+    ]  # fmt: skip
+    assert nodes[0].command == 'echo "hi" \\ done\n'
+    assert (nodes[1].path, nodes[1].name) == ("a.txt", "text")
+    assert nodes[3].into == "fix" and nodes[4].value == "5m" and nodes[5].value == 4
+    assert nodes[9] == ast.Directive(nodes[9].span, "persona", "dev")
+
+
+def test_blocks_and_spans():
+    nodes = body(
+        'TASK "t"\n'
+        'SETUP { RUN "a" }\n'
+        'STEP "s" {\n    RUN "b"\n}\n'
+        'IF x == 1 THEN { LOG "y" } ELSE { LOG "n" }\n'
+        'IF TRUE THEN {\n    LOG "y"\n}\nELSE {\n    LOG "n"\n}\n'
+        'TRY { RUN "c" }\nCATCH { LOG "e" }\n'
+        'PARALLEL {\n  RUN "1"\n  RUN "2"\n}\n'
+        'CHOOSE {\n  OPTION "a" { RUN "a" }\n  OPTION "b" { RUN "b" }\n}\n'
+        'ESTIMATE_COST { RUN "d" }\n'
+        'TASK "wrapped" {\n  LOG "inside"\n}\n'
+    )
+    task, setup, step, if1, if2, try_, par, choose, est, wrapped = nodes
+    assert task.body is None and wrapped.body == (ast.Log(wrapped.body[0].span, "inside"),)
+    assert setup.title is None and setup.body[0].command == "a"
+    assert step.span == ast.Span(4, 1, 6, 2) and step.body[0].span == ast.Span(5, 5, 5, 12)
+    assert if1.orelse[0].text == "n" and if2.orelse[0].text == "n"
+    assert if2.span.line == 8 and if2.span.end_line == 13  # the ELSE on its own line joins its IF
+    assert try_.catch[0].text == "e"
+    assert [r.command for r in par.body] == ["1", "2"]
+    assert [o.label for o in choose.options] == ["a", "b"]
+    assert est.body[0].command == "d"
+
+
+def test_expressions():
+    (a,) = body('ASSERT NOT LAST_RUN.TIMED_OUT AND (x CONTAINS "a" OR y NOT CONTAINS "b") AND z IS_EMPTY\n')
+    cond = a.condition
+    assert cond.op == "AND" and cond.right == ast.IsEmpty(cond.right.span, ast.VarRef(cond.right.operand.span, "z"))
+    left = cond.left
+    assert isinstance(left.left, ast.Not) and left.left.operand.field == "TIMED_OUT"
+    assert left.right.op == "OR" and left.right.right.op == "NOT CONTAINS"
+    (b,) = body('ASSERT FILE "out.txt" EXISTS OR LAST_RUN.STDOUT MATCHES "^ok$" OR 1.5 <= 2\n')
+    assert b.condition.left.left == ast.FileExists(b.condition.left.left.span, "out.txt")
+    assert b.condition.right.op == "<=" and b.condition.right.left.value == 1.5
+
+
+def test_heredoc_fidelity():
+    text = 'def f():\n\n    return "}"  # a comment, kept\n\t\tindented with tabs   \n\n'
+    script = '#TISS!\nSTEP "w" {\n    WRITE "f.py" <<PYTHON\n' + text + 'PYTHON\n    RUN "x"\n}\n'
+    (step,) = parse(script).body
+    write, run = step.body
+    assert write.content == text and write.delimiter == "PYTHON" and write.interpolate
+    assert run.span.line == 10  # lines after a heredoc keep their numbers
+    (raw,) = body("WRITE \"t\" <<'EOF'\n{{not_a_var}}\nEOF\n")
+    assert raw.content == "{{not_a_var}}\n" and not raw.interpolate
+    (empty,) = body('WRITE "e" <<EOF\nEOF\n')
+    assert empty.content == ""
+
+
+@pytest.mark.parametrize(
+    "text, expected",
+    [
+        ('RUN "a"\nRUNN "b"\n', [(3, 1, "unknown keyword 'RUNN'")]),
+        ("ASSERT LAST_RUN.EXIT == 0\n", [(2, 17, "unexpected 'EXIT'")]),
+        ('LOG "open\n', [(2, 5, "unterminated string")]),
+        ('LOG "bad \\q"\n', [(2, 10, "unknown escape \\q")]),
+        ('STEP "a" {\n  RUN "x"\n', [(2, 10, "never closed")]),
+        ('ELSE { LOG "x" }\n', [(2, 1, "ELSE without IF")]),
+        ('TRY { RUN "x" }\n', [(2, 1, "TRY without CATCH")]),
+        ("SET_BUDGET MONEY = 1\n", [(2, 12, "unknown budget MONEY")]),
+        ('WRITE "f" <<EOF\nbody\n', [(2, 11, "heredoc <<EOF is never closed")]),
+        ('ASSERT x MATCHES "("\n', [(2, 18, "invalid regular expression")]),
+        ('CHOOSE {\n  RUN "x"\n}\n', [(3, 3, "expected '}', OPTION")]),
+    ],
+)
+def test_each_error_has_its_position(text, expected):
+    found = errors("#TISS!\n" + text)
+    assert [(line, col) for line, col, _ in found] == [(line, col) for line, col, _ in expected]
+    for (_, _, message), (_, _, part) in zip(found, expected, strict=True):
+        assert part in message
+
+
+def test_every_error_is_reported_not_just_the_first():
+    found = errors('RUN "no header"\nSTEP "a" {\n  RUNN "x"\n  LOG "ok"\n  ASSERT == 1\n}\nLOG "bad \\z"\n')
+    assert [(line, col) for line, col, _ in found] == [(1, 1), (3, 3), (5, 10), (7, 10)]
+
+
+def test_rendered_error_has_source_line_and_caret():
+    with pytest.raises(TissSyntaxError) as caught:
+        parse('#TISS!\nLOG "x"\n    RUNN "y"\n', "s.tiss")
+    assert str(caught.value).splitlines() == ["s.tiss:3:5: unknown keyword 'RUNN'", '        RUNN "y"', "        ^"]
+
+
+def test_semantic_checks():
+    script = parse(
+        '#TISS!\nRUN "echo {{ghost}}"\nSTEP "a" {\n  STEP "b" { LOG "x" }\n}\n@mood "happy"\n'
+        'ESTIMATE_COST { PROMPT_AGENT "p" INTO later }\nLOG "{{later}}"\nPARALLEL { LOG "no" }\n'
+        'SET_BUDGET EXECUTION_TIME = "soon"\nVAR ok = 1\nASSERT ok == 1 AND given == 2\n'
+    )
+    found = [(d.line, d.column, d.message.split(" (")[0]) for d in check(script, given=["given"])]
+    assert found == [
+        (2, 1, "undefined variable 'ghost'"),
+        (4, 3, "STEP inside a STEP: steps do not nest"),
+        (6, 1, "unknown directive @mood"),
+        (8, 1, "undefined variable 'later'"),  # ESTIMATE_COST defines nothing: it does not run
+        (9, 12, "PARALLEL holds RUN commands only"),
+        (10, 1, 'EXECUTION_TIME wants a duration such as "90s", "5m" or "1h", not \'soon\''),
+    ]
+
+
+def test_durations():
+    assert [parse_duration(t) for t in ("90", "30s", "5m", "1.5h", "250ms", "soon")] == [90, 30, 300, 5400, 0.25, None]
+
+
+def test_to_dict_is_json():
+    script = parse('#TISS!\nSTEP "a" { RUN "x" }\n')
+    data = json.loads(json.dumps(script.to_dict()))
+    assert data["body"][0] == {
+        "type": "Step",
+        "span": [2, 1, 2, 21],
+        "title": "a",
+        "body": [{"type": "Run", "span": [2, 12, 2, 19], "command": "x"}],
+    }
+
+
+# ---- round trip: format(AST) parses back to the same AST ----------------------------------------
+
+NAMES = st.from_regex(r"[a-z_][a-z0-9_]{0,6}", fullmatch=True)
+TEXT = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")) | st.sampled_from('"\\\n\t{}#'), max_size=12
+)
+LINE = st.text(
+    st.characters(codec="utf-8", exclude_categories=("Cs", "Cc")) | st.sampled_from('"\\\t{}#<'), max_size=20
+)
+
+
+def _node(cls, *args):
+    return cls(NO_SPAN, *args)
+
+
+atoms = st.one_of(
+    TEXT.map(lambda t: _node(ast.Literal, t)),
+    st.integers(-(10**6), 10**6).map(lambda n: _node(ast.Literal, n)),
+    st.integers(0, 10**6).map(lambda n: _node(ast.Literal, n / 100)),
+    st.booleans().map(lambda b: _node(ast.Literal, b)),
+    NAMES.map(lambda n: _node(ast.VarRef, n)),
+    st.sampled_from(["EXIT_CODE", "STDOUT", "STDERR", "DURATION", "TIMED_OUT"]).map(lambda f: _node(ast.LastRun, f)),
+    TEXT.map(lambda t: _node(ast.FileExists, t)),
+)
+OPS = ["AND", "OR", "CONTAINS", "NOT CONTAINS", "MATCHES", "==", "!=", "<", "<=", ">", ">="]
+exprs = st.recursive(
+    atoms,
+    lambda inner: st.one_of(
+        st.tuples(st.sampled_from(OPS), inner, inner).map(lambda t: _node(ast.Binary, *t)),
+        inner.map(lambda e: _node(ast.Not, e)),
+        inner.map(lambda e: _node(ast.IsEmpty, e)),
+    ),
+    max_leaves=6,
+)
+
+
+@st.composite
+def heredocs(draw):
+    delimiter = draw(st.sampled_from(["EOF", "PYTHON", "SH"]))
+    lines = draw(st.lists(LINE.filter(lambda s: s.strip() != delimiter and "\n" not in s), max_size=4))
+    return _node(ast.Write, draw(TEXT), "".join(line + "\n" for line in lines), delimiter, draw(st.booleans()))
+
+
+commands = st.one_of(
+    TEXT.map(lambda t: _node(ast.Run, t)),
+    heredocs(),
+    st.tuples(TEXT, NAMES).map(lambda t: _node(ast.Read, *t)),
+    exprs.map(lambda e: _node(ast.Assert, e)),
+    st.tuples(NAMES, exprs).map(lambda t: _node(ast.Var, *t)),
+    st.tuples(TEXT, NAMES).map(lambda t: _node(ast.PromptAgent, *t)),
+    st.tuples(st.sampled_from(["EXECUTION_TIME", "API_CALLS"]), TEXT | st.integers(0, 99)).map(
+        lambda t: _node(ast.SetBudget, *t)
+    ),
+    TEXT.map(lambda t: _node(ast.Log, t)),
+    TEXT.map(lambda t: _node(ast.Pause, t)),
+    TEXT.map(lambda t: _node(ast.RequestReview, t)),
+    st.tuples(NAMES, TEXT).map(lambda t: _node(ast.Directive, *t)),
+)
+
+
+def _blocks(inner):
+    bodies = st.lists(inner, max_size=3).map(tuple)
+    return st.one_of(
+        st.tuples(TEXT, bodies | st.none()).map(lambda t: _node(ast.Task, *t)),
+        st.tuples(TEXT | st.none(), bodies).map(lambda t: _node(ast.Setup, *t)),
+        st.tuples(TEXT, bodies).map(lambda t: _node(ast.Step, *t)),
+        st.tuples(exprs, bodies, bodies | st.none()).map(lambda t: _node(ast.If, *t)),
+        st.tuples(bodies, bodies).map(lambda t: _node(ast.Try, *t)),
+        bodies.map(lambda b: _node(ast.Parallel, b)),
+        bodies.map(lambda b: _node(ast.EstimateCost, b)),
+        st.lists(st.tuples(TEXT, bodies).map(lambda t: _node(ast.Option, *t)), max_size=3).map(
+            lambda options: _node(ast.Choose, tuple(options))
+        ),
+    )
+
+
+statements = st.recursive(commands, _blocks, max_leaves=8)
+scripts = st.tuples(st.sampled_from([None, "Python", "Shell"]), st.lists(statements, max_size=5).map(tuple))
+
+
+@settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
+@given(scripts)
+def test_format_then_parse_gives_the_same_ast(generated):
+    script = ast.Script(NO_SPAN, *generated)
+    text = format_script(script)
+    reparsed = parse(text)
+    assert reparsed.to_dict(spans=False) == script.to_dict(spans=False), text
+    assert format_script(reparsed) == text
