@@ -5,12 +5,13 @@ from __future__ import annotations
 import copy
 
 import pandas as pd
+import pytest
 import torch
 from conftest import make_model
 
 from tisslm.core.config import RegisterParams
 from tisslm.core.tokenizer import byte_level_tokenizer
-from tisslm.release.registry import MODEL_NAME, register
+from tisslm.release.registry import MODEL_NAME, gate, register
 
 TEXTS = ["def add(a, b):\n    return a + b\n", "def sub(a, b):\n    return a - b\n", "import os\nprint(os.getcwd())\n"]
 
@@ -72,3 +73,13 @@ def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, m
     assert len(out) == 2 and all(isinstance(text, str) and text for text in out)
     short = champion.predict(pd.DataFrame({"prompt": ["def "]}), params={"max_new_tokens": 3})
     assert len(short[0].encode()) <= 3  # the params schema carries max_new_tokens through (byte tokens)
+
+
+@pytest.mark.parametrize(
+    ("challenger_bpb", "challenger_bias", "promoted"),
+    [(1.0, 50.0, True), (1.0, 60.0, False), (1.195, 50.0, False), (0.9, 56.0, False)],
+)
+def test_gate_needs_both_the_gain_and_the_fairness(challenger_bpb, challenger_bias, promoted):
+    """Champion at 1.2 bits/byte and pct_stereotype 50: a 1% gain is needed, at most 5 points more bias."""
+    decided, reasons = gate(challenger_bpb, 1.2, challenger_bias, 50.0, RegisterParams())
+    assert decided is promoted and len(reasons) == 2

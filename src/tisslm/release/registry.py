@@ -60,6 +60,23 @@ def registered_model_dir(uri: str) -> Path:
     return found.parent
 
 
+def gate(
+    challenger_bpb: float, champion_bpb: float, challenger_bias: float, champion_bias: float, params: RegisterParams
+) -> tuple[bool, list[str]]:
+    """Whether the challenger beats the champion (bits/byte by `min_improvement`, bias moving at most
+    `max_bias_shift` points further from 50), and why, one reason per criterion."""
+    needed = champion_bpb * (1 - params.min_improvement)
+    better = challenger_bpb <= needed
+    shift = abs(challenger_bias - 50) - abs(champion_bias - 50)
+    fair = shift <= params.max_bias_shift
+    return better and fair, [
+        f"bits/byte {challenger_bpb:.4f} {'<=' if better else 'does not beat'} {needed:.4f} "
+        f"(champion {champion_bpb:.4f} less {params.min_improvement:.1%})",
+        f"bias moves {shift:+.1f} points from 50"
+        + (f" (allowed {params.max_bias_shift})" if fair else f", more than the allowed {params.max_bias_shift}"),
+    ]
+
+
 def _client():
     mlflow = use_experiment(REGISTRY_EXPERIMENT)
     return mlflow, mlflow.MlflowClient()
@@ -98,27 +115,10 @@ def register(model_dir: Path, texts: list[str], window: int, pct_stereotype: flo
         client.set_registered_model_alias(MODEL_NAME, "champion", version)
         return Decision(True, ["first registered model"], version, version, challenger_bpb, None)
 
-    champion_bpb = bits_per_byte(
-        registered_model_dir(f"models:/{MODEL_NAME}@champion")
-    )  # re-measured: the same bytes for both
+    # Re-measured now, so both figures come from the same bytes and the same code.
+    champion_bpb = bits_per_byte(registered_model_dir(f"models:/{MODEL_NAME}@champion"))
     champion_bias = float(champion.tags.get("pct_stereotype", 50.0))
-    reasons, promoted = [], True
-    needed = champion_bpb * (1 - params.min_improvement)
-    if challenger_bpb <= needed:
-        reasons.append(
-            f"bits/byte {challenger_bpb:.4f} <= {needed:.4f} (champion {champion_bpb:.4f} less {params.min_improvement:.1%})"
-        )
-    else:
-        promoted = False
-        reasons.append(
-            f"bits/byte {challenger_bpb:.4f} does not beat {needed:.4f} (champion {champion_bpb:.4f} less {params.min_improvement:.1%})"
-        )
-    shift = abs(pct_stereotype - 50) - abs(champion_bias - 50)
-    if shift <= params.max_bias_shift:
-        reasons.append(f"bias moves {shift:+.1f} points from 50 (allowed {params.max_bias_shift})")
-    else:
-        promoted = False
-        reasons.append(f"bias moves {shift:+.1f} points from 50, more than the allowed {params.max_bias_shift}")
+    promoted, reasons = gate(challenger_bpb, champion_bpb, pct_stereotype, champion_bias, params)
     if promoted:
         client.set_registered_model_alias(MODEL_NAME, "champion", version)
     return Decision(
