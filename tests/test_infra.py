@@ -764,6 +764,7 @@ def test_pytorchjob_runs_the_dvc_train_command_under_torchrun():
     assert Path(argv[0]).name == "torchrun"
     parsed = torchrun_parser().parse_args(argv[1:])
     assert parsed.module and parsed.training_script == dvc_argv[2]
+    assert parsed.training_script_args == dvc_argv[3:]  # the paths dvc.yaml gives the stage
     assert not parsed.standalone
     assert not any(a.split("=")[0] in {"--nnodes", "--node-rank", "--node_rank", "--master-addr"} for a in argv)
     (job,) = k8s("PyTorchJob")

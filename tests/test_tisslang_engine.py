@@ -171,7 +171,7 @@ def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, works
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
 def test_examples_run(example, tiny_model_dir, tmp_path, workspace):
     result = subprocess.run(
-        [sys.executable, "-m", "tisslm.agent.commands", "run", str(example), "--workspace", str(workspace),
+        [sys.executable, "-m", "tisslm.cli", "tiss", "run", str(example), "--workspace", str(workspace),
          "--approve-all", "--model", str(tiny_model_dir), "--audit", str(tmp_path / "audit.jsonl"),
          "--command-timeout", "3"],
         capture_output=True, text=True, timeout=120,

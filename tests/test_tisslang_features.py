@@ -165,7 +165,7 @@ def script_file(tmp_path, name, docstring):
 def run_cli(ctx, tmp_path, workspace, args):
     argv = [a.format(workspace=workspace, audit=tmp_path / "audit.jsonl") for a in shlex.split(args)]
     ctx["cli"] = subprocess.run(
-        [sys.executable, "-m", "tisslm.agent.commands", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "tisslm.cli", "tiss", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
     ctx["workspace"], ctx["audit"] = workspace, tmp_path / "audit.jsonl"
 

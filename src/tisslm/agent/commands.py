@@ -26,7 +26,7 @@ from tisslm.agent.parser import TissSyntaxError, format_expr, parse_file
 from tisslm.agent.review import Reviewer
 from tisslm.agent.sandbox import SANDBOX_UID, Limits, make_sandbox
 from tisslm.agent.workspace import Workspace
-from tisslm.core.errors import TissLMError, run_main
+from tisslm.core.errors import TissLMError
 
 app = typer.Typer(
     add_completion=False,
@@ -246,11 +246,3 @@ def run_command(
     finally:
         log.close()
     print(f"ok: {outcome.runs} commands; audit log: {log.path}")
-
-
-def main() -> None:
-    run_main(app)
-
-
-if __name__ == "__main__":
-    main()
