@@ -10,7 +10,17 @@ from tisslm.core.errors import TissLMError, run_main
 from tisslm.core.io import atomic_write_text
 from tisslm.release.card import datasheet, model_card
 
-SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "quantize", "export")  # metrics the card reads
+SOURCES = (
+    "ingest",
+    "clean",
+    "tokenizer",
+    "train",
+    "eval",
+    "bias",
+    "kb",
+    "quantize",
+    "export",
+)  # metrics the card reads
 
 
 def main() -> None:

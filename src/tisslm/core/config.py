@@ -170,6 +170,14 @@ class QuantizeParams(_Section):
     goals: QuantizeGoals = QuantizeGoals()  # what a scheme must reach to count as worth it (reported, not enforced)
 
 
+class KnowledgeBaseParams(_Section):
+    """The knowledge_base stage: what it measures after indexing the train split of data/clean."""
+
+    k: PositiveInt = 8  # chunks retrieved per held-out document for the context-gain figure
+    mode: Literal["fused", "bm25", "dense"] = "fused"  # ranking used for that retrieval
+    context_documents: PositiveInt = 16  # val documents scored with and without retrieved context
+
+
 class BiasHubSource(_Section):
     name: str = "nyu-mll/crows_pairs"  # a dataset in CrowS-Pairs' format (sent_more, sent_less, bias_type)
     split: str = "test"
@@ -267,6 +275,7 @@ class Params(_Section):
     export: ExportParams = ExportParams()
     quantize: QuantizeParams = QuantizeParams()
     bias: BiasParams = BiasParams()
+    knowledge_base: KnowledgeBaseParams = KnowledgeBaseParams()
     # `register` itself would shadow BaseModel's (ABCMeta's) classmethod of that name.
     register_: RegisterParams = Field(RegisterParams(), alias="register")
     pipeline: PipelineParams = PipelineParams()

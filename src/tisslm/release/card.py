@@ -66,6 +66,10 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     quant_rows = [(s, f"{m['quantize'][s]['linear_weight_size_ratio']:.2f}x", f"{m['quantize'][s]['decode_speedup']:.2f}x",
                    f"{m['quantize'][s]['bits_per_byte_relative_increase']:+.3%}") for s in schemes]  # fmt: skip
     export = m["export"]
+    kb, retrieval = m["kb"], m["kb"]["retrieval"]
+    kb_rows = [(run, *(f"{r['file'][key]:.3f}" for key in ("recall@5", "mrr@10", "ndcg@10")))
+               for run, r in retrieval["results"].items()]  # fmt: skip
+    gain = kb["context_gain"]
     ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
     hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "lr", "min_lr",
                                               "warmup_steps", "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
@@ -136,6 +140,18 @@ Exports (parity checked in the pipeline): Hugging Face Llama (max logit differen
 {export["hf"]["max_abs_logit_diff"]:.1e}), ONNX decoder with KV cache (max logit difference
 {export["onnx"]["max_abs_logit_diff"]:.1e}; {export["onnx"]["greedy_tokens"]}-token greedy continuation identical:
 {export["onnx"]["greedy_identical"]}), GGUF for llama.cpp ({", ".join(f"{t} {g['file_bytes'] / 1e6:.1f} MB" for t, g in export["gguf"].items())}).
+
+## Knowledge Base
+
+`models/kb` indexes the train split for retrieval-augmented generation: {kb["documents"]} documents in
+{kb["chunks"]} chunks (functions, classes, module docstrings, Markdown sections), BM25 (SQLite FTS5)
+and dense vectors fused by reciprocal rank. On {retrieval["answerable"]} answerable questions of the
+project's query set ({retrieval["without_module_name"]} without the module's name), file-level retrieval:
+
+{_table(("ranking", "recall@5", "MRR@10", "nDCG@10"), kb_rows)}
+
+Retrieved context before held-out documents ({gain["documents"]} documents, {gain["window"]}-token windows):
+bits per byte {gain["bits_per_byte_without"]:.4f} without, {gain["bits_per_byte_with_context"]:.4f} with.
 
 ## Environmental Impact
 
