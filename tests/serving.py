@@ -85,3 +85,51 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+# A small corpus for the knowledge-base tests: one planted function that a query about customs
+# duties finds first, and a few others on unrelated topics to rank below it.
+KB_CORPUS = {
+    "tariffs.py": (
+        "def customs_duty(value, rate):\n"
+        '    """Duty owed on imported goods: their declared value times the tariff rate."""\n'
+        "    return value * rate\n"
+    ),
+    "geometry.py": (
+        "def circle_area(radius):\n"
+        '    """Area of a circle of the given radius."""\n'
+        "    return 3.14159 * radius * radius\n\n\n"
+        "def square_perimeter(side):\n"
+        '    """Perimeter of a square."""\n'
+        "    return 4 * side\n"
+    ),
+    "weather.py": (
+        "def celsius_to_fahrenheit(celsius):\n"
+        '    """Convert a temperature reading from Celsius to Fahrenheit."""\n'
+        "    return celsius * 9 / 5 + 32\n\n\n"
+        "def rainfall_total(readings):\n"
+        '    """Total rainfall over a list of daily readings, in millimetres."""\n'
+        "    return sum(readings)\n"
+    ),
+    "inventory.py": (
+        "class Shelf:\n"
+        '    """Items stored on one warehouse shelf."""\n\n'
+        "    def add(self, item):\n"
+        "        self.items.append(item)\n\n"
+        "    def count(self):\n"
+        "        return len(self.items)\n"
+    ),
+}
+KB_QUERY = "customs duty owed on imported goods"
+
+
+def build_tiny_kb(directory: Path) -> Path:
+    """Index KB_CORPUS (written to directory/src) into directory/kb, which it returns."""
+    from tisslm.kb import build_index
+
+    source = directory / "src"
+    source.mkdir(parents=True)
+    for name, text in KB_CORPUS.items():
+        (source / name).write_text(text)
+    build_index(directory / "kb", directory=source, include=["**/*.py"], progress=False)
+    return directory / "kb"

@@ -1,7 +1,8 @@
 """The server's OpenAPI document: served over HTTP, valid, and describing the API the app really serves.
 
 One app, served by uvicorn on a loopback port in a thread of this process, so that its routes
-(`app.routes`) and what it answers can be set against the document it publishes.
+(`app.routes`) and what it answers can be set against the document it publishes. It has a
+knowledge base (as with `tisslm serve --kb`), so that retrieval and grounded answers are checked too.
 """
 
 from __future__ import annotations
@@ -17,10 +18,11 @@ from conftest import make_model
 from fastapi.routing import APIRoute, iter_route_contexts
 from openapi_schema_validator import OAS31Validator
 from openapi_spec_validator import validate
-from serving import SERVE_MODEL
+from serving import KB_QUERY, SERVE_MODEL, build_tiny_kb
 
 from tisslm.core.config import ServeParams
 from tisslm.core.tokenizer import byte_level_tokenizer
+from tisslm.kb import KnowledgeBase
 from tisslm.serve.app import create_app
 from tisslm.serve.engine import Engine
 from tisslm.serve.server import bind
@@ -32,6 +34,8 @@ API = {
     ("GET", "/health"),
     ("GET", "/metrics"),
     ("POST", "/v1/attention"),
+    ("POST", "/v1/retrieve"),
+    ("GET", "/v1/kb"),
     ("GET", "/"),
 }
 # What a JSON route's answer must have, beyond validating against its documented schema.
@@ -41,15 +45,24 @@ RESPONSE_FIELDS = {
     "/v1/models": {"object", "data"},
     "/health": {"status", "model", "active", "waiting", "max_batch", "max_queue"},
     "/v1/attention": {"tokens", "n_layers", "n_heads", "weights"},
+    "/v1/retrieve": {"object", "data"},
+    "/v1/kb": {"object", "documents", "chunks", "source_bytes", "built_at", "embedding_model"},
 }
-REQUEST_FIELDS = {"/v1/completions": "prompt", "/v1/chat/completions": "messages", "/v1/attention": "text"}
+REQUEST_FIELDS = {
+    "/v1/completions": "prompt",
+    "/v1/chat/completions": "messages",
+    "/v1/attention": "text",
+    "/v1/retrieve": "query",
+}
+ASK_KB = [{"role": "user", "content": KB_QUERY}]  # a chat grounded in the app's knowledge base
 STREAMED = {"/v1/completions": "CompletionChunk", "/v1/chat/completions": "ChatCompletionChunk"}
 
 
 @pytest.fixture(scope="module")
-def app():
+def app(tmp_path_factory):
     engine = Engine(make_model(**SERVE_MODEL), max_batch=2, vocab_limit=byte_level_tokenizer().get_vocab_size())
-    return create_app(engine, byte_level_tokenizer(), ServeParams(max_tokens=64))
+    with KnowledgeBase.open(build_tiny_kb(tmp_path_factory.mktemp("kb"))) as kb:
+        yield create_app(engine, byte_level_tokenizer(), ServeParams(max_tokens=64), kb)
 
 
 @pytest.fixture(scope="module")
@@ -119,6 +132,11 @@ def test_json_routes_document_their_response_schemas(document):
         event = document["paths"][path]["post"]["responses"]["200"]["content"]["text/event-stream"]["schema"]
         assert {"$ref": f"#/components/schemas/{chunk}"} in event["anyOf"]
     assert "choices" in resolve(document, {"$ref": "#/components/schemas/CompletionResponse"})["properties"]
+    for name in ("CompletionResponse", "CompletionChunk", "ChatCompletionResponse", "ChatCompletionChunk"):
+        model = resolve(document, {"$ref": f"#/components/schemas/{name}"})  # sent only for a grounded prompt
+        assert {"sources", "context_truncated"} <= set(model["properties"]) - set(model["required"]), name
+    for name in ("CompletionRequest", "ChatRequest"):
+        assert "retrieve" in resolve(document, {"$ref": f"#/components/schemas/{name}"})["properties"], name
     assert "text/html" in document["paths"]["/"]["get"]["responses"]["200"]["content"]
     assert any(t.startswith("text/plain") for t in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
 
@@ -135,6 +153,11 @@ def documented_response(document: dict, method: str, path: str, status: int, med
         ("GET", "/v1/models", None),
         ("GET", "/health", None),
         ("POST", "/v1/attention", {"text": "def f"}),
+        ("POST", "/v1/retrieve", {"query": KB_QUERY, "k": 3}),
+        ("POST", "/v1/retrieve", {"query": "   "}),  # 400
+        ("GET", "/v1/kb", None),
+        ("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 4, "retrieve": {"k": 2}}),
+        ("POST", "/v1/chat/completions", {"messages": ASK_KB, "max_tokens": 4, "retrieve": {"mode": "bm25"}}),
         ("POST", "/v1/completions", {"prompt": "x", "max_tokens": "8"}),  # 400
         ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),  # 404
     ],
@@ -142,6 +165,8 @@ def documented_response(document: dict, method: str, path: str, status: int, med
 def test_real_answers_match_their_documented_schemas(url, document, method, path, body):
     response = httpx.request(method, f"{url}{path}", json=body, timeout=60)
     check(document, response.json(), documented_response(document, method, path, response.status_code))
+    if body and "retrieve" in body:
+        assert response.status_code == 200 and response.json()["sources"], response.text
 
 
 @pytest.mark.parametrize(
@@ -149,6 +174,8 @@ def test_real_answers_match_their_documented_schemas(url, document, method, path
     [
         ("/v1/completions", {"prompt": "def ", "max_tokens": 8}),
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
+        ("/v1/completions", {"prompt": "def ", "max_tokens": 8, "retrieve": {"query": KB_QUERY}}),
+        ("/v1/chat/completions", {"messages": ASK_KB, "max_tokens": 8, "retrieve": {}}),
     ],
 )
 def test_streamed_events_match_the_documented_event_schema(url, document, path, body):
@@ -159,6 +186,8 @@ def test_streamed_events_match_the_documented_event_schema(url, document, path, 
     event = documented_response(document, "POST", path, 200, "text/event-stream")
     for line in lines[:-1]:
         check(document, json.loads(line), event)
+    if "retrieve" in body:
+        assert json.loads(lines[0])["sources"]  # the first chunk cites the sources
 
 
 def test_docs_page_renders_the_document(url):

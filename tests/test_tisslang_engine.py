@@ -14,8 +14,9 @@ from serving import ServerProcess, save_tiny_model
 
 from tisslm.agent.adapter import Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, read_audit, sha256
-from tisslm.agent.engine import ReviewDenied, ScriptFailure
+from tisslm.agent.engine import DEFAULT_TOP, ReviewDenied, ScriptFailure
 from tisslm.agent.review import Reviewer
+from tisslm.kb import Hit, build_index
 
 workspace = security.workspace  # the fixture, shared
 run_script = security.run_script
@@ -27,6 +28,62 @@ EXAMPLES = sorted((REPO / "examples" / "tiss").glob("*.tiss"))
 @pytest.fixture(scope="module")
 def tiny_model_dir(tmp_path_factory) -> Path:
     return save_tiny_model(tmp_path_factory.mktemp("model") / "model")
+
+
+KB_CORPUS = {
+    "slug.py": '''"""Slugs for titles."""
+
+
+def slugify(title):
+    """Turn a title into a URL slug: lowercase words joined by hyphens."""
+    return "-".join(title.lower().split())
+''',
+    "stats.py": '''def mean(values):
+    """The arithmetic mean of a list of numbers."""
+    return sum(values) / len(values)
+
+
+def median(values):
+    """The middle value of the sorted numbers."""
+    ordered = sorted(values)
+    return ordered[len(ordered) // 2]
+''',
+}
+
+
+def build_kb(out: Path, corpus: dict[str, str] = KB_CORPUS) -> Path:
+    """A small knowledge base of `corpus` (file name -> Python source) in `out`."""
+    source = out.parent / (out.name + "-corpus")
+    for name, text in corpus.items():
+        (source / name).parent.mkdir(parents=True, exist_ok=True)
+        (source / name).write_text(text)
+    build_index(out, directory=source, include=["**/*.py"], progress=False)
+    return out
+
+
+@pytest.fixture(scope="session")
+def tiss_kb(tmp_path_factory) -> Path:
+    """The knowledge base that RETRIEVE tests and scenarios search: slug.py and stats.py."""
+    return build_kb(tmp_path_factory.mktemp("kb") / "kb")
+
+
+@pytest.fixture(scope="session")
+def tiss_kb_open(tiss_kb):
+    from tisslm.kb import KnowledgeBase
+
+    with KnowledgeBase.open(tiss_kb) as kb:
+        yield kb
+
+
+class FixedKB:
+    """A knowledge-base double that returns the same hits (best first) for every query."""
+
+    def __init__(self, *hits: Hit):
+        self.hits, self.queries = list(hits), []
+
+    def search(self, query: str, k: int = 10, mode: str = "fused") -> list[Hit]:
+        self.queries.append((query, k))
+        return self.hits[:k]
 
 
 class Answers:
@@ -102,6 +159,59 @@ def test_model_calls_and_tokens_are_budgeted(workspace):
         run_script('SET_BUDGET TOKEN_COUNT = 10\nPROMPT_AGENT "p" INTO a', workspace, adapter=Answers("x"))
 
 
+def test_a_retrieved_chunk_reaches_the_prompt(workspace, tiss_kb_open):
+    model = Answers("use hyphens")
+    engine, said = run_script(
+        'RETRIEVE "how is a {{thing}} turned into a URL slug" INTO context TOP 2\n'
+        'PROMPT_AGENT "{{context}}\\nQuestion: how are slugs made?" INTO answer\n',
+        workspace,
+        adapter=model,
+        kb=tiss_kb_open,
+        variables={"thing": "title"},
+    )
+    (prompt,) = model.prompts
+    block = '# slug.py:4-6 slug.slugify\ndef slugify(title):\n    """Turn a title into a URL slug'
+    assert block in engine.variables["context"] and block in prompt
+    assert prompt.endswith("\nQuestion: how are slugs made?") and engine.variables["answer"] == "use hyphens"
+    assert "retrieved 2 chunks for 'how is a title turned into a URL slug'" in said
+
+
+def test_retrieve_puts_the_most_relevant_chunk_last_and_audits_it(workspace, tmp_path):
+    best = Hit("a.py", "a.best", 3, 4, 0.9, "def best():\n    pass\n")
+    second = Hit("docs/b.md", "Usage > Install", 1, 2, 0.5, "pip install it")
+    kb = FixedKB(best, second)
+    audit = AuditLog(tmp_path / "audit.jsonl", workspace)
+    engine, _ = run_script('RETRIEVE "q" INTO ctx\nRETRIEVE "r" INTO one TOP 1', workspace, kb=kb, audit=audit)
+    audit.close()
+    assert engine.variables["ctx"] == (
+        "# docs/b.md:1-2 Usage > Install\npip install it\n\n# a.py:3-4 a.best\ndef best():\n    pass\n"
+    )
+    assert engine.variables["one"] == "# a.py:3-4 a.best\ndef best():\n    pass\n"
+    assert kb.queries == [("q", DEFAULT_TOP), ("r", 1)]
+    first = next(e for e in read_audit(tmp_path / "audit.jsonl") if e.get("type") == "Retrieve")
+    assert (first["span"], first["query"], first["top"], first["into"]) == ([2, 1], "q", DEFAULT_TOP, "ctx")
+    assert first["hits"][0] == {
+        "path": "a.py", "name": "a.best", "lines": [3, 4], "score": 0.9, "sha256": sha256(best.text)
+    }  # fmt: skip
+    assert first["sha256"] == sha256(engine.variables["ctx"])
+
+
+def test_retrieve_without_a_knowledge_base_fails_at_its_span_and_try_catches_it(workspace, tiss_kb_open):
+    with pytest.raises(ScriptFailure) as failure:
+        run_script('LOG "x"\nSTEP "s" {\n    RETRIEVE "q" INTO ctx\n}', workspace)
+    assert (failure.value.kind, failure.value.span.line, failure.value.span.column) == ("no knowledge base", 4, 5)
+    assert "pass --kb DIR" in str(failure.value)
+    engine, _ = run_script('TRY { RETRIEVE "q" INTO ctx } CATCH { VAR ctx = "" }\nASSERT ctx IS_EMPTY', workspace)
+    assert engine.variables["LAST_ERROR"].startswith("no knowledge base: RETRIEVE needs a knowledge base")
+    engine, _ = run_script(
+        'TRY { RETRIEVE "{{empty}}" INTO ctx } CATCH { LOG "{{LAST_ERROR}}" }',
+        workspace,
+        kb=tiss_kb_open,
+        variables={"empty": " "},
+    )
+    assert engine.variables["LAST_ERROR"] == "retrieval failed: kb search: the query is empty"
+
+
 def test_estimate_cost_runs_nothing(workspace):
     engine, _ = run_script('ESTIMATE_COST {\n RUN "touch made"\n PROMPT_AGENT "12345678" INTO x\n}', workspace)
     assert not (workspace / "made").exists() and "x" not in engine.variables
@@ -168,18 +278,28 @@ def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, works
         server.stop()
 
 
+@pytest.fixture(scope="module")
+def agent_kb(tmp_path_factory) -> Path:
+    """A knowledge base of the agent's own code, which examples/tiss/retrieve_and_ask.tiss asks about."""
+    out = tmp_path_factory.mktemp("agent-kb") / "kb"
+    build_index(out, directory=REPO / "src" / "tisslm" / "agent", include=["**/*.py"], progress=False)
+    return out
+
+
 @pytest.mark.parametrize("example", EXAMPLES, ids=[e.stem for e in EXAMPLES])
-def test_examples_run(example, tiny_model_dir, tmp_path, workspace):
+def test_examples_run(example, tiny_model_dir, agent_kb, tmp_path, workspace):
     result = subprocess.run(
         [sys.executable, "-m", "tisslm.cli", "tiss", "run", str(example), "--workspace", str(workspace),
          "--approve-all", "--model", str(tiny_model_dir), "--audit", str(tmp_path / "audit.jsonl"),
-         "--command-timeout", "3"],
+         "--command-timeout", "3", "--kb", str(agent_kb)],
         capture_output=True, text=True, timeout=120,
     )  # fmt: skip
     assert result.returncode == 0, result.stdout + result.stderr
-    assert read_audit(tmp_path / "audit.jsonl")[-1]["status"] == "ok"
+    events = read_audit(tmp_path / "audit.jsonl")
+    assert events[-1]["status"] == "ok"
+    assert all(e["hits"] for e in events if e.get("type") == "Retrieve")  # every RETRIEVE found something
 
 
 def test_there_are_examples_for_each_kind_of_script():
     names = {e.stem for e in EXAMPLES}
-    assert {"hello", "fix_tests", "setup_and_test", "recover", "choose_review"} <= names
+    assert {"hello", "fix_tests", "setup_and_test", "recover", "choose_review", "retrieve_and_ask"} <= names

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import io
 import json
+import re
 import shlex
 import subprocess
 import sys
@@ -11,6 +12,7 @@ import time
 from pathlib import Path
 
 import pytest
+import test_tisslang_engine as engine_tests
 import test_tisslang_security as security
 from pytest_bdd import given, parsers, scenarios, then, when
 from test_tisslang_engine import Answers
@@ -22,6 +24,7 @@ from tisslm.agent.parser import TissSyntaxError, parse
 from tisslm.agent.review import Reviewer
 
 workspace = security.workspace  # the fixture, shared
+tiss_kb, tiss_kb_open = engine_tests.tiss_kb, engine_tests.tiss_kb_open  # the knowledge base fixtures
 run_script = security.run_script
 
 scenarios("features/tisslang")
@@ -80,6 +83,17 @@ def run_var_model(ctx, workspace, name, value, answer):
     _run(ctx, workspace, adapter=ctx["model"], variables={name: value})
 
 
+@when("I run it with the knowledge base")
+def run_kb(ctx, workspace, tiss_kb_open):
+    _run(ctx, workspace, kb=tiss_kb_open)
+
+
+@when(parsers.parse('I run it with the knowledge base and the model answering "{answer}"'))
+def run_kb_model(ctx, workspace, tiss_kb_open, answer):
+    ctx["model"] = Answers(answer)
+    _run(ctx, workspace, kb=tiss_kb_open, adapter=ctx["model"])
+
+
 @when(parsers.parse('I run it with {name} set to "{value}"'))
 def run_var(ctx, workspace, name, value):
     _run(ctx, workspace, variables={name: value})
@@ -119,6 +133,18 @@ def file_absent(ctx, path):
 @then(parsers.parse('the variable {name} is "{value}"'))
 def variable_is(ctx, name, value):
     assert ctx["engine"].variables[name] == value
+
+
+@then(parsers.parse('the variable {name} ends with the chunk "{header}"'))
+def variable_ends_with_chunk(ctx, name, header):
+    value = ctx["engine"].variables[name]
+    headers = re.findall(r"^# (\S+:\d+-\d+ .*)$", value, flags=re.M)  # `# path:start-end name`
+    assert headers and headers[-1] == header, value
+
+
+@then(parsers.parse('the model\'s prompt contains "{text}"'))
+def prompt_contains(ctx, text):
+    assert any(text.replace("\\n", "\n") in prompt for prompt in ctx["model"].prompts), ctx["model"].prompts
 
 
 @then(parsers.parse("it took less than {seconds:f} seconds"))
@@ -162,8 +188,9 @@ def script_file(tmp_path, name, docstring):
 
 
 @when(parsers.parse("I run `tiss {args}`"))
-def run_cli(ctx, tmp_path, workspace, args):
-    argv = [a.format(workspace=workspace, audit=tmp_path / "audit.jsonl") for a in shlex.split(args)]
+def run_cli(ctx, request, tmp_path, workspace, args):
+    kb = request.getfixturevalue("tiss_kb") if "{kb}" in args else None  # built only when a scenario needs it
+    argv = [a.format(workspace=workspace, audit=tmp_path / "audit.jsonl", kb=kb) for a in shlex.split(args)]
     ctx["cli"] = subprocess.run(
         [sys.executable, "-m", "tisslm.cli", "tiss", *argv], cwd=tmp_path, capture_output=True, text=True, timeout=60
     )
@@ -210,3 +237,10 @@ def audit_summary(ctx, runs, profile, status):
     assert len(commands) == runs and {e["sandbox"] for e in commands} == {profile}
     assert events[0]["event"] == "script" and len(events[0]["sha256"]) == 64
     assert events[-1]["status"] == status
+
+
+@then(parsers.parse('the audit log records the retrieval of "{query}" with {count:d} hits'))
+def audit_retrieval(ctx, query, count):
+    (event,) = [e for e in read_audit(ctx["audit"]) if e.get("type") == "Retrieve"]
+    assert (event["query"], len(event["hits"])) == (query, count)
+    assert all(len(hit["sha256"]) == 64 and len(hit["lines"]) == 2 for hit in event["hits"])

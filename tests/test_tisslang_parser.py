@@ -48,6 +48,23 @@ def test_commands():
     assert nodes[9] == ast.Directive(nodes[9].span, "persona", "dev")
 
 
+def test_retrieve():
+    plain, top = body(
+        'RETRIEVE "how is {{thing}} done" INTO context\nSTEP "s" {\n    RETRIEVE "q" INTO hits TOP 3\n}\n'
+    )
+    assert plain == ast.Retrieve(ast.Span(2, 1, 2, 46), "how is {{thing}} done", "context", None)
+    assert top.body[0] == ast.Retrieve(ast.Span(4, 5, 4, 33), "q", "hits", 3)
+    assert json.loads(json.dumps(top.body[0].to_dict())) == {
+        "type": "Retrieve", "span": [4, 5, 4, 33], "query": "q", "into": "hits", "top": 3
+    }  # fmt: skip
+    assert plain.to_dict(spans=False)["top"] is None
+    assert format_script(ast.Script(NO_SPAN, None, (plain, top))) == (
+        '#TISS!\nRETRIEVE "how is {{thing}} done" INTO context\nSTEP "s" {\n    RETRIEVE "q" INTO hits TOP 3\n}\n'
+    )
+    assert errors('#TISS!\nRETRIEVE "q" INTO c TOP x\n') == [(2, 25, "unexpected 'x'; expected an integer")]
+    assert body('VAR TOP = 1\nRETRIEVE "q" INTO TOP')[1].into == "TOP"  # TOP stays usable as a name
+
+
 def test_blocks_and_spans():
     nodes = body(
         'TASK "t"\n'
@@ -137,6 +154,7 @@ def test_semantic_checks():
         '#TISS!\nRUN "echo {{ghost}}"\nSTEP "a" {\n  STEP "b" { LOG "x" }\n}\n@mood "happy"\n'
         'ESTIMATE_COST { PROMPT_AGENT "p" INTO later }\nLOG "{{later}}"\nPARALLEL { LOG "no" }\n'
         'SET_BUDGET EXECUTION_TIME = "soon"\nVAR ok = 1\nASSERT ok == 1 AND given == 2\n'
+        'RETRIEVE "{{nowhere}}" INTO found TOP 0\nLOG "{{found}}"\nRETRIEVE "q" INTO more TOP 1001\n'
     )
     found = [(d.line, d.column, d.message.split(" (")[0]) for d in check(script, given=["given"])]
     assert found == [
@@ -146,7 +164,17 @@ def test_semantic_checks():
         (8, 1, "undefined variable 'later'"),  # ESTIMATE_COST defines nothing: it does not run
         (9, 12, "PARALLEL holds RUN commands only"),
         (10, 1, 'EXECUTION_TIME wants a duration such as "90s", "5m" or "1h", not \'soon\''),
+        (13, 1, "undefined variable 'nowhere'"),
+        (13, 1, "RETRIEVE ... TOP wants 1 to 1000 chunks, not 0"),  # and `found` is defined from here on
+        (15, 1, "RETRIEVE ... TOP wants 1 to 1000 chunks, not 1001"),
     ]
+
+
+def test_the_top_limit_is_the_knowledge_bases():
+    from tisslm.agent.checks import MAX_TOP
+    from tisslm.kb.index import MAX_K
+
+    assert MAX_TOP == MAX_K
 
 
 def test_durations():
@@ -214,6 +242,7 @@ commands = st.one_of(
     exprs.map(lambda e: _node(ast.Assert, e)),
     st.tuples(NAMES, exprs).map(lambda t: _node(ast.Var, *t)),
     st.tuples(TEXT, NAMES).map(lambda t: _node(ast.PromptAgent, *t)),
+    st.tuples(TEXT, NAMES, st.none() | st.integers(-5, 2000)).map(lambda t: _node(ast.Retrieve, *t)),
     st.tuples(st.sampled_from(["EXECUTION_TIME", "API_CALLS"]), TEXT | st.integers(0, 99)).map(
         lambda t: _node(ast.SetBudget, *t)
     ),

@@ -9,7 +9,7 @@ from pathlib import Path
 
 import httpx
 from playwright.sync_api import expect, sync_playwright
-from serving import ServerProcess, save_tiny_model
+from serving import KB_QUERY, ServerProcess, build_tiny_kb, save_tiny_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -41,6 +41,7 @@ def test_page_streams_a_completion_and_draws_attention(tmp_path):
             page.set_default_timeout(TIMEOUT_MS)
             page.goto(server.url)
             expect(page.locator("#model-name")).to_contain_text("tisslm")
+            expect(page.locator("#kb-option")).to_be_hidden()  # no --kb: nothing to ground in
 
             page.fill("#prompt", "def add(a, b):\n")
             page.fill("#max-tokens", "120")
@@ -65,6 +66,56 @@ def test_page_streams_a_completion_and_draws_attention(tmp_path):
 
             ARTIFACTS.mkdir(exist_ok=True)
             screenshot = ARTIFACTS / "web_demo.png"
+            page.screenshot(path=str(screenshot), full_page=True)
+            browser.close()
+        assert screenshot.read_bytes()[:4] == b"\x89PNG"
+        print(f"screenshot: {screenshot}")
+    finally:
+        server.stop()
+
+
+def test_page_shows_the_sources_of_a_grounded_completion(tmp_path):
+    kb = build_tiny_kb(tmp_path / "corpus")
+    server = ServerProcess(save_tiny_model(tmp_path / "model"), "--kb", str(kb), workdir=tmp_path)
+    try:
+        with sync_playwright() as playwright:
+            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport={"width": 1400, "height": 900})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(server.url)
+            expect(page.locator("#kb-option")).to_be_visible()
+            expect(page.locator("#kb-info")).to_contain_text("4 documents")
+
+            prompt = f"# {KB_QUERY}\ndef duty(value, rate):\n"
+            page.fill("#prompt", prompt)
+            page.fill("#max-tokens", "40")
+            page.fill("#seed", "3")
+            page.check("#use-kb")
+            page.fill("#kb-k", "3")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done", timeout=TIMEOUT_MS)
+            sources = page.locator("#sources li.source")
+            expect(sources.first).to_contain_text("tariffs.py:1-3 tariffs.customs_duty")
+
+            # What the page lists is what the API cites for the same request (the third chunk does
+            # not fit the default 384-token prompt budget whole: it is cut, and the page says so).
+            body = {"prompt": prompt, "max_tokens": 40, "seed": 3, "temperature": 0.8, "top_p": 0.95, "top_k": 50}
+            direct = httpx.post(f"{server.url}/v1/completions", json=body | {"retrieve": {"k": 3}}, timeout=60).json()
+            listed = [text.rsplit(" (", 1)[0] for text in sources.all_text_contents()]
+            assert listed == [f"{s['path']}:{s['start_line']}-{s['end_line']} {s['name']}" for s in direct["sources"]]
+            assert page.locator("#output .generated").text_content() == direct["choices"][0]["text"]
+            assert page.locator("#sources .note").is_visible() == direct["context_truncated"]
+
+            page.uncheck("#use-kb")  # an ungrounded completion clears the list
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("done", timeout=TIMEOUT_MS)
+            expect(page.locator("#sources")).to_be_hidden()
+            page.check("#use-kb")
+            page.click("#generate")
+            expect(sources).to_have_count(len(direct["sources"]))
+
+            ARTIFACTS.mkdir(exist_ok=True)
+            screenshot = ARTIFACTS / "web_kb_sources.png"
             page.screenshot(path=str(screenshot), full_page=True)
             browser.close()
         assert screenshot.read_bytes()[:4] == b"\x89PNG"

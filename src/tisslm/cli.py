@@ -21,6 +21,7 @@ from tisslm.core.errors import TissLMError, run_main
 from tisslm.core.generate import complete
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
+from tisslm.kb.commands import app as kb_app
 
 app = typer.Typer(
     add_completion=False,
@@ -61,17 +62,47 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass [params: generate.top_p].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens [params: generate.seed].")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole sequence every step.")] = False,
+    kb: Annotated[
+        Path | None,
+        typer.Option("--kb", help="Knowledge base (tisslm kb build): ground each prompt in retrieved chunks."),
+    ] = None,
+    kb_k: Annotated[int, typer.Option("--kb-k", help="Chunks to retrieve per prompt (with --kb).")] = 4,
     params: ParamsFile = None,
 ) -> None:
-    """Continue one or more prompts and print prompt + continuation."""
+    """Continue one or more prompts and print prompt + continuation.
+
+    With --kb, chunks retrieved for each prompt go before it (most relevant last) within the
+    model's context, and their sources are listed on stderr."""
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
-    completions = complete(_load_model(model), load_tokenizer(model), texts, settings, use_cache=not no_cache)
+    lm, tokenizer = _load_model(model), load_tokenizer(model)
+    inputs = (
+        texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
+    )
+    completions = complete(lm, tokenizer, inputs, settings, use_cache=not no_cache)
     for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
         if i:
             typer.echo("-" * 40)
         typer.echo(text + completion)
+
+
+def _grounded(kb_dir: Path, k: int, texts: list[str], tokenizer, budget_tokens: int) -> list[str]:
+    """Each text with its retrieved context before it; the sources go to stderr, the text stays on stdout."""
+    from tisslm.kb import KnowledgeBase
+    from tisslm.kb.context import with_context
+
+    grounded = []
+    with KnowledgeBase.open(kb_dir) as kb:
+        for number, text in enumerate(texts, start=1):
+            result = with_context(text, kb.search(text, k=k), tokenizer, budget_tokens)
+            typer.echo(f"sources of prompt {number}:" + ("" if result.sources else " none"), err=True)
+            for hit in result.sources:
+                typer.echo(f"  {hit.path}:{hit.start_line}-{hit.end_line} {hit.name} ({hit.score:.3f})", err=True)
+            if result.truncated:
+                typer.echo("  (context truncated to fit the model's context)", err=True)
+            grounded.append(result.text)
+    return grounded
 
 
 def _describe(model_dir: Path) -> dict:
@@ -147,6 +178,10 @@ def train_command(
 # ---- TissLang: `tiss check|plan|run` (the agent's workflow language, RUN in a bubblewrap sandbox) ----
 
 app.add_typer(tiss_app, name="tiss")
+
+# ---- knowledge base: `kb build|search|stats` (SQLite FTS5 + dense vectors, fused) ----
+
+app.add_typer(kb_app, name="kb")
 
 
 # ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
@@ -274,11 +309,16 @@ def serve(
     max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens (serve.max_tokens).")] = None,
     timeout: Annotated[float | None, typer.Option(help="Seconds per request (serve.request_timeout_s).")] = None,
     max_body_bytes: Annotated[int | None, typer.Option(help="Request body cap (serve.max_body_bytes).")] = None,
+    kb: Annotated[
+        Path | None,
+        typer.Option("--kb", help="Knowledge base (tisslm kb build): POST /v1/retrieve, grounded completions."),
+    ] = None,
     params: ParamsFile = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
 
-    Defaults in parentheses are keys of params.yaml.
+    Defaults in parentheses are keys of params.yaml. With --kb, a completion or chat request may
+    ask for `retrieve` to have its prompt grounded in the knowledge base, and cite its sources.
     """
     from tisslm.core.config import ServeParams
     from tisslm.core.errors import parse
@@ -297,7 +337,7 @@ def serve(
     }
     base = _params(params, []).serve.model_dump()
     settings = parse(ServeParams, base | {k: v for k, v in given.items() if v is not None}, "tisslm serve")
-    run_server(model, settings)
+    run_server(model, settings, kb_dir=kb)
 
 
 @app.command()

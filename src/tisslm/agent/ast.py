@@ -141,6 +141,15 @@ class PromptAgent(Node):
 
 
 @dataclass(frozen=True)
+class Retrieve(Node):
+    """`RETRIEVE "query" INTO name [TOP k]`: the knowledge base's best chunks for the query, as text."""
+
+    query: str
+    into: str
+    top: int | None  # None: the engine's default
+
+
+@dataclass(frozen=True)
 class SetBudget(Node):
     budget: str  # EXECUTION_TIME, API_CALLS, TOKEN_COUNT
     value: str | int
@@ -231,6 +240,7 @@ Stmt = (
     | Assert
     | Var
     | PromptAgent
+    | Retrieve
     | SetBudget
     | Log
     | Pause

@@ -17,6 +17,7 @@ INTERPOLATION = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 BUILTINS = ("LAST_ERROR",)  # set when a CATCH block starts: the message of what failed
+MAX_TOP = 1000  # RETRIEVE ... TOP k: the knowledge base's own limit on k (tisslm.kb.index.MAX_K)
 
 
 def parse_duration(text: str) -> float | None:
@@ -36,6 +37,8 @@ def _strings(node: ast.Node) -> Iterable[str]:
         case ast.Run(command=text) | ast.Log(text=text) | ast.Pause(text=text) | ast.RequestReview(text=text):
             yield text
         case ast.PromptAgent(prompt=text) | ast.Read(path=text) | ast.Directive(value=text):
+            yield text
+        case ast.Retrieve(query=text):
             yield text
         case ast.Write(path=path, content=content, interpolate=interpolate):
             yield path
@@ -66,7 +69,7 @@ def _uses(node: ast.Node) -> Iterable[tuple[str, ast.Span]]:
 
 def _defines(node: ast.Node) -> str | None:
     match node:
-        case ast.Var(name=name) | ast.Read(name=name) | ast.PromptAgent(into=name):
+        case ast.Var(name=name) | ast.Read(name=name) | ast.PromptAgent(into=name) | ast.Retrieve(into=name):
             return name
     return None
 
@@ -88,7 +91,8 @@ class _Checker:
             if name not in self.defined:
                 self.error(
                     span,
-                    f"undefined variable {name!r} (define it with VAR, READ ... AS, PROMPT_AGENT ... INTO or --var)",
+                    f"undefined variable {name!r} "
+                    "(define it with VAR, READ ... AS, PROMPT_AGENT ... INTO, RETRIEVE ... INTO or --var)",
                 )
         match node:
             case ast.Step() if in_step:
@@ -101,6 +105,8 @@ class _Checker:
                 isinstance(value, int) or str(value).isdigit()
             ):
                 self.error(node.span, f"{budget} wants a whole number, not {value!r}")
+            case ast.Retrieve(top=top) if top is not None and not 1 <= top <= MAX_TOP:
+                self.error(node.span, f"RETRIEVE ... TOP wants 1 to {MAX_TOP} chunks, not {top}")
             case ast.Parallel(body=body):
                 for child in body:
                     if not isinstance(child, ast.Run):

@@ -13,7 +13,7 @@ import os
 import re
 import sys
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
 import typer
 
@@ -21,12 +21,15 @@ from tisslm.agent import ast
 from tisslm.agent.adapter import make_adapter
 from tisslm.agent.audit import AuditLog, default_audit_path, sha256
 from tisslm.agent.checks import check, interpolated
-from tisslm.agent.engine import Engine, ScriptFailure
+from tisslm.agent.engine import DEFAULT_TOP, Engine, ScriptFailure
 from tisslm.agent.parser import TissSyntaxError, format_expr, parse_file
 from tisslm.agent.review import Reviewer
 from tisslm.agent.sandbox import SANDBOX_UID, Limits, make_sandbox
 from tisslm.agent.workspace import Workspace
 from tisslm.core.errors import TissLMError
+
+if TYPE_CHECKING:
+    from tisslm.kb import KnowledgeBase
 
 app = typer.Typer(
     add_completion=False,
@@ -100,6 +103,8 @@ def _risks(node: ast.Node, model_vars: set[str]) -> list[str]:
                 risks.append(f"writes model output ({', '.join(sorted(used))}) into a file")
         case ast.PromptAgent():
             risks.append("calls the model (counts against API_CALLS and TOKEN_COUNT)")
+        case ast.Retrieve():
+            risks.append("reads the knowledge base (needs --kb DIR)")
         case ast.Pause() | ast.RequestReview() | ast.Choose():
             risks.append("waits for a reviewer (or --approve-all / --deny-all)")
     return risks
@@ -119,6 +124,8 @@ def _describe(node: ast.Node) -> str:
             return f"{name} = {format_expr(expr)}"
         case ast.PromptAgent(prompt=prompt, into=into):
             return f"{prompt!r} -> {into}"
+        case ast.Retrieve(query=query, into=into, top=top):
+            return f"{query!r} -> {into} (top {DEFAULT_TOP if top is None else top})"
         case ast.SetBudget(budget=budget, value=value):
             return f"{budget} = {value}"
         case ast.Directive(name=name, value=value):
@@ -191,6 +198,13 @@ def plan_command(
 # ---- run -----------------------------------------------------------------------------------------
 
 
+def _open_kb(directory: Path) -> KnowledgeBase:
+    """The knowledge base for RETRIEVE, opened before anything runs: a bad --kb is a usage error."""
+    from tisslm.kb import KnowledgeBase  # only a run with --kb pays for importing the retrieval stack
+
+    return KnowledgeBase.open(directory)
+
+
 @app.command("run")
 def run_command(
     script: Script,
@@ -207,6 +221,9 @@ def run_command(
     deny_all: Annotated[bool, typer.Option("--deny-all", help="Deny every review (CI).")] = False,
     audit: Annotated[Path | None, typer.Option("--audit", help="Audit log (JSONL), outside the workspace.")] = None,
     seed: Annotated[int, typer.Option("--seed", help="Seed of the first model call (then +1 per call).")] = 0,
+    kb: Annotated[
+        Path | None, typer.Option("--kb", help="Knowledge base directory (tisslm kb build) for RETRIEVE.")
+    ] = None,
 ) -> None:
     """Run a script: RUN in the sandbox, READ/WRITE inside the workspace, every step audited."""
     if approve_all and deny_all:
@@ -215,6 +232,7 @@ def run_command(
         raise TissLMError("--timeout and --command-timeout must be positive")
     variables = _variables(var)
     parsed = load_checked(script, list(variables))
+    knowledge = _open_kb(kb) if kb is not None else None
     workspace.mkdir(parents=True, exist_ok=True)
     # A root caller's commands run as uid 65534 (see sandbox.py), so the workspace becomes theirs.
     owner = (SANDBOX_UID, SANDBOX_UID) if sandbox == "bwrap" and os.geteuid() == 0 else None
@@ -223,7 +241,8 @@ def run_command(
     box = make_sandbox(sandbox, space.root)
     log = AuditLog(audit or default_audit_path(script), space.root)
     source = script.read_text(encoding="utf-8")
-    log.record("script", path=str(script), sha256=sha256(source), variables=sorted(variables))
+    log.record("script", path=str(script), sha256=sha256(source), variables=sorted(variables),
+               kb=None if knowledge is None else str(knowledge.directory.resolve()))  # fmt: skip
     policy = "approve" if approve_all else "deny" if deny_all else "ask"
     engine = Engine(
         parsed,
@@ -232,6 +251,7 @@ def run_command(
         limits=Limits(timeout_s=command_timeout, cpu_s=math.ceil(command_timeout)),
         adapter=make_adapter(model, base_url),
         reviewer=Reviewer(policy),
+        kb=knowledge,
         audit=log,
         variables=variables,
         run_timeout_s=timeout,
@@ -245,4 +265,6 @@ def run_command(
         raise typer.Exit(1) from None
     finally:
         log.close()
+        if knowledge is not None:
+            knowledge.close()
     print(f"ok: {outcome.runs} commands; audit log: {log.path}")

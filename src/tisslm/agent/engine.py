@@ -9,6 +9,9 @@ failure a CATCH cannot swallow: a human stopping the agent must stop it.
 
 Values interpolated into a RUN command are shell-quoted (`shlex.quote`), so a variable holding a
 file's content or a model's answer is always one inert word, never shell syntax.
+
+RETRIEVE asks the knowledge base (`--kb DIR`, `tisslm.kb`) and stores its chunks as text, each
+under `# path:start-end name`, the most relevant last, ready to be interpolated into a prompt.
 """
 
 from __future__ import annotations
@@ -19,6 +22,7 @@ import time
 from collections.abc import Callable
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field, replace
+from typing import TYPE_CHECKING
 
 from tisslm.agent import ast
 from tisslm.agent.adapter import MAX_TOKENS, AdapterError, LocalModel, OpenAICompatible
@@ -30,9 +34,13 @@ from tisslm.agent.sandbox import Limits, RunResult, Sandbox, SandboxError, sandb
 from tisslm.agent.workspace import Workspace, WorkspaceRefusal
 from tisslm.core.errors import TissLMError
 
+if TYPE_CHECKING:
+    from tisslm.kb import Hit, KnowledgeBase
+
 Value = str | int | float | bool
 RUN_TIMEOUT_S = 3600.0
 DEFAULT_LIMITS = Limits()
+DEFAULT_TOP = 5  # chunks a RETRIEVE without TOP fetches
 
 
 class ScriptFailure(TissLMError):
@@ -88,6 +96,16 @@ def _number(value: Value) -> int | float | None:
         return None
 
 
+def retrieved_text(hits: list[Hit]) -> str:
+    """Chunks as RETRIEVE stores them: best first in, most relevant last out, each under its header
+    `# path:start-end name` (as `tisslm.kb.context` puts them before a prompt), a blank line between."""
+    blocks = []
+    for hit in reversed(hits):
+        body = hit.text.rstrip("\n")
+        blocks.append(f"# {hit.path}:{hit.start_line}-{hit.end_line} {hit.name}\n{body}\n")
+    return "\n".join(blocks)
+
+
 def _truthy(value: Value) -> bool:
     if isinstance(value, str):
         return value != ""
@@ -114,6 +132,7 @@ class Engine:
         limits: Limits = DEFAULT_LIMITS,
         adapter: LocalModel | OpenAICompatible | None = None,
         reviewer: Reviewer | None = None,
+        kb: KnowledgeBase | None = None,
         audit: AuditLog | None = None,
         variables: dict[str, Value] | None = None,
         run_timeout_s: float = RUN_TIMEOUT_S,
@@ -123,6 +142,7 @@ class Engine:
         self.script, self.workspace, self.sandbox = script, workspace, sandbox
         self.limits, self.adapter, self.audit, self.seed, self.say = limits, adapter, audit, seed, say
         self.reviewer = reviewer or Reviewer()
+        self.kb = kb
         self.variables: dict[str, Value] = dict(variables or {})
         self.directives: dict[str, str] = {}
         self.last_run: RunResult | None = None
@@ -372,6 +392,27 @@ class Engine:
                 node.span, "budget exhausted", f"TOKEN_COUNT: {self.budget.tokens_used} tokens used of {limit}"
             )
         return {"into": node.into, "calls_used": self.budget.calls_used, "tokens_used": self.budget.tokens_used}
+
+    def do_retrieve(self, node: ast.Retrieve):
+        query = self.interpolate(node.query, node.span)
+        if self.kb is None:
+            raise ScriptFailure(node.span, "no knowledge base", "RETRIEVE needs a knowledge base: pass --kb DIR")
+        top = DEFAULT_TOP if node.top is None else node.top
+        try:
+            hits = self.kb.search(query, k=top)
+        except TissLMError as err:
+            raise ScriptFailure(node.span, "retrieval failed", str(err)) from None
+        text = retrieved_text(hits)
+        self.variables[node.into] = text
+        self.say(f"retrieved {len(hits)} chunks for {query!r}")
+        for hit in hits:
+            self.say(f"  {hit.path}:{hit.start_line}-{hit.end_line} {hit.name}")
+        sources = [
+            {"path": h.path, "name": h.name, "lines": [h.start_line, h.end_line], "score": round(h.score, 6),
+             "sha256": sha256(h.text)}
+            for h in hits
+        ]  # fmt: skip
+        return {"query": query, "top": top, "into": node.into, "hits": sources, "sha256": sha256(text)}
 
     def do_setbudget(self, node: ast.SetBudget):
         if node.budget == "EXECUTION_TIME":

@@ -354,6 +354,10 @@ class _Build(Transformer):
     def prompt(self, meta, items):
         return ast.PromptAgent(_span(meta), items[0].value, str(items[1]))
 
+    def retrieve(self, meta, items):
+        top = int(items[2]) if len(items) > 2 else None
+        return ast.Retrieve(_span(meta), items[0].value, str(items[1]), top)
+
     def budget(self, meta, items):
         name, value = items
         if name not in BUDGETS:
@@ -527,6 +531,8 @@ def format_stmt(node: ast.Stmt | ast.Option, depth: int = 0) -> list[str]:
             return [f"{pad}VAR {name} = {format_expr(value)}"]
         case ast.PromptAgent(prompt=prompt, into=into):
             return [f"{pad}PROMPT_AGENT {quote(prompt)} INTO {into}"]
+        case ast.Retrieve(query=query, into=into, top=top):
+            return [f"{pad}RETRIEVE {quote(query)} INTO {into}" + ("" if top is None else f" TOP {top}")]
         case ast.SetBudget(budget=budget, value=value):
             return [f"{pad}SET_BUDGET {budget} = {quote(value) if isinstance(value, str) else value}"]
         case ast.Log(text=text):

@@ -3,11 +3,14 @@
 Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent events when
 `stream` is true), GET /v1/models, GET /health, GET /metrics (Prometheus), POST /v1/attention
 (per layer and head attention weights of a short text, for the page) and GET / (the page);
-GET /openapi.json describes them all, and /docs renders that description.
+with a knowledge base (`tisslm serve --kb`), POST /v1/retrieve (its best chunks for a query) and
+GET /v1/kb (what it holds), both 404 on a server without one. GET /openapi.json describes them
+all, and /docs renders that description.
 
 Every failure is answered with an OpenAI-style error body (`schemas.ErrorResponse`): the
 APIErrors of the routes and of `Serving` with their own status (400 for a bad body or prompt, 404
-for an unknown model, 413, 429 when the queue is full, 504 when a request outlives its timeout),
+for an unknown model or a missing knowledge base, 413, 429 when the queue is full, 504 when a
+request outlives its timeout),
 Starlette's 404 and 405 with theirs, and anything else as a 500.
 """
 
@@ -15,6 +18,7 @@ from __future__ import annotations
 
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
+from typing import TYPE_CHECKING
 
 from fastapi import FastAPI, Request
 from fastapi.responses import JSONResponse
@@ -32,11 +36,15 @@ from tisslm.serve.routes import ROUTERS
 from tisslm.serve.schemas import APIError
 from tisslm.serve.serving import Serving
 
+if TYPE_CHECKING:
+    from tisslm.kb import KnowledgeBase
+
 DESCRIPTION = "An OpenAI-compatible API over TissLM's continuous-batching engine, and a demo page."
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServeParams) -> FastAPI:
-    """The server's FastAPI app; it starts the engine when it starts and stops it when it stops."""
+def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServeParams, kb: KnowledgeBase | None = None) -> FastAPI:
+    """The server's FastAPI app; it starts the engine when it starts and stops it when it stops.
+    `kb`, an open knowledge base the caller keeps and closes, serves retrieval and grounding."""
     app = FastAPI(
         title="TissLM",
         version=__version__,
@@ -45,7 +53,7 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServeParams) -> F
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.serving = Serving(engine, tokenizer, settings)
+    app.state.serving = Serving(engine, tokenizer, settings, kb)
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(APIError, api_error)

@@ -56,9 +56,11 @@ def event_stream(chunk: type[BaseModel]) -> dict[int | str, dict[str, Any]]:
     return {200: {"content": {"text/event-stream": {"schema": event}}, "description": description}}
 
 
-def errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """The `responses` entries of the errors a route answers, each with the OpenAI-style error body."""
-    return {status: {"model": ErrorResponse, "description": ERRORS[status]} for status in statuses}
+def errors(*statuses: int, described: dict[int, str] | None = None) -> dict[int | str, dict[str, Any]]:
+    """The `responses` entries of the errors a route answers, each with the OpenAI-style error body;
+    `described` gives a route's own meaning of a status, where it differs from ERRORS'."""
+    descriptions = ERRORS | (described or {})
+    return {status: {"model": ErrorResponse, "description": descriptions[status]} for status in statuses}
 
 
 def add_components(app: FastAPI) -> None:

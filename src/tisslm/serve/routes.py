@@ -17,7 +17,7 @@ from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
 
 from tisslm.serve.metrics import ServeMetrics
-from tisslm.serve.openapi import errors, event_stream, request_body
+from tisslm.serve.openapi import ERRORS, errors, event_stream, request_body
 from tisslm.serve.schemas import (
     APIError,
     AttentionRequest,
@@ -29,7 +29,10 @@ from tisslm.serve.schemas import (
     CompletionRequest,
     CompletionResponse,
     Health,
+    KnowledgeBaseInfo,
     ModelList,
+    RetrieveRequest,
+    RetrieveResponse,
     parse_body,
 )
 from tisslm.serve.serving import Serving
@@ -83,13 +86,19 @@ def json_body(model: type[Model]) -> Callable[[Request, Serving], Awaitable[Mode
 CompletionBody = Annotated[CompletionRequest, Depends(json_body(CompletionRequest))]
 ChatBody = Annotated[ChatRequest, Depends(json_body(ChatRequest))]
 AttentionBody = Annotated[AttentionRequest, Depends(json_body(AttentionRequest))]
-GENERATION_ERRORS = errors(400, 404, 413, 429, 500, 503, 504)
+RetrieveBody = Annotated[RetrieveRequest, Depends(json_body(RetrieveRequest))]
+GROUNDING = {
+    400: ERRORS[400] + "; or `retrieve` was asked of a server without a knowledge base (code `no_knowledge_base`)"
+}
+GENERATION_ERRORS = errors(400, 404, 413, 429, 500, 503, 504, described=GROUNDING)
+NO_KB = {404: "The server has no knowledge base (it was started without `--kb`): code `no_knowledge_base`"}
 PROMETHEUS_TEXT = {"content": {ServeMetrics.content_type: {"schema": {"type": "string"}}}}
 
 completions = APIRouter(tags=["completions"])
 chat = APIRouter(tags=["chat"])
 models = APIRouter(tags=["models"])
 monitoring = APIRouter(tags=["monitoring"])
+knowledge = APIRouter(tags=["knowledge base"])
 web = APIRouter(tags=["web page"])
 
 
@@ -140,6 +149,23 @@ async def metrics(serving: ServingDep) -> Response:
     return Response(serving.metrics.render(), media_type=serving.metrics.content_type)
 
 
+@knowledge.post(
+    "/v1/retrieve",
+    response_model=RetrieveResponse,
+    responses=errors(400, 404, 413, described=NO_KB),
+    openapi_extra=request_body(RetrieveRequest),
+)
+async def retrieve(serving: ServingDep, body: RetrieveBody) -> RetrieveResponse:
+    """The `k` chunks of the knowledge base that best match `query`, best first (TissLM's extension)."""
+    return await serving.retrieve(body)
+
+
+@knowledge.get("/v1/kb", response_model=KnowledgeBaseInfo, responses=errors(404, described=NO_KB))
+async def knowledge_base(serving: ServingDep) -> KnowledgeBaseInfo:
+    """The knowledge base the server was started with: its documents, chunks and embedding model."""
+    return await serving.kb_info()
+
+
 @web.post(
     "/v1/attention",
     response_model=AttentionResponse,
@@ -157,4 +183,4 @@ async def index(serving: ServingDep) -> HTMLResponse:
     return HTMLResponse(serving.page)
 
 
-ROUTERS = (completions, chat, models, monitoring, web)
+ROUTERS = (completions, chat, models, monitoring, knowledge, web)

@@ -7,6 +7,12 @@ are not repeated here: they are `SamplingParams`', the schema `tisslm generate` 
 Responses are built from these models too, so the OpenAPI document describes what the server
 sends: a field always sent is required in its schema, and one sent only when it has a value (a
 stream's `usage`, a chat delta's `role`) is optional there and left out, never null, on the wire.
+
+Knowledge base (`tisslm serve --kb DIR`), TissLM's extensions: POST /v1/retrieve searches it
+(`RetrieveRequest` -> `RetrieveResponse`), GET /v1/kb describes it, and a completion or chat
+request with `retrieve` (`RetrieveOptions`) is grounded in it: the retrieved chunks are put before
+the prompt, and the answer (a stream: its first chunk) carries `sources` and `context_truncated`.
+A request without `retrieve` is OpenAI's, and so is its answer: the two fields are left out.
 """
 
 from __future__ import annotations
@@ -109,10 +115,31 @@ class _Sampling(_Strict):
             raise invalid(err, {"max_new_tokens": "max_tokens"}) from None
 
 
+RetrievalMode = Literal["fused", "bm25", "dense"]  # the knowledge base's modes (`KnowledgeBase.search`)
+MAX_RETRIEVE_K = 50
+
+
+class RetrieveOptions(_Strict):
+    """`retrieve` of a completion or chat request: ground the prompt in the server's knowledge base.
+
+    The `k` best chunks for `query` (by default the prompt, in chat the last user message) are put
+    before the prompt, the most relevant last, as many as fit the context budget: the smaller of
+    the server's max_prompt_tokens and the model's context less `max_tokens` (in chat without
+    `max_tokens`, less the server's max_tokens cap or half the context, whichever is smaller). The
+    prompt itself is never cut. `{}` asks for the defaults. Only for a server started with `--kb`
+    (else 400, code `no_knowledge_base`), and one prompt per request.
+    """
+
+    query: str | None = Field(None, min_length=1)
+    k: int = Field(5, ge=1, le=MAX_RETRIEVE_K)
+    mode: RetrievalMode = "fused"
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions: one choice per prompt (`n` is 1); `max_tokens` defaults to 16."""
 
     prompt: str | list[str] = Field(min_length=1)
+    retrieve: RetrieveOptions | None = None  # TissLM's extension: ground the prompt in the knowledge base
 
 
 class ChatMessage(_Strict):
@@ -125,6 +152,15 @@ class ChatRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens in chat
+    retrieve: RetrieveOptions | None = None  # TissLM's extension: ground the conversation in the knowledge base
+
+
+class RetrieveRequest(_Strict):
+    """POST /v1/retrieve: the `k` chunks of the server's knowledge base that best match `query`, best first."""
+
+    query: str = Field(min_length=1)
+    k: int = Field(5, ge=1, le=MAX_RETRIEVE_K)
+    mode: RetrievalMode = "fused"  # bm25 (words), dense (embeddings) or both fused by reciprocal rank
 
 
 class AttentionRequest(_Strict):
@@ -147,9 +183,9 @@ def _drop_default(schema: dict[str, Any]) -> None:
     schema.pop("default", None)
 
 
-def _sent_when_set() -> Any:
+def _sent_when_set(description: str | None = None) -> Any:
     """A field left out of the body while it is None: optional in the schema, and never null."""
-    return Field(None, exclude_if=lambda value: value is None, json_schema_extra=_drop_default)
+    return Field(None, exclude_if=lambda value: value is None, json_schema_extra=_drop_default, description=description)
 
 
 class _Response(BaseModel):
@@ -158,6 +194,43 @@ class _Response(BaseModel):
 
 
 FinishReason = Literal["stop", "length"]
+
+
+class Source(_Response):
+    """A chunk of the knowledge base: lines start_line..end_line (1-based, inclusive) of `path`."""
+
+    path: str  # relative to the indexed directory, or the clean corpus's document key
+    name: str  # the function, class or heading trail the chunk is, e.g. `module.Class.method`
+    start_line: int
+    end_line: int
+    score: float  # higher is better: reciprocal-rank fusion (fused), BM25 (bm25) or cosine (dense)
+
+
+class RetrievedChunk(Source):
+    text: str  # the chunk as indexed (secrets, emails and the like already replaced by <SECRET>, <EMAIL>, ...)
+
+
+class RetrieveResponse(_Response):
+    object: Literal["list"] = "list"
+    data: list[RetrievedChunk]  # best first
+
+
+class KnowledgeBaseInfo(_Response):
+    """GET /v1/kb: the knowledge base the server was started with (`--kb`)."""
+
+    object: Literal["knowledge_base"] = "knowledge_base"
+    documents: int
+    chunks: int
+    source_bytes: int  # of the documents indexed
+    built_at: str | None  # when the index was last built, ISO 8601
+    embedding_model: str | None
+
+
+SOURCES = (
+    "TissLM's extension, only in answers to a request with `retrieve` (in a stream: in its first chunk):"
+    " the knowledge base's chunks the prompt was grounded in, best first"
+)
+TRUNCATED = "TissLM's extension, sent with `sources`: true when some retrieved text did not fit the context budget"
 
 
 class Usage(_Response):
@@ -186,6 +259,8 @@ class CompletionResponse(_Answer):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage
+    sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
+    context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
 
 
 class CompletionChunk(_Answer):
@@ -194,6 +269,8 @@ class CompletionChunk(_Answer):
     object: Literal["text_completion"] = "text_completion"
     choices: list[CompletionChoice]
     usage: Usage | SkipJsonSchema[None] = _sent_when_set()
+    sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
+    context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
 
 
 class ChatReply(_Response):
@@ -212,6 +289,8 @@ class ChatCompletionResponse(_Answer):
     object: Literal["chat.completion"] = "chat.completion"
     choices: list[ChatChoice]
     usage: Usage
+    sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
+    context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
 
 
 class ChatDelta(_Response):
@@ -234,6 +313,8 @@ class ChatCompletionChunk(_Answer):
     object: Literal["chat.completion.chunk"] = "chat.completion.chunk"
     choices: list[ChatChunkChoice]
     usage: Usage | SkipJsonSchema[None] = _sent_when_set()
+    sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
+    context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
 
 
 class ModelCard(_Response):

@@ -1,17 +1,21 @@
-"""`tisslm serve`: load the model, start the engine, listen.
+"""`tisslm serve`: open the knowledge base, load the model, start the engine, listen.
 
 The socket is bound here, before uvicorn starts, so that a port in use is a one-line error
-(exit 2) and port 0 can report the port it got.
+(exit 2) and port 0 can report the port it got. The knowledge base (`--kb`) is opened first, and
+searched once, so that a missing or corrupt index, or an embedding model that cannot load, is a
+one-line error before anything else is loaded or the port opens.
 """
 
 from __future__ import annotations
 
 import socket
+from pathlib import Path
 
 from tisslm.core.config import ServeParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
+from tisslm.kb import KnowledgeBase
 from tisslm.serve.engine import Engine
 from tisslm.serve.source import resolve_model_dir
 
@@ -29,19 +33,36 @@ def bind(host: str, port: int) -> socket.socket:
     return sock
 
 
-def serve(model_spec: str, settings: ServeParams) -> None:
+def open_knowledge_base(directory: Path) -> KnowledgeBase:
+    """The index in `directory`, searched once: the embedding model loads now, not on the first request."""
+    kb = KnowledgeBase.open(directory)
+    try:
+        kb.search("warm up", k=1)
+    except BaseException:
+        kb.close()
+        raise
+    return kb
+
+
+def serve(model_spec: str, settings: ServeParams, kb_dir: Path | None = None) -> None:
     import uvicorn
 
     from tisslm.serve.app import create_app
 
-    model_dir = resolve_model_dir(model_spec)
-    model = TissLM.from_pretrained(model_dir).eval()
-    tokenizer = load_tokenizer(model_dir)
-    engine = Engine(model, settings.max_batch, settings.max_queue, vocab_limit=tokenizer.get_vocab_size())
-    app = create_app(engine, tokenizer, settings)
-    sock = bind(settings.host, settings.port)
-    host, port = sock.getsockname()[:2]
-    shown = f"[{host}]" if ":" in host else host
-    print(f"serving {model_dir} as {settings.model_name!r} on http://{shown}:{port}", flush=True)
-    config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
-    uvicorn.Server(config).run(sockets=[sock])
+    kb = open_knowledge_base(kb_dir) if kb_dir is not None else None
+    try:
+        model_dir = resolve_model_dir(model_spec)
+        model = TissLM.from_pretrained(model_dir).eval()
+        tokenizer = load_tokenizer(model_dir)
+        engine = Engine(model, settings.max_batch, settings.max_queue, vocab_limit=tokenizer.get_vocab_size())
+        app = create_app(engine, tokenizer, settings, kb)
+        sock = bind(settings.host, settings.port)
+        host, port = sock.getsockname()[:2]
+        shown = f"[{host}]" if ":" in host else host
+        with_kb = f" with the knowledge base {kb_dir}" if kb_dir is not None else ""
+        print(f"serving {model_dir} as {settings.model_name!r}{with_kb} on http://{shown}:{port}", flush=True)
+        config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
+        uvicorn.Server(config).run(sockets=[sock])
+    finally:
+        if kb is not None:
+            kb.close()

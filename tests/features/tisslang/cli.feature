@@ -101,3 +101,25 @@ Feature: The tisslm tiss command line
     When I run `tiss run review.tiss --workspace {workspace} --audit {audit}`
     Then the exit status is 1
     And stderr shows "needs a reviewer"
+
+  Scenario: run --kb gives RETRIEVE a knowledge base, plan flags it, and without --kb it fails at its line
+    Given the script file "ask.tiss":
+      """
+      #TISS!
+      RETRIEVE "turn a title into a URL slug" INTO context TOP 2
+      LOG "{{context}}"
+      """
+    When I run `tiss plan ask.tiss`
+    Then the exit status is 0
+    And stdout shows "ask.tiss:2:1  Retrieve 'turn a title into a URL slug' -> context (top 2)"
+    And stdout shows "! reads the knowledge base (needs --kb DIR)"
+    When I run `tiss run ask.tiss --workspace {workspace} --kb {kb} --audit {audit}`
+    Then the exit status is 0
+    And stdout shows "# slug.py:4-6 slug.slugify"
+    And the audit log records the retrieval of "turn a title into a URL slug" with 2 hits
+    When I run `tiss run ask.tiss --workspace {workspace} --audit {audit}`
+    Then the exit status is 1
+    And stderr shows "ask.tiss:2:1: no knowledge base: RETRIEVE needs a knowledge base: pass --kb DIR"
+    When I run `tiss run ask.tiss --workspace {workspace} --kb missing-kb`
+    Then the exit status is 2
+    And stderr shows "missing-kb/index.sqlite: no knowledge base here"

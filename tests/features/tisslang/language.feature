@@ -236,3 +236,18 @@ Feature: The TissLang language
       """
     When I run it with payload set to "$(touch pwned); touch pwned"
     Then it succeeds
+
+  Scenario: RETRIEVE puts the knowledge base's best chunks into a variable, the most relevant last
+    Given the script:
+      """
+      #TISS!
+      VAR thing = "title"
+      RETRIEVE "turn a {{thing}} into a URL slug" INTO context TOP 2
+      PROMPT_AGENT "{{context}}\nQuestion: how are slugs made?" INTO answer
+      """
+    When I run it with the knowledge base and the model answering "with hyphens"
+    Then it succeeds
+    And the output shows "retrieved 2 chunks for 'turn a title into a URL slug'"
+    And the variable context ends with the chunk "slug.py:4-6 slug.slugify"
+    And the model's prompt contains "# slug.py:4-6 slug.slugify\ndef slugify(title):"
+    And the model's prompt contains "\nQuestion: how are slugs made?"
