@@ -150,3 +150,14 @@ def test_corrupted_clean_table_fails_validation_naming_the_expectations(tmp_path
     assert "expect_column_values_to_not_match_regex_list(text)" in message
     assert "\n" not in message and err.value.exit_code == 1
     assert (tmp_path / "bad.json").exists()
+
+
+def test_importing_the_anonymiser_keeps_warnings_visible():
+    """detect_secrets captures warnings into logging on import; a process using the anonymiser must
+    still show them (the trainer warns about corrupt checkpoints that way)."""
+    import subprocess
+    import sys
+
+    code = "import warnings, tisslm.data.anonymize; warnings.warn('still visible')"
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert "UserWarning: still visible" in result.stderr

@@ -68,6 +68,15 @@ def test_evaluate_retrieval_reports_every_mode_and_the_baseline(small_stdlib_kb)
     (queries.parent / "bad.jsonl").write_text('{"id": "x"}\n')
     with pytest.raises(TissLMError, match=r"bad\.jsonl:1: a query needs"):
         evaluate_retrieval(kb_dir, queries.parent / "bad.jsonl")
+    # A corpus the query set is not about (a user's own code): nothing answerable, reported, no error.
+    (queries.parent / "elsewhere.jsonl").write_text(json.dumps({"id": "u", "query": "parse a URL",
+        "files": ["urllib/parse.py"], "names": ["urllib.parse.urlparse"]}) + "\n")  # fmt: skip
+    assert evaluate_retrieval(kb_dir, queries.parent / "elsewhere.jsonl") == {
+        "queries": 1,
+        "answerable": 0,
+        "without_module_name": 0,
+        "results": {},
+    }
 
 
 def test_context_gain_scores_the_same_bytes_with_and_without_context(small_stdlib_kb):

@@ -34,12 +34,13 @@ TINY_PARAMS = {
     "evaluate": {"prompts": ["def "], "max_new_tokens": 8},
     "quantize": {"decode_tokens": 8, "eval_documents": 5},
     "bias": {"bootstrap": 50},
+    "knowledge_base": {"context_documents": 2, "k": 2},
     "pipeline": {"retries": 1, "retry_delay_s": 1.0},
     "hpo": {"trial_steps": 12, "eval_interval": 3, "startup_trials": 1, "warmup_steps": 0,
             "search_space": {"train.lr": {"low": 0.001, "high": 0.03, "log": True},
                              "train.warmup_steps": {"choices": [1, 4]}}},
 }  # fmt: skip
-STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "quantize", "export",
+STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "knowledge_base", "quantize", "export",
           "model_card", "register"]  # fmt: skip
 
 
@@ -91,7 +92,8 @@ def workspace(tmp_path_factory, mlflow_server, prefect_harness):
     params = yaml.safe_load((project / "params.yaml").read_text())
     for section, values in TINY_PARAMS.items():
         params[section].update(values)
-    params["ingest"]["sources"] = [{"type": "dir", "path": str(corpus), "include": ["**/*.py"]}]
+    # Relative to the project, so document ids (and the train/val split) do not depend on the temp dir's name.
+    params["ingest"]["sources"] = [{"type": "dir", "path": "../corpus", "include": ["**/*.py"]}]
     (project / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     for command in (["git", "init", "-q"], ["git", "add", "-A"], ["git", "commit", "-qm", "tiny project"]):
         assert run(["git", "-c", "user.name=t", "-c", "user.email=t@t", *command[1:]], project).returncode == 0

@@ -8,6 +8,7 @@ a secret-like name. A model trained on the output must never be able to emit wha
 from __future__ import annotations
 
 import ipaddress
+import logging
 import re
 from collections import Counter
 from functools import cache
@@ -31,6 +32,10 @@ from detect_secrets.plugins.stripe import StripeDetector
 from detect_secrets.settings import default_settings
 
 from tisslm.core.config import AnonymizeParams
+
+# Importing detect_secrets calls logging.captureWarnings(True), which routes every warning of the
+# process into a logger nobody reads: a checkpoint skipped as corrupt would pass in silence.
+logging.captureWarnings(False)
 
 EMAIL, IP_ADDRESS, PHONE, SECRET = "<EMAIL>", "<IP_ADDRESS>", "<PHONE>", "<SECRET>"
 REDACTION_TYPES = ("EMAIL", "IP_ADDRESS", "PHONE", "SECRET")  # the placeholders, without brackets

@@ -148,7 +148,7 @@ Exports (parity checked in the pipeline): Hugging Face Llama (max logit differen
 and dense vectors fused by reciprocal rank. On {retrieval["answerable"]} answerable questions of the
 project's query set ({retrieval["without_module_name"]} without the module's name), file-level retrieval:
 
-{_table(("ranking", "recall@5", "MRR@10", "nDCG@10"), kb_rows)}
+{_table(("ranking", "recall@5", "MRR@10", "nDCG@10"), kb_rows) if kb_rows else "(no question of the query set is about this corpus)"}
 
 Retrieved context before held-out documents ({gain["documents"]} documents, {gain["window"]}-token windows):
 bits per byte {gain["bits_per_byte_without"]:.4f} without, {gain["bits_per_byte_with_context"]:.4f} with.
