@@ -34,14 +34,18 @@ def main() -> None:
     metrics = {
         "documents": build["documents"],
         "chunks": build["chunks"],
-        "build_seconds": build["seconds"],
+        "build_seconds": build["seconds"],  # incremental: only added and updated documents cost time
+        **{key: build[key] for key in ("added", "updated", "removed", "unchanged")},
         "skipped": build["skipped"],
         "redactions": build["redactions"],
         "retrieval": retrieval,
         "context_gain": gain,
     }
     atomic_write_json(paths.metrics, metrics)
-    print(f"knowledge_base: {build['documents']} documents, {build['chunks']} chunks in {build['seconds']:.1f} s")
+    print(
+        f"knowledge_base: {build['documents']} documents, {build['chunks']} chunks in {build['seconds']:.1f} s "
+        f"({build['added']} added, {build['updated']} updated, {build['removed']} removed, {build['unchanged']} unchanged)"
+    )
     mrr = {run: scores["file"]["mrr@10"] for run, scores in retrieval["results"].items()}
     print(
         f"knowledge_base: MRR@10 {', '.join(f'{run} {value:.3f}' for run, value in mrr.items())} over "

@@ -216,7 +216,7 @@ def _summarise(outcome) -> None:
         f"\nPipeline done in {outcome.seconds / 60:.1f} min: {ran} stages ran, {len(outcome.stages) - ran} up to date"
     )
     for stage in outcome.stages:
-        typer.echo(f"  {stage.stage:<11} {'ran' if stage.ran else 'up to date':<11} {stage.seconds:7.1f} s")
+        typer.echo(f"  {stage.stage:<15} {'ran' if stage.ran else 'up to date':<11} {stage.seconds:7.1f} s")
     from tisslm.release.registry import verdict
 
     decision = outcome.decision
