@@ -22,6 +22,7 @@ from tisslm.core.generate import complete
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
 from tisslm.kb.commands import app as kb_app
+from tisslm.safety.commands import app as audit_app
 
 app = typer.Typer(
     add_completion=False,
@@ -183,6 +184,10 @@ app.add_typer(tiss_app, name="tiss")
 
 app.add_typer(kb_app, name="kb")
 
+# ---- audit log: `audit verify` (the hash chain of `serve --audit-log`) ----
+
+app.add_typer(audit_app, name="audit")
+
 
 # ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
 
@@ -313,15 +318,32 @@ def serve(
         Path | None,
         typer.Option("--kb", help="Knowledge base (tisslm kb build): POST /v1/retrieve, grounded completions."),
     ] = None,
+    api_key: Annotated[
+        list[str] | None,
+        typer.Option("--api-key", help="Require `Authorization: Bearer KEY` on /v1/ routes (repeatable)."),
+    ] = None,
+    api_keys_file: Annotated[
+        Path | None, typer.Option("--api-keys-file", help="API keys, one per line (# comments).")
+    ] = None,
+    audit_log: Annotated[
+        Path | None, typer.Option("--audit-log", help="Append a hash-chained record of each /v1/ request (JSONL).")
+    ] = None,
+    audit_text: Annotated[
+        bool, typer.Option("--audit-text", help="Store the prompt and output text in the audit log, not only hashes.")
+    ] = False,
     params: ParamsFile = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
 
     Defaults in parentheses are keys of params.yaml. With --kb, a completion or chat request may
     ask for `retrieve` to have its prompt grounded in the knowledge base, and cite its sources.
+    With --api-key or --api-keys-file, /v1/ routes answer 401 without a key (/health, /metrics, the
+    page and /docs stay open; the page asks for the key). With --audit-log, each /v1/ request is
+    recorded (hashes, not text, unless --audit-text); `tisslm audit verify FILE` checks the chain.
     """
     from tisslm.core.config import ServeParams
     from tisslm.core.errors import parse
+    from tisslm.serve.access import read_keys_file
     from tisslm.serve.server import serve as run_server
 
     given = {
@@ -337,7 +359,10 @@ def serve(
     }
     base = _params(params, []).serve.model_dump()
     settings = parse(ServeParams, base | {k: v for k, v in given.items() if v is not None}, "tisslm serve")
-    run_server(model, settings, kb_dir=kb)
+    keys = [*(api_key or []), *(read_keys_file(api_keys_file) if api_keys_file is not None else [])]
+    if audit_text and audit_log is None:
+        raise TissLMError("--audit-text needs --audit-log FILE")
+    run_server(model, settings, kb_dir=kb, api_keys=keys, audit_log=audit_log, audit_text=audit_text)
 
 
 @app.command()

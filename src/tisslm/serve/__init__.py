@@ -7,5 +7,7 @@ over it; `jobs` carries one request's generations from the engine to a JSON body
 stream; `schemas` holds the request, response, chunk and error models, and `openapi` the parts
 of /openapi.json FastAPI cannot infer. `text` turns tokens into streamed text (and holds the
 chat template); `metrics` the Prometheus metrics; `attention` the attention maps of the page and
-of `tisslm attention`; `terminal` is `tisslm chat`; `server` is `tisslm serve`.
+of `tisslm attention`; `access` the API-key check on /v1 routes; `auditing` the per-request
+records of the hash-chained audit log (`tisslm.safety.audit`); `terminal` is `tisslm chat`;
+`server` is `tisslm serve`.
 """

@@ -5,7 +5,9 @@ Routes: POST /v1/completions and /v1/chat/completions (streamed as server-sent e
 (per layer and head attention weights of a short text, for the page) and GET / (the page);
 with a knowledge base (`tisslm serve --kb`), POST /v1/retrieve (its best chunks for a query) and
 GET /v1/kb (what it holds), both 404 on a server without one. GET /openapi.json describes them
-all, and /docs renders that description.
+all, and /docs renders that description. Started with API keys (`--api-key`), the /v1/ routes answer
+401 without one (`access`), and the document declares the bearer scheme; with `--audit-log`, each
+/v1/ request is recorded in a hash-chained log (`auditing`).
 
 Every failure is answered with an OpenAI-style error body (`schemas.ErrorResponse`): the
 APIErrors of the routes and of `Serving` with their own status (400 for a bad body or prompt, 404
@@ -16,7 +18,7 @@ Starlette's 404 and 405 with theirs, and anything else as a 500.
 
 from __future__ import annotations
 
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Sequence
 from contextlib import asynccontextmanager
 from typing import TYPE_CHECKING
 
@@ -29,9 +31,12 @@ from tokenizers import Tokenizer
 
 from tisslm import __version__
 from tisslm.core.config import ServeParams
+from tisslm.safety.audit import AuditLog
+from tisslm.serve.access import Authenticator
+from tisslm.serve.auditing import AuditTrail
 from tisslm.serve.engine import Engine
 from tisslm.serve.metrics import RequestMetrics
-from tisslm.serve.openapi import add_components
+from tisslm.serve.openapi import add_components, add_security
 from tisslm.serve.routes import ROUTERS
 from tisslm.serve.schemas import APIError
 from tisslm.serve.serving import Serving
@@ -42,9 +47,18 @@ if TYPE_CHECKING:
 DESCRIPTION = "An OpenAI-compatible API over TissLM's continuous-batching engine, and a demo page."
 
 
-def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServeParams, kb: KnowledgeBase | None = None) -> FastAPI:
+def create_app(
+    engine: Engine,
+    tokenizer: Tokenizer,
+    settings: ServeParams,
+    kb: KnowledgeBase | None = None,
+    api_keys: Sequence[str] = (),
+    audit: AuditLog | None = None,
+) -> FastAPI:
     """The server's FastAPI app; it starts the engine when it starts and stops it when it stops.
-    `kb`, an open knowledge base the caller keeps and closes, serves retrieval and grounding."""
+    `kb`, an open knowledge base the caller keeps and closes, serves retrieval and grounding. With
+    `api_keys`, the /v1/ routes need one of them as a bearer token (`access`); with `audit`, each
+    /v1/ request is recorded in that log (`auditing`), which the caller closes."""
     app = FastAPI(
         title="TissLM",
         version=__version__,
@@ -59,8 +73,14 @@ def create_app(engine: Engine, tokenizer: Tokenizer, settings: ServeParams, kb: 
     app.add_exception_handler(APIError, api_error)
     app.add_exception_handler(HTTPException, http_error)
     app.add_exception_handler(Exception, internal_error)
+    # The last added runs first: metrics count every answer (401s too), the audit records the refusals.
+    app.add_middleware(Authenticator, keys=list(api_keys))
+    if audit is not None:
+        app.add_middleware(AuditTrail, log=audit)
     app.add_middleware(RequestMetrics, metrics=engine.metrics, routes=served_paths())
     add_components(app)
+    if api_keys:
+        add_security(app)
     return app
 
 

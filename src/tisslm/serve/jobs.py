@@ -22,6 +22,7 @@ from tokenizers import Tokenizer
 
 from tisslm.core.errors import TissLMError
 from tisslm.core.sampling import SamplingParams
+from tisslm.serve.auditing import note
 from tisslm.serve.engine import Engine, EngineStopped, Event, Finished, QueueFull, Token
 from tisslm.serve.engine import Request as EngineRequest
 from tisslm.serve.schemas import APIError, ChatRequest, CompletionRequest, Usage
@@ -80,6 +81,7 @@ class Job:
         self.texts = [TextStream(tokenizer, stop_strings) for _ in prompts]
         self.prompt_tokens = sum(len(p) for p in prompts)
         self.completion_tokens = [0] * len(prompts)
+        self.outputs = [""] * len(prompts)  # each choice's text so far, for the audit log
         self.requests: list[EngineRequest] = []
         try:
             for index, prompt in enumerate(prompts):
@@ -145,7 +147,9 @@ class Job:
                 endings[index] = event.reason
             for index, text in pieces.items():
                 if any(text) or index in endings:
-                    yield Update(index, "".join(text), endings.get(index))
+                    joined = "".join(text)
+                    self.outputs[index] += joined
+                    yield Update(index, joined, endings.get(index))
 
 
 def _failure(event: Finished) -> APIError:
@@ -168,6 +172,7 @@ async def respond(
     request: Request, job: Job, shape: Shape, body: CompletionRequest | ChatRequest
 ) -> BaseModel | StreamingResponse:
     """Wait for all of the job's updates and answer once, or stream them as SSE chunks."""
+    note(request, job=job)
     watcher = asyncio.create_task(_cancel_on_disconnect(request, job))
     if not body.stream:
         try:

@@ -76,3 +76,30 @@ def add_components(app: FastAPI) -> None:
         return app.openapi_schema
 
     app.openapi = openapi  # type: ignore[method-assign]
+
+
+UNAUTHORIZED = "No `Authorization: Bearer KEY` header with one of the server's API keys (code `invalid_api_key`)"
+
+
+def add_security(app: FastAPI) -> None:
+    """Declare the bearer scheme of a server started with API keys: every /v1/ operation requires it
+    and may answer 401; the others (/health, /metrics, the page) stay open."""
+    build = app.openapi
+
+    def openapi() -> dict[str, Any]:
+        if app.openapi_schema is None:
+            document = build()
+            schemes = document.setdefault("components", {}).setdefault("securitySchemes", {})
+            schemes["bearer"] = {"type": "http", "scheme": "bearer", "description": "One of the server's API keys"}
+            for path, operations in document.get("paths", {}).items():
+                if path.startswith("/v1/"):
+                    for operation in operations.values():
+                        operation["security"] = [{"bearer": []}]
+                        response = {
+                            "description": UNAUTHORIZED,
+                            "content": {"application/json": {"schema": component(ErrorResponse, "serialization")}},
+                        }
+                        operation.setdefault("responses", {}).setdefault("401", response)
+        return app.openapi_schema
+
+    app.openapi = openapi  # type: ignore[method-assign]

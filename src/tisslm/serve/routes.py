@@ -16,6 +16,7 @@ from fastapi import APIRouter, Depends, Request, Response
 from fastapi.responses import HTMLResponse, StreamingResponse
 from pydantic import BaseModel
 
+from tisslm.serve.auditing import note
 from tisslm.serve.metrics import ServeMetrics
 from tisslm.serve.openapi import ERRORS, errors, event_stream, request_body
 from tisslm.serve.schemas import (
@@ -78,7 +79,9 @@ def json_body(model: type[Model]) -> Callable[[Request, Serving], Awaitable[Mode
     """A dependency giving the body validated as `model` (documented by `openapi.request_body`)."""
 
     async def parse(request: Request, serving: ServingDep) -> Model:
-        return parse_body(model, await read_json(request, serving.settings.max_body_bytes))
+        body = parse_body(model, await read_json(request, serving.settings.max_body_bytes))
+        note(request, body=body)
+        return body
 
     return parse
 

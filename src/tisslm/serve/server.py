@@ -3,12 +3,15 @@
 The socket is bound here, before uvicorn starts, so that a port in use is a one-line error
 (exit 2) and port 0 can report the port it got. The knowledge base (`--kb`) is opened first, and
 searched once, so that a missing or corrupt index, or an embedding model that cannot load, is a
-one-line error before anything else is loaded or the port opens.
+one-line error before anything else is loaded or the port opens. So is an audit log (`--audit-log`)
+whose last record is not intact: the server continues an existing log's chain. Listening beyond
+loopback without an API key prints a warning.
 """
 
 from __future__ import annotations
 
 import socket
+from collections.abc import Sequence
 from pathlib import Path
 
 from tisslm.core.config import ServeParams
@@ -16,6 +19,8 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
 from tisslm.kb import KnowledgeBase
+from tisslm.safety.audit import AuditLog
+from tisslm.serve.access import check_keys, is_loopback
 from tisslm.serve.engine import Engine
 from tisslm.serve.source import resolve_model_dir
 
@@ -44,25 +49,44 @@ def open_knowledge_base(directory: Path) -> KnowledgeBase:
     return kb
 
 
-def serve(model_spec: str, settings: ServeParams, kb_dir: Path | None = None) -> None:
+def serve(
+    model_spec: str,
+    settings: ServeParams,
+    kb_dir: Path | None = None,
+    api_keys: Sequence[str] = (),
+    audit_log: Path | None = None,
+    audit_text: bool = False,
+) -> None:
     import uvicorn
 
     from tisslm.serve.app import create_app
 
-    kb = open_knowledge_base(kb_dir) if kb_dir is not None else None
+    api_keys = check_keys(api_keys)
+    audit = AuditLog(audit_log, store_text=audit_text) if audit_log is not None else None
+    kb = None
     try:
+        kb = open_knowledge_base(kb_dir) if kb_dir is not None else None
         model_dir = resolve_model_dir(model_spec)
         model = TissLM.from_pretrained(model_dir).eval()
         tokenizer = load_tokenizer(model_dir)
         engine = Engine(model, settings.max_batch, settings.max_queue, vocab_limit=tokenizer.get_vocab_size())
-        app = create_app(engine, tokenizer, settings, kb)
+        app = create_app(engine, tokenizer, settings, kb, api_keys=api_keys, audit=audit)
         sock = bind(settings.host, settings.port)
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         with_kb = f" with the knowledge base {kb_dir}" if kb_dir is not None else ""
         print(f"serving {model_dir} as {settings.model_name!r}{with_kb} on http://{shown}:{port}", flush=True)
+        if not api_keys and not is_loopback(host):
+            print(f"warning: listening on {shown}, beyond this machine, without an API key (see --api-key)", flush=True)
+        if api_keys:
+            print(f"/v1/ routes need one of {len(api_keys)} API key(s)", flush=True)
+        if audit is not None:
+            text = ", with the text" if audit_text else ""
+            print(f"audit log {audit_log}{text}, continuing after seq {audit.seq}", flush=True)
         config = uvicorn.Config(app, log_level="info", timeout_graceful_shutdown=5, access_log=False)
         uvicorn.Server(config).run(sockets=[sock])
     finally:
         if kb is not None:
             kb.close()
+        if audit is not None:
+            audit.close()
