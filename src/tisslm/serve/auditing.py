@@ -20,6 +20,7 @@ from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from tisslm.safety.audit import AuditLog, sha256_text
+from tisslm.serve.metrics import StatusWatch
 
 AUDITED_PREFIX = "/v1/"
 # The body fields that hold text (the prompt, the conversation, the query), left out of `params`.
@@ -65,18 +66,11 @@ class AuditTrail:
         facts: dict[str, Any] = {}
         state = scope.setdefault("state", {})
         state[STATE_KEY] = facts
-        started, status = time.time(), 500
-
-        async def watch(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        started, watch = time.time(), StatusWatch(send)
         try:
             await self.app(scope, receive, watch)
         finally:
-            record = self.record(scope, facts, started, status)
+            record = self.record(scope, facts, started, watch.status)
             await run_in_threadpool(self.log.append, record)
 
     @staticmethod

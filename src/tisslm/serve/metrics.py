@@ -60,6 +60,19 @@ class ServeMetrics:
         return generate_latest(self.registry)
 
 
+class StatusWatch:
+    """An ASGI `send` that remembers the response status (500 until one is sent), for middleware
+    that records every request, failed ones included."""
+
+    def __init__(self, send):
+        self.status, self._send = 500, send
+
+    async def __call__(self, message) -> None:
+        if message["type"] == "http.response.start":
+            self.status = message["status"]
+        await self._send(message)
+
+
 class RequestMetrics:
     """ASGI middleware counting requests by route and status, and timing them to their last byte.
 
@@ -75,17 +88,11 @@ class RequestMetrics:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
-        started, status = time.perf_counter(), 500
+        started = time.perf_counter()
         route = scope["path"] if scope["path"] in self.routes else "other"
-
-        async def watch(message) -> None:
-            nonlocal status
-            if message["type"] == "http.response.start":
-                status = message["status"]
-            await send(message)
-
+        watch = StatusWatch(send)
         try:
             await self.app(scope, receive, watch)
         finally:
-            self.metrics.requests.labels(route, str(status)).inc()
+            self.metrics.requests.labels(route, str(watch.status)).inc()
             self.metrics.request_latency.labels(route).observe(time.perf_counter() - started)
