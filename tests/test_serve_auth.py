@@ -8,9 +8,9 @@ import httpx
 import openai
 import pytest
 from openai import OpenAI
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import expect
 from serving import ServerProcess, save_tiny_model
-from test_web import CHROMIUM, CHROMIUM_ARGS, TIMEOUT_MS
+from test_web import browser_page
 
 KEY = "sk-tisslm-first-0123456789"
 FILE_KEY = "sk-tisslm-from-file-abcdef"
@@ -74,11 +74,7 @@ def test_health_metrics_page_and_docs_stay_open(server):
 
 
 def test_the_page_sends_the_key_it_is_given(server):
-    with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page()
-        page.set_default_timeout(TIMEOUT_MS)
-        page.goto(server.url)
+    with browser_page(server.url) as page:
         expect(page.locator("#model-name")).to_contain_text("needs an API key")
         page.fill("#api-key", KEY)
         page.dispatch_event("#api-key", "change")
@@ -88,7 +84,6 @@ def test_the_page_sends_the_key_it_is_given(server):
         page.click("#generate")
         expect(page.locator("#status")).to_contain_text("done")
         assert page.evaluate("sessionStorage.getItem('tisslm-api-key')") == KEY
-        browser.close()
 
 
 def test_keys_never_reach_the_log_or_the_audit_file(server):

@@ -5,10 +5,12 @@ The screenshot lands in tests/artifacts/ (git-ignored), where CI can pick it up.
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-from playwright.sync_api import expect, sync_playwright
+from playwright.sync_api import Page, expect, sync_playwright
 from serving import KB_QUERY, ServerProcess, build_tiny_kb, save_tiny_model
 
 CHROMIUM = "/usr/bin/chromium"
@@ -24,6 +26,31 @@ CHROMIUM_ARGS = [
 ARTIFACTS = Path(__file__).parent / "artifacts"
 TIMEOUT_MS = 60_000
 
+
+@contextmanager
+def browser_page(url: str, width: int = 1400, height: int = 900) -> Iterator[Page]:
+    """The page at `url` in a fresh headless Chromium, closed afterwards."""
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        try:
+            page = browser.new_page(viewport={"width": width, "height": height})
+            page.set_default_timeout(TIMEOUT_MS)
+            page.goto(url)
+            yield page
+        finally:
+            browser.close()
+
+
+def save_screenshot(page: Page, name: str) -> Path:
+    """A full-page PNG in tests/artifacts/, for CI to collect."""
+    ARTIFACTS.mkdir(exist_ok=True)
+    screenshot = ARTIFACTS / name
+    page.screenshot(path=str(screenshot), full_page=True)
+    assert screenshot.read_bytes()[:4] == b"\x89PNG"
+    print(f"screenshot: {screenshot}")
+    return screenshot
+
+
 # Counts the changes to the generated text: a streamed answer arrives as many, not one.
 COUNT_UPDATES = """() => {
   window.textUpdates = 0;
@@ -35,11 +62,7 @@ COUNT_UPDATES = """() => {
 def test_page_streams_a_completion_and_draws_attention(tmp_path):
     server = ServerProcess(save_tiny_model(tmp_path / "model"), "--max-tokens", "400", workdir=tmp_path)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 1000})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url)
+        with browser_page(server.url, height=1000) as page:
             expect(page.locator("#model-name")).to_contain_text("tisslm")
             expect(page.locator("#kb-option")).to_be_hidden()  # no --kb: nothing to ground in
 
@@ -64,12 +87,7 @@ def test_page_streams_a_completion_and_draws_attention(tmp_path):
             page.locator("#attn-grid canvas").first.hover()
             expect(page.locator("#attn-tip")).to_contain_text("layer 0, head 0")
 
-            ARTIFACTS.mkdir(exist_ok=True)
-            screenshot = ARTIFACTS / "web_demo.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            browser.close()
-        assert screenshot.read_bytes()[:4] == b"\x89PNG"
-        print(f"screenshot: {screenshot}")
+            save_screenshot(page, "web_demo.png")
     finally:
         server.stop()
 
@@ -78,11 +96,7 @@ def test_page_shows_the_sources_of_a_grounded_completion(tmp_path):
     kb = build_tiny_kb(tmp_path / "corpus")
     server = ServerProcess(save_tiny_model(tmp_path / "model"), "--kb", str(kb), workdir=tmp_path)
     try:
-        with sync_playwright() as playwright:
-            browser = playwright.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-            page = browser.new_page(viewport={"width": 1400, "height": 900})
-            page.set_default_timeout(TIMEOUT_MS)
-            page.goto(server.url)
+        with browser_page(server.url) as page:
             expect(page.locator("#kb-option")).to_be_visible()
             expect(page.locator("#kb-info")).to_contain_text("4 documents")
 
@@ -114,11 +128,6 @@ def test_page_shows_the_sources_of_a_grounded_completion(tmp_path):
             page.click("#generate")
             expect(sources).to_have_count(len(direct["sources"]))
 
-            ARTIFACTS.mkdir(exist_ok=True)
-            screenshot = ARTIFACTS / "web_kb_sources.png"
-            page.screenshot(path=str(screenshot), full_page=True)
-            browser.close()
-        assert screenshot.read_bytes()[:4] == b"\x89PNG"
-        print(f"screenshot: {screenshot}")
+            save_screenshot(page, "web_kb_sources.png")
     finally:
         server.stop()
