@@ -99,10 +99,12 @@ def _number(value: Value) -> int | float | None:
 def retrieved_text(hits: list[Hit]) -> str:
     """Chunks as RETRIEVE stores them: best first in, most relevant last out, each under its header
     `# path:start-end name` (as `tisslm.kb.context` puts them before a prompt), a blank line between."""
+    from tisslm.kb.context import header  # the knowledge base loads only for scripts that retrieve
+
     blocks = []
     for hit in reversed(hits):
         body = hit.text.rstrip("\n")
-        blocks.append(f"# {hit.path}:{hit.start_line}-{hit.end_line} {hit.name}\n{body}\n")
+        blocks.append(f"{header(hit)}{body}\n")
     return "\n".join(blocks)
 
 
