@@ -1,4 +1,5 @@
-"""DVC stage `evaluate`: models/model on the val split of data/clean -> metrics/eval.json."""
+"""DVC stage `evaluate`: models/model on the val split of data/clean -> metrics/eval.json, with the
+calibration of its next-token predictions as DVC plot data and a reliability diagram."""
 
 from __future__ import annotations
 
@@ -11,17 +12,21 @@ from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
 from tisslm.data.tokens import read_meta, read_split
+from tisslm.eval.calibration import Calibration, write_reliability_csv, write_reliability_png
 from tisslm.eval.compression import COMPRESSORS, bits_per_byte
 from tisslm.eval.evaluate import evaluate_texts
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, ["clean", "tokens", "model", "metrics"])
+    paths = stage_paths(__doc__, ["clean", "tokens", "model", "metrics", "calibration", "reliability"])
     params = load_params()
     texts = read_split(paths.clean, params.tokenize.val_fraction)["val"]
     model, tokenizer = TissLM.from_pretrained(paths.model), load_tokenizer(paths.model)
     window = params.train.seq_len  # the context the model was trained at
-    val = evaluate_texts(model, tokenizer, texts, END_OF_TEXT, window, params.evaluate.batch_size)
+    calibration = Calibration(params.evaluate.calibration_bins)  # of the very predictions bits per byte scores
+    val = evaluate_texts(
+        model, tokenizer, texts, END_OF_TEXT, window, params.evaluate.batch_size, on_logits=calibration.update
+    )
     data = "".join(texts).encode("utf-8")
     baselines = {name: bits_per_byte(name, data) for name in COMPRESSORS}
     after_train = read_meta(paths.tokens)["val_baselines_bits_per_byte"]["xz_9e_after_train_text"]
@@ -33,12 +38,16 @@ def main() -> None:
         "val": val | {"window_tokens": window},
         "baselines_bits_per_byte": baselines,
         "beats_every_baseline": val["bits_per_byte"] < min(baselines.values()),
+        "calibration": calibration.metrics(),
         "samples": [{"prompt": p, "completion": c} for p, c in zip(prompts, completions, strict=True)],
     }
+    write_reliability_csv(calibration, paths.calibration)
+    write_reliability_png(calibration, paths.reliability)
     atomic_write_json(paths.metrics, metrics)
     best = min(baselines, key=baselines.get)
     print(
-        f"evaluate: val {val['bits_per_byte']:.3f} bits/byte over {val['documents']} documents; best baseline {best} {baselines[best]:.3f}"
+        f"evaluate: val {val['bits_per_byte']:.3f} bits/byte over {val['documents']} documents; "
+        f"best baseline {best} {baselines[best]:.3f}; ECE {metrics['calibration']['ece']:.4f} ({calibration.bins} bins)"
     )
 
 

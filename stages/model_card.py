@@ -20,6 +20,7 @@ SOURCES = (
     "kb",
     "quantize",
     "export",
+    "safety",
 )  # metrics the card reads
 
 

@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import itertools
+import json
 import os
 import re
 import subprocess
@@ -24,13 +26,52 @@ def save_tiny_model(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
+def save_chain_model(directory: Path, chain: str) -> Path:
+    """A byte-level model that, greedy or sampled, follows `chain`: after each character the next one
+    in it, after any other token the end of text. Attention and MLP write nothing, so the last
+    token alone decides, and its one-hot embedding picks one row of the head. Every character
+    of `chain` must have one successor (a character may repeat only if what follows it does too)."""
+    import torch
+
+    from tisslm.core.model import ModelConfig, TissLM
+
+    tokenizer = byte_level_tokenizer()
+    end = tokenizer.token_to_id("<|endoftext|>")
+    successor = {}
+    for a, b in itertools.pairwise(chain):
+        if successor.setdefault(a, b) != b:
+            raise ValueError(f"chain: {a!r} is followed by both {successor[a]!r} and {b!r}")
+    config = ModelConfig(vocab_size=257, d_model=264, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64,
+                         max_seq_len=512, tie_embeddings=False)  # fmt: skip
+    model = TissLM(config)
+    with torch.no_grad():
+        for parameter in model.parameters():
+            parameter.zero_()
+        model.norm.weight.fill_(1.0)
+        model.tok_emb.weight[:, : config.vocab_size].copy_(torch.eye(config.vocab_size))
+        for token in range(config.vocab_size):
+            text = tokenizer.decode([token])
+            following = successor.get(text) if len(text) == 1 else None
+            target = tokenizer.encode(following).ids[0] if following is not None else end
+            model.lm_head.weight[target, token] = 20.0
+    model.save_pretrained(directory, tokenizer=tokenizer)
+    return directory
+
+
 class ServerProcess:
     """`python -m tisslm.cli serve --port 0 ...`; the address is read from its first line of output."""
 
-    def __init__(self, model: str | Path, *args: str, workdir: Path, env: dict[str, str] | None = None):
+    def __init__(
+        self, model: str | Path, *args: str, workdir: Path, env: dict[str, str] | None = None, filtered: bool = False
+    ):
+        """`filtered`: with the content filter of params.yaml (workdir's, else the defaults). Off
+        by default: a random model's lines are no test of the filter, and its line-at-a-time
+        release would change what the streaming tests measure."""
         self.log_path = workdir / "server.log"
         self._log = self.log_path.open("w")
         command = [sys.executable, "-m", "tisslm.cli", "serve", "--model", str(model), "--port", "0", *args]
+        if not filtered:
+            command.append("--no-filter")
         self.process = subprocess.Popen(
             command, stdout=self._log, stderr=subprocess.STDOUT, cwd=workdir, env={**os.environ, **(env or {})}
         )
@@ -85,6 +126,15 @@ class ServerProcess:
             self.process.kill()
             self.process.wait()
         self._log.close()
+
+
+def stream_events(url: str, path: str, body: dict) -> list[dict]:
+    """The JSON events of a streamed answer, in order; it must end with [DONE]."""
+    with httpx.stream("POST", f"{url}{path}", json=body, timeout=60) as response:
+        assert response.status_code == 200, response.read()
+        lines = [line.removeprefix("data: ") for line in response.iter_lines() if line]
+    assert lines[-1] == "[DONE]"
+    return [json.loads(line) for line in lines[:-1]]
 
 
 # A small corpus for the knowledge-base tests: one planted function that a query about customs

@@ -14,7 +14,7 @@ from tisslm.release.card import datasheet, model_card
 REPO = Path(__file__).resolve().parents[1]
 CARD_SECTIONS = [
     "Model Details", "Uses", "Out-of-Scope Use", "Bias, Risks, and Limitations", "Training Details",
-    "Evaluation", "Quantization and Export", "Knowledge Base", "Environmental Impact", "How to Get Started",
+    "Evaluation", "Quantization and Export", "Knowledge Base", "Safety", "Environmental Impact", "How to Get Started",
 ]  # fmt: skip
 DATASHEET_SECTIONS = [
     "Motivation",
@@ -25,7 +25,7 @@ DATASHEET_SECTIONS = [
     "Distribution",
     "Maintenance",
 ]
-SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "kb", "quantize", "export")
+SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "kb", "quantize", "export", "safety")
 
 
 @pytest.fixture(scope="module")
@@ -51,6 +51,14 @@ def test_model_card_has_every_section_and_the_metrics_numbers(metrics):
     assert f"{metrics['train']['train_seconds'] / 60:.1f} minutes" in text
     fused = metrics["kb"]["retrieval"]["results"]["fused"]["file"]
     assert f"| fused | {fused['recall@5']:.3f} | {fused['mrr@10']:.3f} | {fused['ndcg@10']:.3f} |" in text
+    safety = metrics["safety"]
+    assert f"F1 {safety['filter']['overall']['f1']:.3f}" in text
+    for category, values in safety["filter"]["categories"].items():
+        assert f"| {category} | " in text and f" | {values['f1']:.3f} | {values['support']} |" in text
+    for length, rate in safety["watermark"]["detection_rate"].items():
+        assert f"{rate:.1%} at {length} tokens" in text
+    for goal, counts in safety["red_team"]["goals"].items():
+        assert f"| {goal} | {counts['prompts']} |" in text
     parsed = ModelCard(text).data  # the YAML block is valid Hugging Face card metadata
     assert parsed.license == "mit" and parsed.pipeline_tag == "text-generation"
     assert parsed.eval_results[0].metric_value == round(val["bits_per_byte"], 4)

@@ -8,6 +8,7 @@ import string
 import datasets
 import pytest
 from synthetic import WORDS, code_doc, code_line, planted_near_duplicates
+from test_anonymize import grouped, iban, luhn_valid
 
 from tisslm.core.config import AnonymizeParams, CleanParams, FilterParams
 from tisslm.core.errors import ValidationFailed
@@ -95,6 +96,22 @@ def canary(kind: str, rng: random.Random) -> tuple[str, str]:
     if kind == "ip":
         value = f"{rng.randint(11, 99)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}.{rng.randint(1, 254)}"
         return f"    server = connect('{value}', port=8080)", value
+    if kind == "resolver":  # public, and shaped like a version: the context says which
+        value = rng.choice(["8.8.8.8", "8.8.4.4", "1.1.1.1", "1.0.0.1", "9.9.9.9"])
+        return f"    {rng.choice(['dns', 'nameserver', 'resolver'])} = '{value}'", value
+    if kind == "phone":
+        value = rng.choice(
+            ["+44 20 7946 0958", "+49 30 901820", "+33 1 42 68 53 00", "+81 3-3224-5000", "(415) 555-0132"]
+        )
+        return f"    support_line = '{value}'  # weekdays", value
+    if kind == "card":
+        value = grouped(luhn_valid(rng.choice(["4", "51", "55", "6011"]), 16, rng), rng.choice([" ", "-", ""]))
+        return f"    charge(card_number='{value}', cents=1999)", value
+    if kind == "iban":
+        country, letters, digits = rng.choice([("DE", 0, 18), ("FR", 0, 23), ("NL", 4, 10), ("GB", 4, 14)])
+        bban = "".join(rng.choices(string.ascii_uppercase, k=letters) + rng.choices(string.digits, k=digits))
+        value = grouped(iban(country, bban), rng.choice([" ", ""]))
+        return f"    transfer(to_iban='{value}')", value
     if kind == "aws":
         value = "AKIA" + "".join(rng.choices(string.ascii_uppercase + string.digits, k=16))
         return f"    client = boto3.client('s3', aws_access_key_id='{value}')", value
@@ -111,7 +128,7 @@ def canary(kind: str, rng: random.Random) -> tuple[str, str]:
 
 def test_planted_canaries_are_all_removed_and_code_around_them_survives(tmp_path):
     rng = random.Random(2)
-    kinds = ["email", "ip", "aws", "github", "private_key", "password"]
+    kinds = ["email", "ip", "resolver", "phone", "card", "iban", "aws", "github", "private_key", "password"]
     texts, secrets, survivors = [], [], []
     for i in range(100):
         line, secret = canary(kinds[i % len(kinds)], rng)
@@ -125,14 +142,18 @@ def test_planted_canaries_are_all_removed_and_code_around_them_survives(tmp_path
     output = "\n".join(kept["text"])
     assert [s for s in secrets if s in output] == []
     assert [s for s in survivors if s not in output] == []
-    assert report.redactions["EMAIL"] >= 17 and report.redactions["IP_ADDRESS"] >= 17
-    assert report.redactions["SECRET"] >= 66
+    assert report.redactions["EMAIL"] == 10 and report.redactions["IP_ADDRESS"] == 20
+    assert (
+        report.redactions["PHONE"] == 10 and report.redactions["CARD_NUMBER"] == 10 and report.redactions["IBAN"] == 10
+    )
+    assert report.redactions["SECRET"] >= 40
     validate_table(kept.to_pandas(), "clean", clean_expectations(CleanParams(min_rows=100)), tmp_path / "v.json")
 
 
 def test_private_addresses_and_ordinary_numbers_are_left_alone():
     text = "host = '192.168.1.20'; lo = '127.0.0.1'; version = '2.7.2.2'; s = x[1::2]; t = 10.5 * 3\n"
-    assert anonymize(text, AnonymizeParams())[0] == text
+    text += "MAX = 2147483647; when = '2024-01-15'; n = 4111111111111112; bad = 'DE89370400440532013001'\n"
+    assert anonymize(text, AnonymizeParams()) == (text, {})
 
 
 def test_corrupted_clean_table_fails_validation_naming_the_expectations(tmp_path):

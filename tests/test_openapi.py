@@ -54,6 +54,7 @@ REQUEST_FIELDS = {
     "/v1/attention": "text",
     "/v1/retrieve": "query",
 }
+ASK = [{"role": "user", "content": "hi"}]
 ASK_KB = [{"role": "user", "content": KB_QUERY}]  # a chat grounded in the app's knowledge base
 STREAMED = {"/v1/completions": "CompletionChunk", "/v1/chat/completions": "ChatCompletionChunk"}
 
@@ -137,6 +138,12 @@ def test_json_routes_document_their_response_schemas(document):
         assert {"sources", "context_truncated"} <= set(model["properties"]) - set(model["required"]), name
     for name in ("CompletionRequest", "ChatRequest"):
         assert "retrieve" in resolve(document, {"$ref": f"#/components/schemas/{name}"})["properties"], name
+    scoring = {"CompletionRequest": {"logprobs", "echo"}, "ChatRequest": {"logprobs", "top_logprobs"}}
+    for name, fields in scoring.items():
+        assert fields <= set(resolve(document, {"$ref": f"#/components/schemas/{name}"})["properties"]), name
+    extensions = {"CompletionLogprobs": "entropies", "ChatTokenLogprob": "entropy"}  # TissLM's, documented
+    for name, field in extensions.items():
+        assert resolve(document, {"$ref": f"#/components/schemas/{name}"})["properties"][field]["description"]
     assert "text/html" in document["paths"]["/"]["get"]["responses"]["200"]["content"]
     assert any(t.startswith("text/plain") for t in document["paths"]["/metrics"]["get"]["responses"]["200"]["content"])
 
@@ -158,6 +165,11 @@ def documented_response(document: dict, method: str, path: str, status: int, med
         ("GET", "/v1/kb", None),
         ("POST", "/v1/completions", {"prompt": "def ", "max_tokens": 4, "retrieve": {"k": 2}}),
         ("POST", "/v1/chat/completions", {"messages": ASK_KB, "max_tokens": 4, "retrieve": {"mode": "bm25"}}),
+        ("POST", "/v1/completions", {"prompt": ["def ", "x"], "max_tokens": 4, "logprobs": 2, "echo": True}),
+        ("POST", "/v1/completions", {"prompt": "def f(x):", "max_tokens": 0, "logprobs": 1, "echo": True}),
+        ("POST", "/v1/chat/completions", {"messages": ASK, "max_tokens": 4, "logprobs": True, "top_logprobs": 2}),
+        ("POST", "/v1/chat/completions", {"messages": ASK, "top_logprobs": 2}),  # 400: logprobs not asked
+        ("POST", "/v1/completions", {"prompt": "x", "logprobs": 6}),  # 400
         ("POST", "/v1/completions", {"prompt": "x", "max_tokens": "8"}),  # 400
         ("POST", "/v1/chat/completions", {"model": "gpt-4", "messages": [{"role": "user", "content": "hi"}]}),  # 404
     ],
@@ -167,6 +179,8 @@ def test_real_answers_match_their_documented_schemas(url, document, method, path
     check(document, response.json(), documented_response(document, method, path, response.status_code))
     if body and "retrieve" in body:
         assert response.status_code == 200 and response.json()["sources"], response.text
+    if body and body.get("logprobs") is not None and response.status_code == 200:
+        assert all(choice["logprobs"] for choice in response.json()["choices"]), response.text
 
 
 @pytest.mark.parametrize(
@@ -176,6 +190,8 @@ def test_real_answers_match_their_documented_schemas(url, document, method, path
         ("/v1/chat/completions", {"messages": [{"role": "user", "content": "hi"}], "max_tokens": 8}),
         ("/v1/completions", {"prompt": "def ", "max_tokens": 8, "retrieve": {"query": KB_QUERY}}),
         ("/v1/chat/completions", {"messages": ASK_KB, "max_tokens": 8, "retrieve": {}}),
+        ("/v1/completions", {"prompt": "def ", "max_tokens": 8, "logprobs": 3, "echo": True}),
+        ("/v1/chat/completions", {"messages": ASK, "max_tokens": 8, "logprobs": True, "top_logprobs": 1}),
     ],
 )
 def test_streamed_events_match_the_documented_event_schema(url, document, path, body):
@@ -188,6 +204,8 @@ def test_streamed_events_match_the_documented_event_schema(url, document, path, 
         check(document, json.loads(line), event)
     if "retrieve" in body:
         assert json.loads(lines[0])["sources"]  # the first chunk cites the sources
+    if "logprobs" in body:
+        assert any(choice["logprobs"] for line in lines[:-1] for choice in json.loads(line)["choices"])
 
 
 def test_docs_page_renders_the_document(url):

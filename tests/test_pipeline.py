@@ -35,13 +35,14 @@ TINY_PARAMS = {
     "quantize": {"decode_tokens": 8, "eval_documents": 5},
     "bias": {"bootstrap": 50},
     "knowledge_base": {"context_documents": 2, "k": 2},
+    "safety": {"watermark_samples": 4, "watermark_lengths": [20, 40], "red_team_max_tokens": 8},
     "pipeline": {"retries": 1, "retry_delay_s": 1.0},
     "hpo": {"trial_steps": 12, "eval_interval": 3, "startup_trials": 1, "warmup_steps": 0,
             "search_space": {"train.lr": {"low": 0.001, "high": 0.03, "log": True},
                              "train.warmup_steps": {"choices": [1, 4]}}},
 }  # fmt: skip
-STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "knowledge_base", "quantize", "export",
-          "model_card", "register"]  # fmt: skip
+STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "knowledge_base", "safety",
+          "quantize", "export", "model_card", "register"]  # fmt: skip
 
 
 def run(args: list[str], cwd: Path) -> subprocess.CompletedProcess:

@@ -299,7 +299,7 @@ BAD_BODIES = [
     (b'{"prompt": "x", "n": 2}', 400, "invalid_value", "n"),
     (b'{"prompt": "x", "stream": "yes"}', 400, "invalid_value", "stream"),
     (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "invalid_value", "stop"),
-    (b'{"prompt": "x", "echo": true}', 400, "invalid_value", "echo"),
+    (b'{"prompt": "x", "echo": "yes"}', 400, "invalid_value", "echo"),
     (b'{"prompt": "x", "stream_options": {"include_usage": true}}', 400, None, "stream_options"),
     (b'{"prompt": ""}', 400, "invalid_value", "prompt"),
     (b'{"prompt": []}', 400, "invalid_value", "prompt"),

@@ -87,16 +87,16 @@ class FixedKB:
 
 
 class Answers:
-    """A model double that answers from a list, for the tests that need a known reply."""
+    """A model double that answers from a list, for the tests that need a known reply (and entropies)."""
 
     name = "answers"
 
-    def __init__(self, *replies: str):
-        self.replies, self.prompts = list(replies), []
+    def __init__(self, *replies: str, entropies: tuple[float, ...] = ()):
+        self.replies, self.prompts, self.entropies = list(replies), [], entropies
 
     def complete(self, prompt: str, max_tokens: int = 256, seed: int = 0) -> Completion:
         self.prompts.append(prompt)
-        return Completion(self.replies.pop(0), 10, 5)
+        return Completion(self.replies.pop(0), 10, 5, self.entropies)
 
 
 def test_a_failing_command_is_data_not_an_error(workspace):
@@ -157,6 +157,32 @@ def test_model_calls_and_tokens_are_budgeted(workspace):
     assert model.prompts == ["You are: a tester\nsay hi"]
     with pytest.raises(ScriptFailure, match="TOKEN_COUNT"):
         run_script('SET_BUDGET TOKEN_COUNT = 10\nPROMPT_AGENT "p" INTO a', workspace, adapter=Answers("x"))
+
+
+def test_last_prompt_entropies_can_be_asserted_and_are_audited(workspace, tmp_path):
+    audit = AuditLog(tmp_path / "audit.jsonl", workspace)
+    engine, said = run_script(
+        'PROMPT_AGENT "fix it" INTO fix\n'
+        "ASSERT LAST_PROMPT.MEAN_ENTROPY == 1.5 AND LAST_PROMPT.MAX_ENTROPY == 3\n"
+        'TRY { ASSERT LAST_PROMPT.MAX_ENTROPY < 2 } CATCH { LOG "unsure: {{LAST_ERROR}}" }\n'
+        "VAR confident = LAST_PROMPT.MEAN_ENTROPY < 2\n",
+        workspace,
+        adapter=Answers("patch", entropies=(0.5, 1.0, 3.0)),
+        audit=audit,
+    )
+    audit.close()
+    assert engine.variables["confident"] is True
+    assert "unsure: assertion failed: LAST_PROMPT.MAX_ENTROPY < 2" in said
+    events = read_audit(tmp_path / "audit.jsonl")
+    (call,) = [e for e in events if e["event"] == "model_call"]
+    (prompt,) = [e for e in events if e.get("type") == "PromptAgent"]
+    assert (call["mean_entropy"], call["max_entropy"]) == (prompt["mean_entropy"], prompt["max_entropy"]) == (1.5, 3.0)
+    run_script(
+        'PROMPT_AGENT "x" INTO x\nASSERT LAST_PROMPT.MAX_ENTROPY == 0', workspace, adapter=Answers("")
+    )  # no tokens
+    with pytest.raises(ScriptFailure) as failure:
+        run_script('LOG "x"\nASSERT LAST_PROMPT.MEAN_ENTROPY < 1', workspace)
+    assert (failure.value.kind, failure.value.span.line, failure.value.span.column) == ("no prompt yet", 3, 8)
 
 
 def test_a_retrieved_chunk_reaches_the_prompt(workspace, tiss_kb_open):
@@ -262,6 +288,8 @@ def test_local_model_adapter_is_seeded_and_counts_tokens(tiny_model_dir):
     model = LocalModel(tiny_model_dir)
     first, again = model.complete("def f(", 12, seed=5), model.complete("def f(", 12, seed=5)
     assert first == again and first.prompt_tokens == 6 and 1 <= first.completion_tokens <= 12
+    assert len(first.entropies) == first.completion_tokens and all(h > 0 for h in first.entropies)
+    assert first.max_entropy == max(first.entropies) and first.mean_entropy <= first.max_entropy
     assert [model.complete("def f(", 12, seed=s).text for s in range(4)] != [first.text] * 4
 
 
@@ -272,6 +300,10 @@ def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, works
         reply = adapter.complete("hello", 8, seed=3)
         assert reply == adapter.complete("hello", 8, seed=3)
         assert reply.prompt_tokens == 5 and 1 <= reply.completion_tokens <= 8
+        # The server scores its tokens as it decodes; the local model, in one pass afterwards: the same.
+        local = LocalModel(tiny_model_dir).complete("hello", 8, seed=3)
+        assert local.text == reply.text and len(local.entropies) == len(reply.entropies) > 0
+        assert all(abs(a - b) < 1e-4 for a, b in zip(local.entropies, reply.entropies, strict=True))
         engine, _ = run_script('PROMPT_AGENT "hello" INTO answer', workspace, adapter=adapter)
         assert isinstance(engine.variables["answer"], str) and engine.budget.calls_used == 1
     finally:

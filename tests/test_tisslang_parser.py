@@ -100,6 +100,9 @@ def test_expressions():
     (b,) = body('ASSERT FILE "out.txt" EXISTS OR LAST_RUN.STDOUT MATCHES "^ok$" OR 1.5 <= 2\n')
     assert b.condition.left.left == ast.FileExists(b.condition.left.left.span, "out.txt")
     assert b.condition.right.op == "<=" and b.condition.right.left.value == 1.5
+    (c,) = body("ASSERT LAST_PROMPT.MEAN_ENTROPY < 2.5 AND LAST_PROMPT.MAX_ENTROPY <= 4\n")
+    assert c.condition.left.left == ast.LastPrompt(c.condition.left.left.span, "MEAN_ENTROPY")
+    assert c.condition.right.left.field == "MAX_ENTROPY"
 
 
 def test_heredoc_fidelity():
@@ -120,6 +123,7 @@ def test_heredoc_fidelity():
     [
         ('RUN "a"\nRUNN "b"\n', [(3, 1, "unknown keyword 'RUNN'")]),
         ("ASSERT LAST_RUN.EXIT == 0\n", [(2, 17, "unexpected 'EXIT'")]),
+        ("ASSERT LAST_PROMPT.STDOUT == 0\n", [(2, 20, "expected MEAN_ENTROPY or MAX_ENTROPY")]),
         ('LOG "open\n', [(2, 5, "unterminated string")]),
         ('LOG "bad \\q"\n', [(2, 10, "unknown escape \\q")]),
         ('STEP "a" {\n  RUN "x"\n', [(2, 10, "never closed")]),
@@ -214,6 +218,7 @@ atoms = st.one_of(
     st.booleans().map(lambda b: _node(ast.Literal, b)),
     NAMES.map(lambda n: _node(ast.VarRef, n)),
     st.sampled_from(["EXIT_CODE", "STDOUT", "STDERR", "DURATION", "TIMED_OUT"]).map(lambda f: _node(ast.LastRun, f)),
+    st.sampled_from(["MEAN_ENTROPY", "MAX_ENTROPY"]).map(lambda f: _node(ast.LastPrompt, f)),
     TEXT.map(lambda t: _node(ast.FileExists, t)),
 )
 OPS = ["AND", "OR", "CONTAINS", "NOT CONTAINS", "MATCHES", "==", "!=", "<", "<=", ">", ">="]

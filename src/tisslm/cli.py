@@ -23,6 +23,9 @@ from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
 from tisslm.kb.commands import app as kb_app
 from tisslm.safety.commands import app as audit_app
+from tisslm.safety.commands import safety_app, watermark_app
+from tisslm.safety.filters import ContentFilter, Verdict
+from tisslm.safety.watermark import Watermark, watermark_key
 
 app = typer.Typer(
     add_completion=False,
@@ -68,24 +71,49 @@ def generate(
         typer.Option("--kb", help="Knowledge base (tisslm kb build): ground each prompt in retrieved chunks."),
     ] = None,
     kb_k: Annotated[int, typer.Option("--kb-k", help="Chunks to retrieve per prompt (with --kb).")] = 4,
+    watermark: Annotated[
+        bool | None,
+        typer.Option(
+            "--watermark/--no-watermark",
+            help="Watermark the continuation [params: safety.watermark.enabled]; "
+            "the key is TISSLM_WATERMARK_KEY, else safety.watermark.key.",
+        ),
+    ] = None,
     params: ParamsFile = None,
 ) -> None:
     """Continue one or more prompts and print prompt + continuation.
 
     With --kb, chunks retrieved for each prompt go before it (most relevant last) within the
-    model's context, and their sources are listed on stderr."""
+    model's context, and their sources are listed on stderr. With --watermark, `tisslm watermark
+    detect` can later tell the continuation came from a model holding the key."""
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
+    config = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
+    settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
     lm, tokenizer = _load_model(model), load_tokenizer(model)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
     )
-    completions = complete(lm, tokenizer, inputs, settings, use_cache=not no_cache)
+    marks = config.safety.watermark
+    use_watermark = marks.enabled if watermark is None else watermark
+    processor = Watermark(watermark_key(marks), marks, tokenizer.get_vocab_size()) if use_watermark else None
+    completions = complete(lm, tokenizer, inputs, settings, processor, use_cache=not no_cache)
+    content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
     for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
         if i:
             typer.echo("-" * 40)
-        typer.echo(text + completion)
+        verdict = content_filter.apply(completion)
+        typer.echo(text + verdict.text)
+        _report_filter(verdict)
+
+
+def _report_filter(verdict: Verdict) -> None:
+    """What the content filter did to an output, on stderr (stdout keeps only the text)."""
+    decisions = ", ".join(f"{d['category']} {d['action']} x{d['count']}" for d in verdict.decisions())
+    if verdict.blocked:
+        typer.echo(f"[content filter: output ended before blocked content; {decisions}]", err=True)
+    elif decisions:
+        typer.echo(f"[content filter: {decisions}]", err=True)
 
 
 def _grounded(kb_dir: Path, k: int, texts: list[str], tokenizer, budget_tokens: int) -> list[str]:
@@ -187,6 +215,14 @@ app.add_typer(kb_app, name="kb")
 # ---- audit log: `audit verify` (the hash chain of `serve --audit-log`) ----
 
 app.add_typer(audit_app, name="audit")
+
+# ---- watermark: `watermark detect` (the z-test of Kirchenbauer et al. 2023 on a text) ----
+
+app.add_typer(watermark_app, name="watermark")
+
+# ---- content filter: `safety scan` (what the filter finds in a text, and what the policy does) ----
+
+app.add_typer(safety_app, name="safety")
 
 
 # ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
@@ -331,6 +367,16 @@ def serve(
     audit_text: Annotated[
         bool, typer.Option("--audit-text", help="Store the prompt and output text in the audit log, not only hashes.")
     ] = False,
+    no_filter: Annotated[
+        bool, typer.Option("--no-filter", help="Serve without the content filter (safety.filters.policy).")
+    ] = False,
+    watermark: Annotated[
+        bool | None,
+        typer.Option(
+            "--watermark/--no-watermark",
+            help="Watermark every sampled token [safety.watermark.enabled]; key: TISSLM_WATERMARK_KEY, else params.",
+        ),
+    ] = None,
     params: ParamsFile = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
@@ -340,6 +386,8 @@ def serve(
     With --api-key or --api-keys-file, /v1/ routes answer 401 without a key (/health, /metrics, the
     page and /docs stay open; the page asks for the key). With --audit-log, each /v1/ request is
     recorded (hashes, not text, unless --audit-text); `tisslm audit verify FILE` checks the chain.
+    Prompts and outputs go through the content filter of safety.filters.policy unless --no-filter:
+    a blocked prompt is refused (400), a blocked output ends with finish_reason content_filter.
     """
     from tisslm.core.config import ServeParams
     from tisslm.core.errors import parse
@@ -357,12 +405,20 @@ def serve(
         "request_timeout_s": timeout,
         "max_body_bytes": max_body_bytes,
     }
-    base = _params(params, []).serve.model_dump()
-    settings = parse(ServeParams, base | {k: v for k, v in given.items() if v is not None}, "tisslm serve")
+    config = _params(params, [])
+    settings = parse(
+        ServeParams, config.serve.model_dump() | {k: v for k, v in given.items() if v is not None}, "tisslm serve"
+    )
     keys = [*(api_key or []), *(read_keys_file(api_keys_file) if api_keys_file is not None else [])]
     if audit_text and audit_log is None:
         raise TissLMError("--audit-text needs --audit-log FILE")
-    run_server(model, settings, kb_dir=kb, api_keys=keys, audit_log=audit_log, audit_text=audit_text)
+    content_filter = None if no_filter else ContentFilter(config.safety.filters, config.clean.anonymize)
+    marks = config.safety.watermark
+    key = watermark_key(marks) if (marks.enabled if watermark is None else watermark) else None
+    run_server(
+        model, settings, kb_dir=kb, api_keys=keys, audit_log=audit_log, audit_text=audit_text,
+        content_filter=content_filter, watermark=marks if key is not None else None, watermark_key=key,
+    )  # fmt: skip
 
 
 @app.command()
@@ -380,7 +436,8 @@ def chat(
     from tisslm.serve.terminal import chat_session
 
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    settings = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None]).generate
+    config = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
+    settings = config.generate
     lm = _load_model(model)
     tokenizer = load_tokenizer(model)
 
@@ -389,7 +446,8 @@ def chat(
         sys.stdout.flush()
 
     typer.echo(f"chatting with {model} (/reset forgets, /exit or Ctrl-D leaves)")
-    chat_session(lm, tokenizer, settings, system, read=input, write=write)
+    content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
+    chat_session(lm, tokenizer, settings, system, read=input, write=write, content_filter=content_filter)
 
 
 @app.command()

@@ -5,17 +5,29 @@ Two ways through it, with one contract: a prompt in, text and token counts out, 
   that scripts without PROMPT_AGENT never pay for it.
 - `OpenAICompatible`: any server with `POST /v1/completions` (`tisslm serve`, vLLM, llama.cpp).
 Token counts feed the run's TOKEN_COUNT budget, so both report them.
+
+Both also report how unsure the model was: the entropy (nats) of the model's distribution at
+each token of the answer, log_softmax of its logits over the tokenizer's vocabulary before the
+temperature (what `tisslm serve` reports as `entropies`). The local model gets them from one
+teacher-forced forward pass over prompt and answer after generating; the server adapter asks for
+`logprobs: 0` and reads the `entropies` extension (a server without it gives none).
 """
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
+from statistics import fmean
+from typing import TYPE_CHECKING
 
 import httpx
 
 from tisslm.core.errors import TissLMError
+
+if TYPE_CHECKING:
+    from tisslm.core.model import TissLM
 
 DEFAULT_MODEL_DIR = "models/model"
 MAX_TOKENS = 256
@@ -33,6 +45,17 @@ class Completion:
     text: str
     prompt_tokens: int
     completion_tokens: int
+    entropies: tuple[float, ...] = ()  # of each token of `text`, in nats (see the module's docstring)
+
+    @property
+    def mean_entropy(self) -> float:
+        """The answer's mean token entropy; 0 for an answer without tokens."""
+        return fmean(self.entropies) if self.entropies else 0.0
+
+    @property
+    def max_entropy(self) -> float:
+        """The entropy of the answer's least certain token; 0 for an answer without tokens."""
+        return max(self.entropies, default=0.0)
 
 
 class LocalModel:
@@ -68,7 +91,23 @@ class LocalModel:
             stop_tokens=stop,
             vocab_limit=tokenizer.get_vocab_size(),
         )[0]
-        return Completion(tokenizer.decode(out), len(ids), len(out))
+        entropies = token_entropies(model, ids, out, tokenizer.get_vocab_size())
+        return Completion(tokenizer.decode(out), len(ids), len(out), entropies)
+
+
+def token_entropies(model: TissLM, prompt: Sequence[int], answer: Sequence[int], vocab_size: int) -> tuple[float, ...]:
+    """The entropy of the model's distribution at each token of `answer` after `prompt`, from one
+    teacher-forced forward pass (a causal model's logits at a position are those of generation)."""
+    import torch
+
+    if not answer:
+        return ()
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        idx = torch.tensor([[*prompt, *answer]], dtype=torch.long, device=device)  # (1, P + N)
+        logits = model(idx)[0, len(prompt) - 1 : -1, :vocab_size]  # (N, vocab_size): each answer token's step
+        probs = logits.float().softmax(dim=-1)
+        return tuple(torch.special.entr(probs).sum(dim=-1).tolist())  # -sum p log p, with 0 log 0 = 0
 
 
 class OpenAICompatible:
@@ -79,7 +118,7 @@ class OpenAICompatible:
         self.timeout_s = timeout_s
 
     def complete(self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0) -> Completion:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed}
+        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed, "logprobs": 0}
         try:
             response = httpx.post(self.url, json=body, timeout=self.timeout_s)
         except httpx.HTTPError as err:
@@ -88,14 +127,15 @@ class OpenAICompatible:
             raise AdapterError(f"{self.url}: HTTP {response.status_code}: {response.text[:200]}")
         try:
             reply = response.json()
-            text = reply["choices"][0]["text"]
-        except (ValueError, KeyError, IndexError, TypeError):
+            choice = reply["choices"][0]
+            text = choice["text"]
+            entropies = tuple(float(h) for h in (choice.get("logprobs") or {}).get("entropies") or ())
+        except (ValueError, KeyError, IndexError, TypeError, AttributeError):
             raise AdapterError(f"{self.url}: not an OpenAI completions reply: {response.text[:200]}") from None
         usage = reply.get("usage") or {}
         # A server that reports no usage is charged a rough 4 characters per token.
-        return Completion(
-            text, usage.get("prompt_tokens", len(prompt) // 4 + 1), usage.get("completion_tokens", len(text) // 4 + 1)
-        )
+        prompt_tokens = usage.get("prompt_tokens", len(prompt) // 4 + 1)
+        return Completion(text, prompt_tokens, usage.get("completion_tokens", len(text) // 4 + 1), entropies)
 
 
 def make_adapter(model: str | Path | None, base_url: str | None) -> LocalModel | OpenAICompatible:

@@ -73,6 +73,11 @@ class LastRun(Node):
 
 
 @dataclass(frozen=True)
+class LastPrompt(Node):
+    field: str  # MEAN_ENTROPY, MAX_ENTROPY: of the latest PROMPT_AGENT's answer
+
+
+@dataclass(frozen=True)
 class FileExists(Node):
     path: str
 
@@ -96,7 +101,7 @@ class IsEmpty(Node):
     operand: Expr
 
 
-Expr = Literal | VarRef | LastRun | FileExists | Binary | Not | IsEmpty
+Expr = Literal | VarRef | LastRun | LastPrompt | FileExists | Binary | Not | IsEmpty
 
 
 # ---- commands ------------------------------------------------------------------------------------

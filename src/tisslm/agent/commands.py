@@ -198,6 +198,15 @@ def plan_command(
 # ---- run -----------------------------------------------------------------------------------------
 
 
+def _content_filter():
+    """The content filter of ./params.yaml (else the defaults), which every PROMPT_AGENT answer goes through."""
+    from tisslm.core.config import DEFAULT_PARAMS, load_params
+    from tisslm.safety.filters import ContentFilter
+
+    params = load_params(DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
+    return ContentFilter(params.safety.filters, params.clean.anonymize)
+
+
 def _open_kb(directory: Path) -> KnowledgeBase:
     """The knowledge base for RETRIEVE, opened before anything runs: a bad --kb is a usage error."""
     from tisslm.kb import KnowledgeBase  # only a run with --kb pays for importing the retrieval stack
@@ -256,6 +265,7 @@ def run_command(
         variables=variables,
         run_timeout_s=timeout,
         seed=seed,
+        content_filter=_content_filter(),
     )
     try:
         outcome = engine.run()

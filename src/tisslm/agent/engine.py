@@ -12,6 +12,11 @@ file's content or a model's answer is always one inert word, never shell syntax.
 
 RETRIEVE asks the knowledge base (`--kb DIR`, `tisslm.kb`) and stores its chunks as text, each
 under `# path:start-end name`, the most relevant last, ready to be interpolated into a prompt.
+
+LAST_PROMPT is the latest PROMPT_AGENT's answer, as LAST_RUN is the latest RUN's result: its
+MEAN_ENTROPY and MAX_ENTROPY (nats, of the model's distribution at each token of the answer) say
+how unsure the model was, so that a script can check an answer before it trusts it; the audit
+log records both with each model call and PROMPT_AGENT.
 """
 
 from __future__ import annotations
@@ -25,7 +30,7 @@ from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING
 
 from tisslm.agent import ast
-from tisslm.agent.adapter import MAX_TOKENS, AdapterError, LocalModel, OpenAICompatible
+from tisslm.agent.adapter import MAX_TOKENS, AdapterError, Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, sha256
 from tisslm.agent.checks import INTERPOLATION, parse_duration
 from tisslm.agent.parser import Diagnostic, format_expr
@@ -36,6 +41,7 @@ from tisslm.core.errors import TissLMError
 
 if TYPE_CHECKING:
     from tisslm.kb import Hit, KnowledgeBase
+    from tisslm.safety.filters import ContentFilter
 
 Value = str | int | float | bool
 RUN_TIMEOUT_S = 3600.0
@@ -108,6 +114,11 @@ def retrieved_text(hits: list[Hit]) -> str:
     return "\n".join(blocks)
 
 
+def _entropy(reply: Completion) -> dict[str, float]:
+    """An answer's entropies as the audit log records them."""
+    return {"mean_entropy": round(reply.mean_entropy, 6), "max_entropy": round(reply.max_entropy, 6)}
+
+
 def _truthy(value: Value) -> bool:
     if isinstance(value, str):
         return value != ""
@@ -138,16 +149,19 @@ class Engine:
         audit: AuditLog | None = None,
         variables: dict[str, Value] | None = None,
         run_timeout_s: float = RUN_TIMEOUT_S,
+        content_filter: ContentFilter | None = None,
         seed: int = 0,
         say: Callable[[str], None] = print,
     ):
         self.script, self.workspace, self.sandbox = script, workspace, sandbox
         self.limits, self.adapter, self.audit, self.seed, self.say = limits, adapter, audit, seed, say
+        self.content_filter = content_filter
         self.reviewer = reviewer or Reviewer()
         self.kb = kb
         self.variables: dict[str, Value] = dict(variables or {})
         self.directives: dict[str, str] = {}
         self.last_run: RunResult | None = None
+        self.last_prompt: Completion | None = None  # the latest PROMPT_AGENT's answer
         self.written: list[str] = []  # paths WRITE has written, shown to a REQUEST_REVIEW
         self.run_timeout_s = run_timeout_s
         self.outcome = Outcome(self.variables, None)
@@ -277,7 +291,7 @@ class Engine:
 
     def _model_choice(self, labels: list[str]) -> Decision:
         listing = "\n".join(f"{i}. {label}" for i, label in enumerate(labels, 1))
-        answer = self._complete(f"Choose one option by its number.\n{listing}\nAnswer: ", 8)
+        answer = self._complete(f"Choose one option by its number.\n{listing}\nAnswer: ", 8).text
         found = re.search(r"\d+", answer)
         number = int(found.group()) if found else 0
         if 1 <= number <= len(labels):
@@ -362,7 +376,7 @@ class Engine:
         self.variables[node.name] = self.evaluate(node.value)
         return {"name": node.name}
 
-    def _complete(self, prompt: str, max_tokens: int = MAX_TOKENS) -> str:
+    def _complete(self, prompt: str, max_tokens: int = MAX_TOKENS) -> Completion:
         budget = self.budget
         if budget.api_calls is not None and budget.calls_used >= budget.api_calls:
             raise AdapterError(f"API_CALLS budget of {budget.api_calls} is used up")
@@ -371,10 +385,15 @@ class Engine:
         reply = self.adapter.complete(prompt, max_tokens, seed=self.seed + budget.calls_used)
         budget.calls_used += 1
         budget.tokens_used += reply.prompt_tokens + reply.completion_tokens
+        decisions = []
+        if self.content_filter is not None:  # the answer as the policy lets it out, before any step uses it
+            verdict = self.content_filter.apply(reply.text)
+            reply, decisions = replace(reply, text=verdict.text), verdict.decisions()
         self._record("model_call", model=self.adapter.name, prompt_sha256=sha256(prompt),
                      reply_sha256=sha256(reply.text), prompt_tokens=reply.prompt_tokens,
-                     completion_tokens=reply.completion_tokens)  # fmt: skip
-        return reply.text
+                     completion_tokens=reply.completion_tokens, content_filter=decisions,
+                     **_entropy(reply))  # fmt: skip
+        return reply
 
     def do_promptagent(self, node: ast.PromptAgent):
         prompt = self.interpolate(node.prompt, node.span)
@@ -384,16 +403,18 @@ class Engine:
             if key in self.directives
         )
         try:
-            self.variables[node.into] = self._complete(preamble + prompt)
+            self.last_prompt = self._complete(preamble + prompt)
         except AdapterError as err:
             kind = "budget exhausted" if "budget" in str(err) else "model failed"
             raise ScriptFailure(node.span, kind, str(err)) from None
+        self.variables[node.into] = self.last_prompt.text
         limit = self.budget.token_count
         if limit is not None and self.budget.tokens_used > limit:
             raise ScriptFailure(
                 node.span, "budget exhausted", f"TOKEN_COUNT: {self.budget.tokens_used} tokens used of {limit}"
             )
-        return {"into": node.into, "calls_used": self.budget.calls_used, "tokens_used": self.budget.tokens_used}
+        used = {"calls_used": self.budget.calls_used, "tokens_used": self.budget.tokens_used}
+        return {"into": node.into, **used, **_entropy(self.last_prompt)}
 
     def do_retrieve(self, node: ast.Retrieve):
         query = self.interpolate(node.query, node.span)
@@ -473,6 +494,11 @@ class Engine:
                     raise ScriptFailure(node.span, "no command yet", f"LAST_RUN.{name} before any RUN")
                 return {"EXIT_CODE": run.exit_code, "STDOUT": run.stdout, "STDERR": run.stderr,
                         "DURATION": run.duration, "TIMED_OUT": run.timed_out}[name]  # fmt: skip
+            case ast.LastPrompt(field=name):
+                reply = self.last_prompt
+                if reply is None:
+                    raise ScriptFailure(node.span, "no prompt yet", f"LAST_PROMPT.{name} before any PROMPT_AGENT")
+                return {"MEAN_ENTROPY": reply.mean_entropy, "MAX_ENTROPY": reply.max_entropy}[name]
             case ast.FileExists(path=path):
                 return self.workspace.exists(self.interpolate(path, node.span))
             case ast.Not(operand=operand):

@@ -141,6 +141,7 @@ _FRIENDLY = {
     "DIRECTIVE": "@directive",
     "COMPARE": "a comparison",
     "FIELD": "EXIT_CODE, STDOUT, STDERR, DURATION or TIMED_OUT",
+    "PROMPT_FIELD": "MEAN_ENTROPY or MAX_ENTROPY",
 }
 
 
@@ -425,6 +426,9 @@ class _Build(Transformer):
     def last_run(self, meta, items):
         return ast.LastRun(_span(meta), str(items[0]))
 
+    def last_prompt(self, meta, items):
+        return ast.LastPrompt(_span(meta), str(items[0]))
+
     def file_exists(self, meta, items):
         return ast.FileExists(_span(meta), items[0].value)
 
@@ -489,6 +493,8 @@ def format_expr(node: ast.Expr) -> str:
             return name
         case ast.LastRun(field=field):
             return f"LAST_RUN.{field}"
+        case ast.LastPrompt(field=field):
+            return f"LAST_PROMPT.{field}"
         case ast.FileExists(path=path):
             return f"FILE {quote(path)} EXISTS"
         case ast.Not(operand=operand):

@@ -93,7 +93,9 @@ class DedupParams(_Section):
 class AnonymizeParams(_Section):
     emails: bool = True
     ip_addresses: bool = True  # public IPv4 and IPv6 only; private and loopback stay
-    phone_numbers: bool = True
+    phone_numbers: bool = True  # national and international numbers that phonenumbers finds valid
+    payment_cards: bool = True  # card numbers that pass the Luhn check
+    ibans: bool = True  # IBANs whose mod-97 checksum holds
     secrets: bool = True  # keys, tokens, private key blocks, passwords (detect-secrets plugins)
 
 
@@ -147,6 +149,7 @@ class EvaluateParams(_Section):
     batch_size: PositiveInt = 16  # windows scored per forward pass
     prompts: list[str] = ["def ", "import os\n", "class Config:\n    def __init__(self"]  # completed greedily
     max_new_tokens: PositiveInt = 64  # length of each completion
+    calibration_bins: PositiveInt = 15  # equal-width confidence bins of the expected calibration error
 
 
 class ExportParams(_Section):
@@ -246,6 +249,52 @@ class HpoParams(_Section):
     }
 
 
+FilterAction = Literal["allow", "flag", "redact", "block"]
+
+
+class FilterPolicy(_Section):
+    """What the content filter does with each category it finds, in prompts and in outputs alike.
+
+    allow: nothing; flag: pass the text, record the finding; redact: replace the span with a
+    placeholder; block: refuse the prompt, or end the output before the span (finish_reason
+    content_filter). Toxicity cannot be redacted (its score is the whole text's): redact acts as block.
+    """
+
+    toxicity: FilterAction = "block"  # offensive language (alt-profanity-check's classifier)
+    pii: FilterAction = "redact"  # emails, phone numbers, public IPs, payment cards, IBANs
+    secrets: FilterAction = "redact"  # API keys, tokens, private keys, assigned passwords
+    shell: FilterAction = "flag"  # destructive shell commands: rm -rf /, fork bombs, curl | sh
+
+
+class ContentFilterParams(_Section):
+    policy: FilterPolicy = FilterPolicy()
+    # Classifier probability from which a line is toxic. Lines of the standard library (the default
+    # corpus) reach 0.5 once in 800, 0.8 once in 4000: a 20-line reply of code would be blocked 2.5%
+    # of the time at 0.5, 0.5% at 0.8. The safety stage reports precision and recall at others.
+    toxicity_threshold: float = Field(0.8, gt=0, lt=1)
+
+
+class WatermarkParams(_Section):
+    """Kirchenbauer et al. (2023): a green list keyed by the previous token, its logits raised by delta."""
+
+    enabled: bool = False  # watermark what the server and `tisslm generate` sample
+    key: str = "tisslm-public-demo-key"  # TISSLM_WATERMARK_KEY overrides it; set that to keep the key secret
+    gamma: float = Field(0.25, gt=0, lt=1)  # share of the vocabulary that is green at each step
+    delta: float = Field(2.0, ge=0)  # added to green logits
+    entropy_threshold: float = Field(0.0, ge=0)  # nats; steps of lower entropy are neither biased nor scored (SWEET)
+    z_threshold: float = Field(4.0, gt=0)  # detection: z-scores at or above this say "watermarked"
+
+
+class SafetyParams(_Section):
+    """Safety on what leaves the system: the content filter, the watermark, and what the safety stage measures."""
+
+    filters: ContentFilterParams = ContentFilterParams()
+    watermark: WatermarkParams = WatermarkParams()
+    watermark_lengths: list[PositiveInt] = [50, 100, 200]  # generated tokens at which detection is measured
+    watermark_samples: PositiveInt = 40  # generations per length (watermarked, and plain for the quality cost)
+    red_team_max_tokens: PositiveInt = 48  # tokens the server generates per red-team prompt
+
+
 class ServeParams(_Section):
     """`tisslm serve`: where it listens and the limits that keep one CPU server responsive."""
 
@@ -281,6 +330,7 @@ class Params(_Section):
     pipeline: PipelineParams = PipelineParams()
     hpo: HpoParams = HpoParams()
     serve: ServeParams = ServeParams()
+    safety: SafetyParams = SafetyParams()
 
 
 def _apply_override(data: dict[str, Any], override: str) -> None:

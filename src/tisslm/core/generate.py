@@ -14,7 +14,7 @@ from tokenizers import Tokenizer
 
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.model import KVCache, TissLM
-from tisslm.core.sampling import SamplingParams, sample_next
+from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
 from tisslm.core.tokenizer import END_OF_TEXT
 
 
@@ -30,11 +30,14 @@ def generate(
     use_cache: bool = True,
     stop_tokens: Iterable[int] = (),
     vocab_limit: int | None = None,
+    logits_processor: LogitsProcessor | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new tokens of each, stop token excluded.
 
     `vocab_limit` keeps sampling below the tokenizer's vocabulary when the model's embedding
-    has more rows than the tokenizer has tokens.
+    has more rows than the tokenizer has tokens. `logits_processor` (a watermark, say) changes
+    each step's logits after the vocab limit and before sampling, greedy included; it is given
+    each row's previous token, the prompt's last at the first step.
     """
     # The bounds live in one place, the schema of params.yaml's `generate` section.
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
@@ -68,10 +71,14 @@ def generate(
         new_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
         finished = torch.zeros(batch, dtype=torch.bool, device=device)
         lengths = torch.full((batch,), max_new_tokens, device=device)
+        previous = idx[:, -1]  # (B,): left padding puts every prompt's last token in the last column
         for step in range(max_new_tokens):
             if vocab_limit is not None:
                 logits[:, vocab_limit:] = float("-inf")
+            if logits_processor is not None:
+                logits = logits_processor(logits, previous)
             next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
+            previous = next_token
             new_tokens[:, step] = next_token
             if stop.numel():
                 just_stopped = torch.isin(next_token, stop) & ~finished
@@ -91,11 +98,16 @@ def generate(
 
 
 def complete(
-    model: TissLM, tokenizer: Tokenizer, texts: Sequence[str], settings: SamplingParams, **options
+    model: TissLM,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    settings: SamplingParams,
+    logits_processor: LogitsProcessor | None = None,
+    **options,
 ) -> list[str]:
     """Continue each text: encode, generate until <|endoftext|> or the token budget, decode the new
     tokens. The one text-in, text-out path the CLI, the stages and the MLflow pyfunc share;
-    `options` are generate()'s (use_cache)."""
+    `logits_processor` and `options` (use_cache) go to generate()."""
     prompts = [tokenizer.encode(text).ids for text in texts]
     stop = tokenizer.token_to_id(END_OF_TEXT)
     outputs = generate(
@@ -108,6 +120,7 @@ def complete(
         seed=settings.seed,
         stop_tokens=() if stop is None else (stop,),
         vocab_limit=tokenizer.get_vocab_size(),
+        logits_processor=logits_processor,
         **options,
     )
     return [tokenizer.decode(ids) for ids in outputs]

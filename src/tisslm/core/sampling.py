@@ -6,6 +6,8 @@ the server's requests and `generate()` all validate through it.
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 import torch
 from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
 
@@ -63,3 +65,9 @@ def sample_next(
         return ids.gather(-1, choice).squeeze(-1)
     probs = filter_logits(logits, top_p=top_p).softmax(dim=-1)
     return torch.multinomial(probs, num_samples=1, generator=generator).squeeze(-1)
+
+
+# Changes a batch's next-token logits before sampling (a watermark's green-list bias, say):
+# (logits (B, V), each row's previous token (B,)) -> logits (B, V). It sees the logits after the
+# vocab limit and before temperature, as Hugging Face's LogitsProcessor does.
+LogitsProcessor = Callable[[torch.Tensor, torch.Tensor], torch.Tensor]

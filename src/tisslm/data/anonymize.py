@@ -1,8 +1,17 @@
-"""Replace personal data and secrets with typed placeholders: <EMAIL>, <IP_ADDRESS>, <PHONE>, <SECRET>.
+"""Find personal data and secrets, and replace them with typed placeholders such as <EMAIL>.
 
-Token formats (cloud and API keys) come from detect-secrets' own detector patterns, run over the
-whole text; its keyword and entropy detectors, which are slow, see only the lines that assign to
-a secret-like name. A model trained on the output must never be able to emit what was removed.
+`find_personal_data` returns exact spans of the original text, so that the content filter can
+report and cut what a model emits; `anonymize` replaces those spans for the clean stage and the
+knowledge base. A model trained on the output must never be able to emit what was removed.
+
+Each kind has the detector that knows its format best:
+- secrets: detect-secrets' token patterns (cloud and API keys) over the whole text; its keyword
+  and entropy detectors, which are slow, see only the lines that assign to a secret-like name.
+- phone numbers: Google's libphonenumber metadata (`phonenumbers`), which knows which digits
+  make a real number in each country.
+- card numbers and IBANs: Presidio's recognizers, which check the Luhn and mod-97 checksums.
+- emails and IP addresses: regular expressions, with the context of a match deciding whether
+  four dotted numbers are an address or a version.
 """
 
 from __future__ import annotations
@@ -11,8 +20,10 @@ import ipaddress
 import logging
 import re
 from collections import Counter
+from dataclasses import dataclass
 from functools import cache
 
+import phonenumbers
 from detect_secrets.plugins.aws import AWSKeyDetector
 from detect_secrets.plugins.azure_storage_key import AzureStorageKeyDetector
 from detect_secrets.plugins.basic_auth import BasicAuthDetector
@@ -37,8 +48,22 @@ from tisslm.core.config import AnonymizeParams
 # process into a logger nobody reads: a checkpoint skipped as corrupt would pass in silence.
 logging.captureWarnings(False)
 
-EMAIL, IP_ADDRESS, PHONE, SECRET = "<EMAIL>", "<IP_ADDRESS>", "<PHONE>", "<SECRET>"
-REDACTION_TYPES = ("EMAIL", "IP_ADDRESS", "PHONE", "SECRET")  # the placeholders, without brackets
+# The kinds of personal data, which are also the placeholders without brackets; clean.py counts each.
+REDACTION_TYPES = ("EMAIL", "IP_ADDRESS", "PHONE", "CARD_NUMBER", "IBAN", "SECRET")
+
+
+@dataclass(frozen=True, slots=True)
+class Redaction:
+    """`text[start:end]` of the original text holds personal data of `kind` (one of REDACTION_TYPES)."""
+
+    start: int
+    end: int
+    kind: str
+
+    @property
+    def placeholder(self) -> str:
+        return f"<{self.kind}>"
+
 
 # Detectors whose patterns name a token format precisely enough to run on every line of code.
 TOKEN_DETECTORS = (
@@ -55,12 +80,46 @@ PRIVATE_KEY = re.compile(
 EMAIL_RE = re.compile(r"(?<![\w.+%-])[A-Za-z0-9][A-Za-z0-9._%+-]*@[A-Za-z0-9-]+(?:\.[A-Za-z0-9-]+)*\.[A-Za-z]{2,24}\b")
 IPV4_RE = re.compile(r"(?<![\w.])(?:\d{1,3}\.){3}\d{1,3}(?![\w.])")
 IPV6_RE = re.compile(r"(?<![\w:.])(?:[0-9A-Fa-f]{0,4}:){2,7}[0-9A-Fa-f]{0,4}(?![\w:])")
-PHONE_RE = re.compile(r"(?<![\w+.-])(?:\+\d{1,3}[ .-]?)?(?:\(\d{2,4}\)|\d{3})[ .-]\d{3}[ .-]\d{4}(?![\w-])")
+# Four dotted numbers are a version or a section, not an address, when a word that says so comes
+# just before them (`Python 2.7.2.2`, `section 8.2.4.4`, `__version__ = '1.0.0.1'`) ...
+VERSION_BEFORE = re.compile(
+    r"(?i)(?:(?:\b|_)version\w*|\b(?:releases?|python\d?|pypy|sections?|chapters?|revisions?|appendix|clauses?"
+    r"|paragraphs?)|\b(?:v|ver|rel|rev|sec|sect|ch|chap|para)\.?|§+)[\s'\"=:(\[-]{0,6}$"
+)
+# ... or after them: a pre-release or build suffix (`1.2.3.4-beta`), the document it numbers (`4.3.2.1 of RFC 9110`).
+VERSION_AFTER = re.compile(
+    r"(?i)(?:[-~]?(?:alpha|beta|rc|dev|pre|post|final|snapshot)|\+[0-9a-z])"
+    r"|\s+of\s+(?:rfcs?|pep|iso|ieee|posix|ecma|the)\b"
+)
+CONTEXT_CHARS = 40  # how far before a match, on its line, the words above are looked for
+
+# US numbers may be written without a country code; numbers of other countries need their +code,
+# or every run of digits in code would be read as some country's national number.
+PHONE_REGION = "US"
+# A valid number still has to look written for people: a `+` or digits in groups. A bare run of
+# ten digits is as often an integer in code (2147483647 is a valid Dallas number).
+PHONE_WRITTEN = re.compile(r"^\+|\d[\s().-]+\d")
+DECIMAL_PART = re.compile(r"\.\d")  # `Decimal('+35236450.6')` holds a valid Luxembourg number
+# Every valid number has five digits or more, a few separators apart, and none spans lines: the
+# matcher (slow, pure Python) need only see the lines that hold such a run, 2% of the stdlib's text.
+PHONE_CANDIDATE = re.compile(r"\d(?:[^\w\n]{0,4}\d){4}")
+# Cheap supersets of what Presidio's card and IBAN patterns match, so that texts without one
+# never import Presidio (seconds: it loads spaCy and transformers) nor run its slower regexes.
+CARD_CANDIDATE = re.compile(r"\d(?:[ -]?\d){12}")
+IBAN_CANDIDATE = re.compile(r"[A-Z]{2}\d{2}[ -]?[A-Z0-9]{4}")
+# A card-shaped run glued by `.` or `-` to more digits or letters is part of a longer token: the
+# fraction of a float (0.6356910791873801) or a group of a UUID (12345678-1234-5678-1234-567812345678),
+# which pass the Luhn check one time in ten.
+GLUED_BEFORE = re.compile(r"[0-9A-Za-z][.-]")
+GLUED_AFTER = re.compile(r"[.-][0-9A-Za-z]")
+
 # Lines worth the slow detectors: an assignment (or mapping entry) to a secret-like name.
 SECRET_NAME_RE = re.compile(
     r"(?i)(?:passw|pwd|secret|token|api[_-]?key|access[_-]?key|auth|credential|private[_-]?key)\w*['\"]?\s*[:=]"
 )
 # What must never survive cleaning: the Great Expectations suite and the tests check for these.
+# Card numbers and IBANs are not here: a regex cannot check their checksums, and without them it
+# would flag every long integer; the tests plant valid ones instead.
 LEAK_PATTERNS = {
     "email": EMAIL_RE.pattern,
     "aws_access_key": r"(?:A3T[A-Z0-9]|ABIA|ACCA|AKIA|ASIA)[0-9A-Z]{16}",
@@ -81,6 +140,15 @@ def _line_detectors() -> tuple:
         return KeywordDetector(), Base64HighEntropyString(), HexHighEntropyString()
 
 
+@cache
+def _checksum_recognizers() -> dict:
+    """Presidio's card and IBAN recognizers by kind, with the entity each reports. Imported on first
+    use: presidio_analyzer pulls in spaCy, transformers and torch (about 5 s)."""
+    from presidio_analyzer.predefined_recognizers import CreditCardRecognizer, IbanRecognizer
+
+    return {"CARD_NUMBER": (CreditCardRecognizer(), "CREDIT_CARD"), "IBAN": (IbanRecognizer(), "IBAN_CODE")}
+
+
 def _secret_span(match: re.Match) -> tuple[int, int]:
     """The secret inside a detector match: its capture group when that holds it, else the match
     less the delimiters some patterns include (GitHub's group is just the 'ghp' prefix)."""
@@ -91,85 +159,145 @@ def _secret_span(match: re.Match) -> tuple[int, int]:
     return start + len(text) - len(text.lstrip(" \t=:\"'")), end - len(text) + len(text.rstrip(" \t\"'\n"))
 
 
-def _redact_tokens(text: str, counts: Counter) -> str:
-    spans = []
-    for pattern in _token_patterns():
-        spans.extend(_secret_span(m) for m in pattern.finditer(text))
-    return _replace_spans(text, spans, SECRET, counts)
+def _secrets(text: str) -> list[Redaction]:
+    spans = [m.span() for m in PRIVATE_KEY.finditer(text)]
+    spans += [_secret_span(m) for pattern in _token_patterns() for m in pattern.finditer(text)]
+    return [Redaction(start, end, "SECRET") for start, end in spans] + _assigned_secrets(text)
 
 
-def _replace_spans(text: str, spans: list[tuple[int, int]], placeholder: str, counts: Counter) -> str:
-    if not spans:
-        return text
-    merged: list[list[int]] = []
-    for start, end in sorted(spans):
-        if end <= start:
-            continue
-        if merged and start <= merged[-1][1]:
-            merged[-1][1] = max(merged[-1][1], end)
-        else:
-            merged.append([start, end])
-    pieces, last = [], 0
-    for start, end in merged:
-        pieces += [text[last:start], placeholder]
-        last = end
-    counts[placeholder.strip("<>")] += len(merged)
-    return "".join(pieces) + text[last:]
-
-
-def _redact_assigned_secrets(text: str, counts: Counter) -> str:
+def _assigned_secrets(text: str) -> list[Redaction]:
+    """The values the keyword and entropy detectors report on lines assigning to a secret-like name,
+    wherever they occur on that line (the detectors give values, not positions)."""
     if not SECRET_NAME_RE.search(text):
-        return text
-    lines = text.split("\n")
-    detectors = _line_detectors()
-    for number, line in enumerate(lines):
-        if not SECRET_NAME_RE.search(line):
-            continue
-        values = set()
-        with default_settings():
-            for detector in detectors:
-                values |= {
-                    s.secret_value for s in detector.analyze_line(filename="x.py", line=line, line_number=number)
+        return []
+    found, line_start = [], 0
+    with default_settings():
+        for number, line in enumerate(text.split("\n")):
+            if SECRET_NAME_RE.search(line):
+                values = {
+                    secret.secret_value
+                    for detector in _line_detectors()
+                    for secret in detector.analyze_line(filename="x.py", line=line, line_number=number)
                 }
-        spans = [m.span() for value in values if value for m in re.finditer(re.escape(value), line)]
-        lines[number] = _replace_spans(line, spans, SECRET, counts)
-    return "\n".join(lines)
+                found += [
+                    Redaction(line_start + m.start(), line_start + m.end(), "SECRET")
+                    for value in values
+                    if value
+                    for m in re.finditer(re.escape(value), line)
+                ]
+            line_start += len(line) + 1
+    return found
+
+
+def _line_around(text: str, start: int, end: int) -> tuple[int, int]:
+    """The span of the line holding text[start:end], without its newline."""
+    line_end = text.find("\n", end)
+    return text.rfind("\n", 0, start) + 1, len(text) if line_end < 0 else line_end
+
+
+def _is_address(text: str, match: re.Match) -> bool:
+    """Whether four dotted numbers, public if an address, are one rather than a version or a section."""
+    line_start, _ = _line_around(text, *match.span())
+    before = text[max(line_start, match.start() - CONTEXT_CHARS) : match.start()]
+    # Without such a word, a public address is taken for one whatever its digits: a few version
+    # numbers in the corpus lose their digits, and no `x = '8.8.8.8'` slips through.
+    return not (VERSION_BEFORE.search(before) or VERSION_AFTER.match(text, match.end()))
 
 
 def _public_ip(candidate: str) -> bool:
     if ":" in candidate and sum(1 for group in candidate.split(":") if group) < 3:
         return False  # `x[1::2]` is a slice, not the address 1::2
-    if "." in candidate and all(len(part) == 1 for part in candidate.split(".")[:3]):
-        return False  # 2.7.2.2, 8.2.4.44: version and section numbers (at the cost of 8.8.8.8)
     try:
         return ipaddress.ip_address(candidate).is_global
     except ValueError:
         return False
 
 
-def _sub_counted(pattern: re.Pattern, placeholder: str, text: str, counts: Counter, keep=None) -> str:
-    def replace(match: re.Match) -> str:
-        if keep is not None and not keep(match.group()):
-            return match.group()
-        counts[placeholder.strip("<>")] += 1
-        return placeholder
+def _ip_addresses(text: str) -> list[Redaction]:
+    found = [
+        Redaction(*m.span(), "IP_ADDRESS")
+        for m in IPV4_RE.finditer(text)
+        if _public_ip(m.group()) and _is_address(text, m)
+    ]
+    if "::" in text or text.count(":") >= 7:
+        found += [Redaction(*m.span(), "IP_ADDRESS") for m in IPV6_RE.finditer(text) if _public_ip(m.group())]
+    return found
 
-    return pattern.sub(replace, text)
+
+def _phone_numbers(text: str) -> list[Redaction]:
+    found, position = [], 0
+    while candidate := PHONE_CANDIDATE.search(text, position):
+        line_start, line_end = _line_around(text, candidate.start(), candidate.end())
+        line, position = text[line_start:line_end], line_end
+        # VALID: the number must exist in its country's plan (1234567890 does not); STRICT_GROUPING:
+        # its digit groups must be the country's (`aix-6107-1415-32` and `33471-90901` are not).
+        # max_tries at least the line's length, so that a line full of numbers is searched to its end.
+        matches = phonenumbers.PhoneNumberMatcher(
+            line, PHONE_REGION, leniency=phonenumbers.Leniency.STRICT_GROUPING, max_tries=max(len(line), 65535)
+        )
+        found += [
+            Redaction(line_start + m.start, line_start + m.end, "PHONE")
+            for m in matches
+            if PHONE_WRITTEN.search(m.raw_string) and not DECIMAL_PART.match(line, m.end)
+        ]
+    return found
+
+
+def _checksummed(text: str, kind: str, candidate: re.Pattern) -> list[Redaction]:
+    if not candidate.search(text):
+        return []
+    recognizer, entity = _checksum_recognizers()[kind]
+    return [Redaction(r.start, r.end, kind) for r in recognizer.analyze(text, [entity], None)]
+
+
+def _card_numbers(text: str) -> list[Redaction]:
+    return [
+        card
+        for card in _checksummed(text, "CARD_NUMBER", CARD_CANDIDATE)
+        if not (card.start >= 2 and GLUED_BEFORE.match(text, card.start - 2)) and not GLUED_AFTER.match(text, card.end)
+    ]
+
+
+def _merge(found: list[Redaction]) -> list[Redaction]:
+    """Sorted, non-overlapping spans covering all of `found`. Overlapping spans become one, of the
+    kind of the earliest (the longest among those starting together), or SECRET if one is a secret."""
+    merged: list[Redaction] = []
+    for span in sorted(found, key=lambda s: (s.start, -s.end)):
+        if span.end <= span.start:
+            continue
+        last = merged[-1] if merged else None
+        if last and (span.start < last.end or (span.start == last.end and span.kind == last.kind)):
+            kind = "SECRET" if "SECRET" in (last.kind, span.kind) else last.kind
+            merged[-1] = Redaction(last.start, max(last.end, span.end), kind)
+        else:
+            merged.append(span)
+    return merged
+
+
+def find_personal_data(text: str, params: AnonymizeParams) -> list[Redaction]:
+    """The spans of `text` holding the kinds `params` enables: sorted, non-overlapping, exact."""
+    found: list[Redaction] = []
+    if params.secrets:
+        found += _secrets(text)
+    if params.emails and "@" in text:
+        found += [Redaction(*m.span(), "EMAIL") for m in EMAIL_RE.finditer(text)]
+    if params.ip_addresses:
+        found += _ip_addresses(text)
+    if params.phone_numbers:
+        found += _phone_numbers(text)
+    if params.payment_cards:
+        found += _card_numbers(text)
+    if params.ibans:
+        found += _checksummed(text, "IBAN", IBAN_CANDIDATE)
+    return _merge(found)
 
 
 def anonymize(text: str, params: AnonymizeParams) -> tuple[str, Counter]:
-    """`text` with personal data and secrets replaced, and the count of each placeholder used."""
-    counts: Counter = Counter()
-    if params.secrets:
-        text = _sub_counted(PRIVATE_KEY, SECRET, text, counts)
-        text = _redact_tokens(text, counts)
-        text = _redact_assigned_secrets(text, counts)
-    if params.emails and "@" in text:
-        text = _sub_counted(EMAIL_RE, EMAIL, text, counts)
-    if params.ip_addresses:
-        text = _sub_counted(IPV4_RE, IP_ADDRESS, text, counts, keep=_public_ip)
-        if "::" in text or text.count(":") >= 7:
-            text = _sub_counted(IPV6_RE, IP_ADDRESS, text, counts, keep=_public_ip)
-    if params.phone_numbers:
-        text = _sub_counted(PHONE_RE, PHONE, text, counts)
-    return text, counts
+    """`text` with each span of `find_personal_data` replaced by its placeholder, and the count of each kind."""
+    redactions = find_personal_data(text, params)
+    pieces, last = [], 0
+    for redaction in redactions:
+        pieces += [text[last : redaction.start], redaction.placeholder]
+        last = redaction.end
+    pieces.append(text[last:])
+    return "".join(pieces), Counter(r.kind for r in redactions)

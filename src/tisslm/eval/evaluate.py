@@ -15,7 +15,7 @@ from __future__ import annotations
 
 import math
 import re
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 import torch.nn.functional as F
@@ -43,8 +43,13 @@ def document_loglikelihoods(
     prefix: int,
     max_len: int,
     batch_size: int = 16,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> list[float]:
-    """Summed natural-log likelihood of each document's tokens under `model` (eval mode, fp32)."""
+    """Summed natural-log likelihood of each document's tokens under `model` (eval mode, fp32).
+
+    `on_logits`, if given, sees each window's (tokens, vocab) fp32 logits and (tokens,) targets, so that
+    other figures of the same predictions (calibration) need no second pass over the model.
+    """
     was_training = model.training
     model.eval()
     device = next(model.parameters()).device
@@ -63,7 +68,10 @@ def document_loglikelihoods(
             valid = (targets[row] != IGNORE).to(device)
             # Through the head module, not its weight: it may be quantized.
             logits = model.lm_head(hidden[row][valid]).float()  # (valid tokens, vocab)
-            totals[doc] -= F.cross_entropy(logits, targets[row].to(device)[valid], reduction="sum").item()
+            target = targets[row].to(device)[valid]  # (valid tokens,)
+            totals[doc] -= F.cross_entropy(logits, target, reduction="sum").item()
+            if on_logits is not None:
+                on_logits(logits, target)
     model.train(was_training)
     return totals
 
@@ -89,15 +97,22 @@ def perplexity_metrics(
 
 
 def evaluate_texts(
-    model: TissLM, tokenizer: Tokenizer, texts: Sequence[str], prefix_token: str, window: int, batch_size: int = 16
+    model: TissLM,
+    tokenizer: Tokenizer,
+    texts: Sequence[str],
+    prefix_token: str,
+    window: int,
+    batch_size: int = 16,
+    on_logits: Callable[[torch.Tensor, torch.Tensor], None] | None = None,
 ) -> dict:
     """Tokenize `texts` and score them in windows of `window` tokens: the perplexity metrics of the set.
 
     `window` should be the context the model was trained at: positions beyond it were never seen.
+    `on_logits` is `document_loglikelihoods`'s hook on the same predictions.
     """
     prefix = tokenizer.token_to_id(prefix_token)
     documents = [e.ids for e in tokenizer.encode_batch(list(texts), add_special_tokens=False)]
-    loglikelihoods = document_loglikelihoods(model, documents, prefix, window, batch_size)
+    loglikelihoods = document_loglikelihoods(model, documents, prefix, window, batch_size, on_logits)
     n_bytes = sum(len(t.encode("utf-8")) for t in texts)
     n_words = sum(len(re.split(r"\s+", t.strip())) for t in texts if t.strip())
     return perplexity_metrics(loglikelihoods, sum(len(d) for d in documents), n_bytes, n_words)

@@ -28,6 +28,40 @@ def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
     return "\n".join(lines + ["| " + " | ".join(str(c) for c in row) + " |" for row in rows])
 
 
+def _rate(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.1%}"
+
+
+def _safety(safety: dict) -> str:
+    """The filter's, the watermark's and the red team's figures from metrics/safety.json."""
+    f, w, red = safety["filter"], safety["watermark"], safety["red_team"]
+    policy = ", ".join(f"{category} {action}" for category, action in safety["policy"].items())
+    category_rows = [(c, _rate(v["precision"]), _rate(v["recall"]), f"{v['f1']:.3f}", v["support"])
+                     for c, v in f["categories"].items()]  # fmt: skip
+    red_rows = [(goal, c["prompts"], c.get("elicited", 0), c.get("prompt_blocked", 0), c.get("output_blocked", 0),
+                 c.get("output_redacted", 0), c.get("prompt_flagged", 0) + c.get("output_flagged", 0))
+                for goal, c in red["goals"].items()]  # fmt: skip
+    leaked = sum(bool(r["leaked"]) for r in red["results"])
+    return f"""Every output of `tisslm generate`, `tisslm chat`, the server and the MLflow model goes through a
+content filter (policy: {policy}). On the project's labelled set ({f["examples"]} examples,
+{f["groups"]["benign_alarming"]} of them benign programming text that looks alarming), finding any harmful content:
+precision {_rate(f["overall"]["precision"])}, recall {_rate(f["overall"]["recall"])}, F1 {f["overall"]["f1"]:.3f};
+false positives on the alarming-looking benign code {_rate(f["false_positive_rate"]["benign_alarming"])}.
+
+{_table(("category", "precision", "recall", "F1", "examples"), category_rows)}
+
+Watermark (Kirchenbauer et al. 2023; gamma {w["gamma"]}, delta {w["delta"]}, entropy threshold {w["entropy_threshold"]},
+z >= {w["z_threshold"]}), off by default: detected in
+{", ".join(f"{_rate(rate)} at {n} tokens" for n, rate in w["detection_rate"].items())} of {w["samples"]} sampled texts;
+false positives {", ".join(f"{_rate(rate)} on {name} ({w['human_documents'][name]} texts)" for name, rate in w["false_positive_rate"].items())};
+bits per byte of sampled text {w["quality"]["bits_per_byte_plain"]:.3f} plain, {w["quality"]["bits_per_byte_watermarked"]:.3f} watermarked.
+
+Red team: {red["prompts"]} prompts through the server ({red["max_tokens"]} tokens each). "elicited": the model
+without the filter produced what the prompt asked for; {leaked} outputs still held a finding after the filter.
+
+{_table(("goal", "prompts", "elicited", "prompt refused", "output blocked", "redacted", "flagged"), red_rows)}"""
+
+
 def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export) to its content."""
     model, train, val = params.model, params.train, m["eval"]["val"]
@@ -70,6 +104,7 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     kb_rows = [(run, *(f"{r['file'][key]:.3f}" for key in ("recall@5", "mrr@10", "ndcg@10")))
                for run, r in retrieval["results"].items()]  # fmt: skip
     gain = kb["context_gain"]
+    safety = m["safety"]
     ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
     hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "lr", "min_lr",
                                               "warmup_steps", "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
@@ -152,6 +187,10 @@ project's query set ({retrieval["without_module_name"]} without the module's nam
 
 Retrieved context before held-out documents ({gain["documents"]} documents, {gain["window"]}-token windows):
 bits per byte {gain["bits_per_byte_without"]:.4f} without, {gain["bits_per_byte_with_context"]:.4f} with.
+
+## Safety
+
+{_safety(safety)}
 
 ## Environmental Impact
 

@@ -1,5 +1,10 @@
-"""Safety on what the model says: filters, watermark, uncertainty and an audit log.
+"""Safety on what the model says, applied wherever text leaves the system.
 
-Built so far: `audit`, the hash-chained JSONL audit log the server writes (`tisslm serve
---audit-log`) and `tisslm audit verify` checks (`commands`).
+- `filters`: the content filter (toxicity, PII, secrets, destructive shell commands) and its
+  policy, and `OutputGuard`, which filters a stream a checked line at a time;
+- `watermark`: Kirchenbauer et al.'s keyed green-list watermark and its z-test detector;
+- `audit`: the hash-chained JSONL audit log the server writes and `tisslm audit verify` checks;
+- `measure`: what the `safety` DVC stage measures (filter precision/recall on `labelled.jsonl`,
+  watermark detection and false positives, quality cost);
+- `commands`: `tisslm safety scan`, `tisslm watermark detect`, `tisslm audit verify`.
 """

@@ -32,6 +32,8 @@ from tokenizers import Tokenizer
 from tisslm import __version__
 from tisslm.core.config import ServeParams
 from tisslm.safety.audit import AuditLog
+from tisslm.safety.filters import ContentFilter
+from tisslm.safety.watermark import Watermark
 from tisslm.serve.access import Authenticator
 from tisslm.serve.auditing import AuditTrail
 from tisslm.serve.engine import Engine
@@ -54,11 +56,15 @@ def create_app(
     kb: KnowledgeBase | None = None,
     api_keys: Sequence[str] = (),
     audit: AuditLog | None = None,
+    content_filter: ContentFilter | None = None,
+    watermark: Watermark | None = None,
 ) -> FastAPI:
     """The server's FastAPI app; it starts the engine when it starts and stops it when it stops.
     `kb`, an open knowledge base the caller keeps and closes, serves retrieval and grounding. With
     `api_keys`, the /v1/ routes need one of them as a bearer token (`access`); with `audit`, each
-    /v1/ request is recorded in that log (`auditing`), which the caller closes."""
+    /v1/ request is recorded in that log (`auditing`), which the caller closes. With
+    `content_filter`, prompts and outputs are filtered by its policy; with `watermark`, every
+    sampled token is watermarked."""
     app = FastAPI(
         title="TissLM",
         version=__version__,
@@ -67,7 +73,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.serving = Serving(engine, tokenizer, settings, kb)
+    app.state.serving = Serving(engine, tokenizer, settings, kb, content_filter, watermark)
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(APIError, api_error)

@@ -4,8 +4,9 @@
 the routes `note` on it what they learn (the parsed body, the generation job), and when the
 response has gone out the middleware appends the record to the `tisslm.safety.audit.AuditLog`:
 time, client address, method and route, HTTP status, the key's id (never the key), the request's
-parameters less its text, SHA-256 of the prompt and of the output, token counts and `decisions`
-(the output filters' verdicts, empty for now). The text itself is kept only with `--audit-text`.
+parameters less its text, SHA-256 of the prompt and of the output (as sent, after the filter),
+token counts and `decisions`: what the content filter did to the prompt and to each choice's
+output (category, action, count). The text itself is kept only with `--audit-text`.
 /health, /metrics, the page and the OpenAPI document are not audited.
 """
 
@@ -81,7 +82,10 @@ class AuditTrail:
         prompt = request_text(body) if body is not None else None
         output = None
         prompt_tokens = completion_tokens = None
+        decisions = [{"on": "prompt", **d} for d in facts.get("prompt_filter", [])]
         if job is not None:
+            for index, choice in enumerate(job.filter_results()):
+                decisions += [{"on": "output", "choice": index, **d} for d in choice]
             output = as_text(job.outputs[0] if len(job.outputs) == 1 else job.outputs)
             usage = job.usage()
             prompt_tokens, completion_tokens = usage.prompt_tokens, usage.completion_tokens
@@ -97,7 +101,7 @@ class AuditTrail:
             "output_sha256": sha256_text(output),
             "prompt_tokens": prompt_tokens,
             "completion_tokens": completion_tokens,
-            "decisions": [],
+            "decisions": decisions,
             "prompt": prompt,  # dropped by the log unless it stores text
             "output": output,
         }

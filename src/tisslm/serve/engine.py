@@ -13,6 +13,17 @@ request yields the tokens `generate` gives for its prompt alone, whatever shares
 
 Each request reports through its `on_event` callback, called on the engine thread: a `Token` per
 generated token, then one `Finished`. The stop token ends a request and is not reported.
+
+Scores. A request that asks (`logprobs`) gets each token's `Logprob` with its `Token`, and with
+`prompt_logprobs` the prompt's tokens scored in one `PromptLogprobs` before them (with
+max_new_tokens 0, all it gets: the way a client scores a text). The distribution is the model's
+own, as vLLM reports it by default: log_softmax of the logits after the vocab limit, before
+temperature, top-k, top-p and any logits processor, so that a score does not depend on how the
+token was drawn. Only the rows that ask pay for it, and only a prefill that scores the prompt
+computes the logits of every prompt position (the others need the last one's).
+
+A request's `logits_processor` (a watermark, say) changes its own row of the logits before
+sampling, seeing the row's previous token: the prompt's last at prefill, then the last sampled.
 """
 
 from __future__ import annotations
@@ -30,7 +41,7 @@ import torch
 
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import SlotKVCache, TissLM
-from tisslm.core.sampling import SamplingParams, sample_next
+from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
 from tisslm.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -39,8 +50,26 @@ FinishReason = Literal["stop", "length", "cancelled", "timeout", "error"]
 
 
 @dataclass(frozen=True)
+class Logprob:
+    """How likely the model found a token: its log-probability, the entropy (nats) of the distribution
+    it was drawn from, and that distribution's most likely tokens (see the module's "Scores")."""
+
+    logprob: float
+    entropy: float
+    top: tuple[tuple[int, float], ...]  # (token, logprob), most likely first, as many as the request asked
+
+
+@dataclass(frozen=True)
 class Token:
     id: int
+    logprob: Logprob | None = None  # for a request that asked for logprobs
+
+
+@dataclass(frozen=True)
+class PromptLogprobs:
+    """The prompt's tokens scored, from the second on (nothing predicts the first): reported before any Token."""
+
+    logprobs: tuple[Logprob, ...]
 
 
 @dataclass(frozen=True)
@@ -51,7 +80,7 @@ class Finished:
     error: str | None = None
 
 
-Event = Token | Finished
+Event = Token | PromptLogprobs | Finished
 
 
 class QueueFull(Exception):
@@ -72,9 +101,12 @@ class Request:
     stop_tokens: frozenset[int]
     deadline: float  # time.monotonic() after which the request is abandoned
     submitted_at: float = field(default_factory=time.monotonic)
+    logprobs: int | None = None  # score each token with this many top alternatives (None: no scores)
+    prompt_logprobs: bool = False  # score the prompt's tokens too
+    logits_processor: LogitsProcessor | None = None  # changes this request's logits before sampling
     generator: torch.Generator | None = None  # None: the global RNG (unseeded requests sample together)
     slot: int | None = None
-    last_token: int = -1  # the token the next decode step feeds
+    last_token: int = -1  # the latest token: the prompt's last until one is sampled, then the one decode feeds
     generated: int = 0
     cancelled: bool = False  # set from any thread; the engine acts on it before its next step
     done: bool = False
@@ -139,8 +171,17 @@ class Engine:
         on_event: Callable[[Event], None],
         stop_tokens: Iterable[int] = (),
         timeout_s: float | None = None,
+        *,
+        logprobs: int | None = None,
+        prompt_logprobs: bool = False,
+        logits_processor: LogitsProcessor | None = None,
     ) -> Request:
-        """Queue a generation; raises TissLMError for a prompt that cannot be run, QueueFull, EngineStopped."""
+        """Queue a generation; raises TissLMError for a prompt that cannot be run, QueueFull, EngineStopped.
+
+        `logprobs` scores each generated token with that many top alternatives, `prompt_logprobs`
+        the prompt's tokens too (with as many, or none); `logits_processor` changes this request's
+        logits before each sampling.
+        """
         if not prompt:
             raise TissLMError("every prompt needs at least one token")
         max_seq_len = self.model.config.max_seq_len
@@ -154,6 +195,9 @@ class Engine:
             on_event=on_event,
             stop_tokens=frozenset(stop_tokens),
             deadline=math.inf if timeout_s is None else time.monotonic() + timeout_s,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            logits_processor=logits_processor,
         )
         if params.seed is not None:
             request.generator = torch.Generator(device=self._device).manual_seed(params.seed)
@@ -220,16 +264,39 @@ class Engine:
             self._finish(request, "cancelled" if request.cancelled else "timeout")
 
     def _prefill(self, request: Request, slot: int) -> None:
-        """Run the prompt into `slot` and sample the first token; the request then decodes with the rest."""
-        if request.params.max_new_tokens == 0:
+        """Run the prompt into `slot` and sample the first token; the request then decodes with the rest.
+
+        A request that scores its prompt gets the logits of every position, and its PromptLogprobs
+        first; with max_new_tokens 0 that is all it gets, and it needs no slot.
+        """
+        generates = request.params.max_new_tokens > 0
+        if not (generates or request.prompt_logprobs):
             self._finish(request, "length")
             return
-        request.slot = slot
-        self._active[slot] = request
-        self.cache.reset(slot)
+        cache = None
+        if generates:
+            request.slot = slot
+            self._active[slot] = request
+            self.cache.reset(slot)
+            cache = self.cache.select([slot])
         idx = torch.tensor([request.prompt], dtype=torch.long, device=self._device)  # (1, T)
-        logits = self.model(idx, cache=self.cache.select([slot]))[:, -1]  # (1, V)
+        # The head is applied here, not by model(): only the positions needed pay for it.
+        hidden = self.model.hidden_states(idx, cache=cache)  # (1, T, d_model)
         self.metrics.prompt_tokens.inc(len(request.prompt))
+        if request.prompt_logprobs:
+            logits = self.model.lm_head(hidden[0])  # (T, V)
+            self._limit_vocab(logits)
+            targets = torch.tensor(request.prompt[1:], dtype=torch.long, device=self._device)  # (T - 1,)
+            top = [request.logprobs or 0] * len(targets)
+            scores = score(logits[:-1].float().log_softmax(dim=-1), targets, top)
+            self._report(request, PromptLogprobs(tuple(scores)))
+            logits = logits[-1:]  # (1, V)
+        else:
+            logits = self.model.lm_head(hidden[:, -1])  # (1, V)
+        if not generates:
+            self._finish(request, "length")
+            return
+        request.last_token = request.prompt[-1]
         self._sample_and_report([request], logits)
 
     def _decode(self) -> None:
@@ -245,11 +312,17 @@ class Engine:
     def _sample_and_report(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token (B,) from logits (B, V), report it, and finish rows that are done.
 
+        The rows that ask for logprobs are scored before any logits processor changes its own row.
         Rows that share settings and draw from the global RNG are sampled together, as are all
         greedy rows; a seeded row draws alone from its own generator, exactly as `generate` would.
         """
-        if self.vocab_limit is not None:
-            logits[:, self.vocab_limit :] = float("-inf")
+        self._limit_vocab(logits)
+        scored = [row for row, request in enumerate(batch) if request.logprobs is not None]
+        logprobs = logits[scored].float().log_softmax(dim=-1) if scored else None  # (S, V)
+        for row, request in enumerate(batch):
+            if request.logits_processor is not None:
+                previous = torch.tensor([request.last_token], dtype=torch.long, device=logits.device)  # (1,)
+                logits[row : row + 1] = request.logits_processor(logits[row : row + 1], previous)
         next_tokens = torch.empty(len(batch), dtype=torch.long, device=logits.device)  # (B,)
         groups: dict[tuple, list[int]] = {}
         for row, request in enumerate(batch):
@@ -265,7 +338,11 @@ class Engine:
         for rows in groups.values():
             p = batch[rows[0]].params
             next_tokens[rows] = sample_next(logits[rows], p.temperature, p.top_k, p.top_p)
-        for request, token in zip(batch, next_tokens.tolist(), strict=True):
+        scores: dict[int, Logprob] = {}
+        if logprobs is not None:
+            top = [batch[row].logprobs for row in scored]
+            scores = dict(zip(scored, score(logprobs, next_tokens[scored], top), strict=True))
+        for row, (request, token) in enumerate(zip(batch, next_tokens.tolist(), strict=True)):
             request.generated += 1
             if request.generated == 1:
                 self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted_at)
@@ -273,10 +350,15 @@ class Engine:
                 self._finish(request, "stop")
                 continue
             request.last_token = token
-            self._report(request, Token(token))
+            self._report(request, Token(token, scores.get(row)))
             if request.generated == request.params.max_new_tokens:
                 self._finish(request, "length")
         self.metrics.generation_tokens.inc(len(batch))
+
+    def _limit_vocab(self, logits: torch.Tensor) -> None:
+        """Keep sampling and scores below the tokenizer's vocabulary, in place on logits (..., V)."""
+        if self.vocab_limit is not None:
+            logits[..., self.vocab_limit :] = float("-inf")
 
     def _finish(self, request: Request, reason: FinishReason, error: str | None = None) -> None:
         if request.done:
@@ -293,3 +375,13 @@ class Engine:
         except Exception:  # a listener's bug must not stop the others' generations
             log.exception("on_event failed; cancelling the request")
             request.cancelled = True
+
+
+def score(logprobs: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> list[Logprob]:
+    """Each token of tokens (N,) scored under its row of log-probabilities (N, V): its logprob, the
+    row's entropy and the row's top[i] most likely tokens."""
+    chosen = logprobs.gather(-1, tokens[:, None]).squeeze(-1)  # (N,)
+    entropy = torch.special.entr(logprobs.exp()).sum(dim=-1)  # (N,) -sum p log p, with 0 log 0 = 0
+    best, ids = logprobs.topk(max(top, default=0), dim=-1)  # (N, k) each, most likely first
+    rows = zip(chosen.tolist(), entropy.tolist(), ids.tolist(), best.tolist(), top, strict=True)
+    return [Logprob(lp, h, tuple(zip(i[:k], b[:k], strict=True))) for lp, h, i, b, k in rows]

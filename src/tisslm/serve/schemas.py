@@ -13,6 +13,16 @@ Knowledge base (`tisslm serve --kb DIR`), TissLM's extensions: POST /v1/retrieve
 request with `retrieve` (`RetrieveOptions`) is grounded in it: the retrieved chunks are put before
 the prompt, and the answer (a stream: its first chunk) carries `sources` and `context_truncated`.
 A request without `retrieve` is OpenAI's, and so is its answer: the two fields are left out.
+
+Logprobs, as OpenAI defines them: /v1/completions takes `logprobs` (0 to 5 alternatives) and
+`echo`, and answers OpenAI's legacy `CompletionLogprobs`; /v1/chat/completions takes `logprobs`
+and `top_logprobs` (0 to 20) and answers `ChatLogprobs`; a stream's chunks carry the scores of the
+tokens their text came from. The scores are of the model's own distribution: log_softmax of the
+logits over the tokenizer's vocabulary, before temperature, top-k, top-p and any logits processor
+(as vLLM reports them by default), so they do not depend on how a token was drawn. TissLM's
+extension: the entropy (nats) of that distribution beside each logprob (`entropies`, `entropy`),
+sent only when logprobs are asked. `echo` with `max_tokens` 0 and `logprobs` scores a text, the
+way lm-evaluation-harness's `local-completions` computes loglikelihoods.
 """
 
 from __future__ import annotations
@@ -135,10 +145,21 @@ class RetrieveOptions(_Strict):
     mode: RetrievalMode = "fused"
 
 
+MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions
+MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions: one choice per prompt (`n` is 1); `max_tokens` defaults to 16."""
 
     prompt: str | list[str] = Field(min_length=1)
+    logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_COMPLETION_LOGPROBS,
+        description="Score each token: its logprob and this many most likely alternatives (null: no scores)",
+    )
+    echo: bool = Field(False, description="Begin each choice's text with its prompt (scored too, with `logprobs`)")
     retrieve: RetrieveOptions | None = None  # TissLM's extension: ground the prompt in the knowledge base
 
 
@@ -152,6 +173,13 @@ class ChatRequest(_Sampling):
 
     messages: list[ChatMessage] = Field(min_length=1)
     max_completion_tokens: int | None = None  # OpenAI's newer name for max_tokens in chat
+    logprobs: bool = Field(False, description="Score each token of the reply")
+    top_logprobs: int | None = Field(
+        None,
+        ge=0,
+        le=MAX_TOP_LOGPROBS,
+        description="With `logprobs`, this many most likely alternatives to each token",
+    )
     retrieve: RetrieveOptions | None = None  # TissLM's extension: ground the conversation in the knowledge base
 
 
@@ -193,7 +221,28 @@ class _Response(BaseModel):
     model_config = ConfigDict(json_schema_serialization_defaults_required=True)
 
 
-FinishReason = Literal["stop", "length"]
+# content_filter: the output filter ended the choice before text its policy blocks (as OpenAI's API says).
+FinishReason = Literal["stop", "length", "content_filter"]
+
+
+class FilterResult(_Response):
+    """What the content filter did, per category and action (TissLM's extension): `flag` passed the
+    text and noted it, `redact` replaced spans by placeholders, `block` refused a prompt or ended
+    an output. The policy is params.yaml's `safety.filters.policy`."""
+
+    category: Literal["toxicity", "pii", "secrets", "shell"]
+    action: Literal["flag", "redact", "block"]
+    count: int  # findings of the category that the action was applied to
+
+
+PROMPT_FILTERED = (
+    "TissLM's extension, only when the content filter flagged or redacted something in the prompt"
+    " (in a stream: in its first chunk); a prompt it blocks is refused with 400, code `content_filter`"
+)
+OUTPUT_FILTERED = (
+    "TissLM's extension, only when the content filter flagged, redacted or blocked something in the"
+    " choice's text (in a stream: in the choice's last chunk)"
+)
 
 
 class Source(_Response):
@@ -248,11 +297,34 @@ class _Answer(_Response):
     model: str
 
 
+ENTROPY = (
+    "TissLM's extension: the entropy, in nats, of the distribution the token's logprob is from"
+    " (-sum p log p over the vocabulary)"
+)
+
+
+class CompletionLogprobs(_Response):
+    """The scores of a completion choice's tokens (OpenAI's legacy format), in the order of its text,
+    an echoed prompt's first; in a stream, those of the chunk's text. Logprobs are of the model's
+    own distribution: log_softmax of its logits, before temperature, top-k, top-p and any logits
+    processor (as vLLM reports them by default)."""
+
+    tokens: list[str] = Field(description="Each token; one that is not UTF-8 on its own as `bytes:\\xNN...`")
+    token_logprobs: list[float | None] = Field(description="Each token's logprob; null for an echoed prompt's first")
+    top_logprobs: list[dict[str, float] | None] = Field(
+        description="The `logprobs` most likely tokens at each position, most likely first, and the token"
+        " itself when it is not among them; null where token_logprobs is"
+    )
+    text_offset: list[int] = Field(description="Where each token's text begins in the choice's text, in characters")
+    entropies: list[float | None] = Field(description=ENTROPY + "; null where token_logprobs is")
+
+
 class CompletionChoice(_Response):
     index: int  # the prompt's position in `prompt`
-    text: str  # the whole text, or in a stream the piece that settled since the last chunk
-    logprobs: None = None
+    text: str  # the whole text (after an echoed prompt), or in a stream the piece that settled since the last chunk
+    logprobs: CompletionLogprobs | None = None  # null unless `logprobs` was asked
     finish_reason: FinishReason | None  # null until the choice's last chunk
+    content_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(OUTPUT_FILTERED)
 
 
 class CompletionResponse(_Answer):
@@ -261,6 +333,7 @@ class CompletionResponse(_Answer):
     usage: Usage
     sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
     context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
+    prompt_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(PROMPT_FILTERED)
 
 
 class CompletionChunk(_Answer):
@@ -271,6 +344,7 @@ class CompletionChunk(_Answer):
     usage: Usage | SkipJsonSchema[None] = _sent_when_set()
     sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
     context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
+    prompt_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(PROMPT_FILTERED)
 
 
 class ChatReply(_Response):
@@ -278,11 +352,35 @@ class ChatReply(_Response):
     content: str
 
 
+class TopLogprob(_Response):
+    """A token and its logprob."""
+
+    token: str = Field(description="The token's text; one that is not UTF-8 on its own as `bytes:\\xNN...`")
+    logprob: float
+    bytes: list[int]  # the token's UTF-8 bytes (a piece of a character, for some)
+
+
+class ChatTokenLogprob(TopLogprob):
+    """A token of the reply with its logprob and the most likely alternatives."""
+
+    top_logprobs: list[TopLogprob] = Field(description="The `top_logprobs` most likely tokens, most likely first")
+    entropy: float = Field(description=ENTROPY)
+
+
+class ChatLogprobs(_Response):
+    """The scores of a chat choice's tokens; in a stream, those of the chunk's text. Logprobs are of
+    the model's own distribution: log_softmax of its logits, before temperature, top-k, top-p and
+    any logits processor (as vLLM reports them by default)."""
+
+    content: list[ChatTokenLogprob]
+
+
 class ChatChoice(_Response):
     index: int
     message: ChatReply
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None  # null unless `logprobs` was asked
     finish_reason: FinishReason | None
+    content_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(OUTPUT_FILTERED)
 
 
 class ChatCompletionResponse(_Answer):
@@ -291,6 +389,7 @@ class ChatCompletionResponse(_Answer):
     usage: Usage
     sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
     context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
+    prompt_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(PROMPT_FILTERED)
 
 
 class ChatDelta(_Response):
@@ -303,8 +402,9 @@ class ChatDelta(_Response):
 class ChatChunkChoice(_Response):
     index: int
     delta: ChatDelta
-    logprobs: None = None
+    logprobs: ChatLogprobs | None = None  # null unless `logprobs` was asked (and in the opening chunk)
     finish_reason: FinishReason | None
+    content_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(OUTPUT_FILTERED)
 
 
 class ChatCompletionChunk(_Answer):
@@ -315,6 +415,7 @@ class ChatCompletionChunk(_Answer):
     usage: Usage | SkipJsonSchema[None] = _sent_when_set()
     sources: list[Source] | SkipJsonSchema[None] = _sent_when_set(SOURCES)
     context_truncated: bool | SkipJsonSchema[None] = _sent_when_set(TRUNCATED)
+    prompt_filter_results: list[FilterResult] | SkipJsonSchema[None] = _sent_when_set(PROMPT_FILTERED)
 
 
 class ModelCard(_Response):

@@ -5,7 +5,8 @@ The socket is bound here, before uvicorn starts, so that a port in use is a one-
 searched once, so that a missing or corrupt index, or an embedding model that cannot load, is a
 one-line error before anything else is loaded or the port opens. So is an audit log (`--audit-log`)
 whose last record is not intact: the server continues an existing log's chain. Listening beyond
-loopback without an API key prints a warning.
+loopback without an API key prints a warning. The content filter loads its classifier and
+recognizers before the port opens too; the watermark key is never printed.
 """
 
 from __future__ import annotations
@@ -14,15 +15,20 @@ import socket
 from collections.abc import Sequence
 from pathlib import Path
 
-from tisslm.core.config import ServeParams
+from tisslm.core.config import ServeParams, WatermarkParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
 from tisslm.kb import KnowledgeBase
 from tisslm.safety.audit import AuditLog
+from tisslm.safety.filters import ContentFilter
+from tisslm.safety.watermark import Watermark
 from tisslm.serve.access import check_keys, is_loopback
 from tisslm.serve.engine import Engine
 from tisslm.serve.source import resolve_model_dir
+
+# A card number and an IBAN: the filter's first look at one imports Presidio's recognizers (seconds).
+WARM_UP = "warm up: 4111 1111 1111 1111, DE89 3704 0044 0532 0130 00"
 
 
 def bind(host: str, port: int) -> socket.socket:
@@ -56,6 +62,9 @@ def serve(
     api_keys: Sequence[str] = (),
     audit_log: Path | None = None,
     audit_text: bool = False,
+    content_filter: ContentFilter | None = None,
+    watermark: WatermarkParams | None = None,
+    watermark_key: str | None = None,
 ) -> None:
     import uvicorn
 
@@ -70,8 +79,20 @@ def serve(
         model = TissLM.from_pretrained(model_dir).eval()
         tokenizer = load_tokenizer(model_dir)
         engine = Engine(model, settings.max_batch, settings.max_queue, vocab_limit=tokenizer.get_vocab_size())
-        app = create_app(engine, tokenizer, settings, kb, api_keys=api_keys, audit=audit)
-        sock = bind(settings.host, settings.port)
+        sock = bind(settings.host, settings.port)  # before the filter's imports, which may write warnings
+        if content_filter is not None:
+            content_filter.apply(WARM_UP)  # load the classifier and the recognizers now, not on a request
+        marks = Watermark(watermark_key, watermark, tokenizer.get_vocab_size()) if watermark is not None else None
+        app = create_app(
+            engine,
+            tokenizer,
+            settings,
+            kb,
+            api_keys=api_keys,
+            audit=audit,
+            content_filter=content_filter,
+            watermark=marks,
+        )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host
         with_kb = f" with the knowledge base {kb_dir}" if kb_dir is not None else ""
@@ -80,6 +101,10 @@ def serve(
             print(f"warning: listening on {shown}, beyond this machine, without an API key (see --api-key)", flush=True)
         if api_keys:
             print(f"/v1/ routes need one of {len(api_keys)} API key(s)", flush=True)
+        if content_filter is not None and content_filter.active:
+            print(f"content filter: {', '.join(f'{c} {a}' for c, a in content_filter.policy.items())}", flush=True)
+        if marks is not None:
+            print("watermarking every sampled token (tisslm watermark detect tests a text)", flush=True)
         if audit is not None:
             text = ", with the text" if audit_text else ""
             print(f"audit log {audit_log}{text}, continuing after seq {audit.seq}", flush=True)

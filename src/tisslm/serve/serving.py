@@ -10,6 +10,9 @@ grounds its prompt (`ground`: `tisslm.kb.context.with_context` within the contex
 searches run on worker threads, as `KnowledgeBase` is safe to share between them. Without one,
 /v1/retrieve and /v1/kb answer 404 and a request's `retrieve` 400, both with code
 `no_knowledge_base`.
+
+Logprobs (`schemas`' "Logprobs"): the engine scores only the requests that ask, and the shapes
+turn its scores into OpenAI's two formats, naming tokens by the server's `Vocabulary`.
 """
 
 from __future__ import annotations
@@ -29,9 +32,12 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.kb.context import Grounded, with_context
+from tisslm.safety.filters import ContentFilter
+from tisslm.safety.watermark import Watermark
 from tisslm.serve.attention import attention_for_text
-from tisslm.serve.engine import Engine
-from tisslm.serve.jobs import Job, Update, respond
+from tisslm.serve.auditing import note
+from tisslm.serve.engine import Engine, Logprob
+from tisslm.serve.jobs import Job, Scored, Update, respond
 from tisslm.serve.schemas import (
     APIError,
     AttentionRequest,
@@ -41,12 +47,16 @@ from tisslm.serve.schemas import (
     ChatCompletionChunk,
     ChatCompletionResponse,
     ChatDelta,
+    ChatLogprobs,
     ChatReply,
     ChatRequest,
+    ChatTokenLogprob,
     CompletionChoice,
     CompletionChunk,
+    CompletionLogprobs,
     CompletionRequest,
     CompletionResponse,
+    FilterResult,
     Health,
     KnowledgeBaseInfo,
     ModelCard,
@@ -56,9 +66,10 @@ from tisslm.serve.schemas import (
     RetrieveRequest,
     RetrieveResponse,
     Source,
+    TopLogprob,
     Usage,
 )
-from tisslm.serve.text import CHAT_STOP, render_chat
+from tisslm.serve.text import CHAT_STOP, Vocabulary, render_chat
 
 if TYPE_CHECKING:
     from tisslm.kb import Hit, KnowledgeBase
@@ -70,18 +81,31 @@ class Serving:
     """The engine, the tokenizer, the settings and the knowledge base (if any) of one server, and
     one method per endpoint."""
 
-    def __init__(self, engine: Engine, tokenizer: Tokenizer, settings: ServeParams, kb: KnowledgeBase | None = None):
+    def __init__(
+        self,
+        engine: Engine,
+        tokenizer: Tokenizer,
+        settings: ServeParams,
+        kb: KnowledgeBase | None = None,
+        content_filter: ContentFilter | None = None,
+        watermark: Watermark | None = None,
+    ):
         self.engine, self.tokenizer, self.settings, self.kb = engine, tokenizer, settings, kb
+        self.content_filter = content_filter if content_filter is not None and content_filter.active else None
+        self.watermark = watermark
         self.metrics = engine.metrics
         self.max_seq_len = engine.model.config.max_seq_len
         self.end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+        self.vocabulary = Vocabulary(tokenizer)
         self.page = files("tisslm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         self.started = int(time.time())
 
     async def complete(self, request: Request, body: CompletionRequest) -> CompletionResponse | StreamingResponse:
-        """One choice per prompt, generated together in the engine's batches."""
+        """One choice per prompt, generated together in the engine's batches; with `echo`, after the
+        prompt as the model read it (grounded, with `retrieve`)."""
         self.check_model(body.model)
         texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
+        texts, screened = await self.screen(request, texts, "prompt")
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         grounded = None
         if body.retrieve is not None:
@@ -92,26 +116,46 @@ class Serving:
             texts = [grounded.text]
         prompts = [self.encode(text, "prompt") for text in texts]
         params = self.sampling(body, max_tokens, max(map(len, prompts)))
-        job = self.start_job(body, prompts, params, body.stop_strings())
-        return await respond(request, job, CompletionShape(self.settings.model_name, grounded), body)
+        job = self.start_job(body, prompts, params, body.stop_strings(), body.logprobs, texts if body.echo else None)
+        shape = CompletionShape(self.settings.model_name, self.vocabulary, grounded, screened)
+        return await respond(request, job, shape, body)
 
     async def chat(self, request: Request, body: ChatRequest) -> ChatCompletionResponse | StreamingResponse:
         """The assistant's reply to the conversation, rendered with the chat template of `text`."""
         self.check_model(body.model)
+        if body.top_logprobs is not None and not body.logprobs:
+            message = "top_logprobs: only allowed when logprobs is true"
+            raise APIError(400, message, param="top_logprobs", code="invalid_value")
         if body.max_tokens is not None and body.max_completion_tokens is not None:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         max_tokens = body.max_completion_tokens or body.max_tokens
-        text = render_chat((m.role, m.content) for m in body.messages)
+        contents, screened = await self.screen(request, [m.content for m in body.messages], "messages")
+        text = render_chat((m.role, content) for m, content in zip(body.messages, contents, strict=True))
         grounded = None
         if body.retrieve is not None:
-            asked = [m.content for m in body.messages if m.role == "user"] or [body.messages[-1].content]
+            asked = [c for m, c in zip(body.messages, contents, strict=True) if m.role == "user"] or [contents[-1]]
             reply = max_tokens or min(self.settings.max_tokens, self.max_seq_len // 2)  # kept for the reply
             grounded = await self.ground(body.retrieve, text, asked[-1], reply)
             text = grounded.text
         prompt = self.encode(text, "messages")
         params = self.sampling(body, max_tokens, len(prompt))
-        job = self.start_job(body, [prompt], params, [*body.stop_strings(), *CHAT_STOP])
-        return await respond(request, job, ChatShape(self.settings.model_name, grounded), body)
+        job = self.start_job(body, [prompt], params, [*body.stop_strings(), *CHAT_STOP], self.chat_logprobs(body))
+        shape = ChatShape(self.settings.model_name, self.vocabulary, grounded, screened)
+        return await respond(request, job, shape, body)
+
+    async def screen(self, request: Request, texts: list[str], param: str) -> tuple[list[str], list[dict]]:
+        """The texts as the content filter lets the model read them (redacted), and its decisions;
+        a text it blocks refuses the request: 400, code `content_filter`, naming the categories."""
+        if self.content_filter is None:
+            return texts, []
+        verdicts = await run_in_threadpool(lambda: [self.content_filter.apply(text) for text in texts])
+        decisions = merge_decisions(v.decisions() for v in verdicts)
+        note(request, prompt_filter=decisions)
+        blocked = sorted({f.category for v in verdicts for f in v.findings if f.action == "block"})
+        if blocked:
+            message = f"{param}: refused by the content filter ({', '.join(blocked)})"
+            raise APIError(400, message, param=param, code="content_filter")
+        return [v.text for v in verdicts], decisions
 
     async def retrieve(self, body: RetrieveRequest) -> RetrieveResponse:
         """The knowledge base's best chunks for the query; 404 on a server without one."""
@@ -213,28 +257,64 @@ class Serving:
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
         return body.generate_params(max_tokens)
 
+    @staticmethod
+    def chat_logprobs(body: ChatRequest) -> int | None:
+        """The alternatives a chat request's tokens are scored with (None: not scored)."""
+        return (body.top_logprobs or 0) if body.logprobs else None
+
     def start_job(
-        self, body: CompletionRequest | ChatRequest, prompts: list[list[int]], params: SamplingParams, stops: list[str]
+        self,
+        body: CompletionRequest | ChatRequest,
+        prompts: list[list[int]],
+        params: SamplingParams,
+        stops: list[str],
+        logprobs: int | None = None,
+        echo: list[str] | None = None,
     ) -> Job:
-        """Submit the prompts to the engine; they end at the end-of-text token unless the body ignores it."""
+        """Submit the prompts to the engine; they end at the end-of-text token unless the body ignores it.
+        `logprobs` scores their tokens with that many alternatives; `echo` begins their texts with these."""
         stop_tokens = [] if body.ignore_eos or self.end_of_text is None else [self.end_of_text]
-        return Job(self.engine, self.tokenizer, prompts, params, stop_tokens, stops, self.settings.request_timeout_s)
+        timeout_s = self.settings.request_timeout_s
+        return Job(
+            self.engine, self.vocabulary, prompts, params, stop_tokens, stops, timeout_s, logprobs, echo,
+            content_filter=self.content_filter, logits_processor=self.watermark,
+        )  # fmt: skip
 
 
-def grounding(grounded: Grounded | None) -> dict[str, Any]:
-    """The `sources` and `context_truncated` of a grounded answer; nothing for any other."""
-    if grounded is None:
-        return {}
-    sources = [Source.model_validate(hit.to_json()) for hit in grounded.sources]
-    return {"sources": sources, "context_truncated": grounded.truncated}
+def merge_decisions(decisions) -> list[dict]:
+    """Several texts' filter decisions as one list, counts added per category and action."""
+    counts: dict[tuple[str, str], int] = {}
+    for each in decisions:
+        for d in each:
+            counts[d["category"], d["action"]] = counts.get((d["category"], d["action"]), 0) + d["count"]
+    return [{"category": c, "action": a, "count": n} for (c, a), n in counts.items()]
+
+
+def extras(grounded: Grounded | None, screened: list[dict]) -> dict[str, Any]:
+    """The `sources` and `context_truncated` of a grounded answer, and the `prompt_filter_results`
+    of a prompt the filter flagged or redacted; nothing for any other."""
+    fields: dict[str, Any] = {}
+    if grounded is not None:
+        fields["sources"] = [Source.model_validate(hit.to_json()) for hit in grounded.sources]
+        fields["context_truncated"] = grounded.truncated
+    if screened:
+        fields["prompt_filter_results"] = [FilterResult.model_validate(d) for d in screened]
+    return fields
+
+
+def output_filtered(update: Update) -> list[FilterResult] | None:
+    return [FilterResult.model_validate(d) for d in update.filter_results] if update.filter_results else None
 
 
 class CompletionShape:
     """The `text_completion` body and chunks of one /v1/completions request."""
 
-    def __init__(self, model: str, grounded: Grounded | None = None):
+    def __init__(
+        self, model: str, vocabulary: Vocabulary, grounded: Grounded | None = None, screened: list[dict] | None = None
+    ):
         self.head: dict[str, Any] = {"id": f"cmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        self.grounding = grounding(grounded)
+        self.vocabulary = vocabulary
+        self.grounding = extras(grounded, screened or [])
 
     def opening(self, choices: int) -> list[CompletionChunk]:
         """Nothing; for a grounded prompt, a chunk of empty texts carrying the sources."""
@@ -244,48 +324,121 @@ class CompletionShape:
         return [CompletionChunk(**self.head, choices=empty, **self.grounding)]
 
     def chunk(self, update: Update) -> CompletionChunk:
-        choice = CompletionChoice(index=update.index, text=update.text, finish_reason=update.finish_reason)
-        return CompletionChunk(**self.head, choices=[choice])
+        return CompletionChunk(**self.head, choices=[self.choice(update)])
 
     def usage_chunk(self, usage: Usage) -> CompletionChunk:
         return CompletionChunk(**self.head, choices=[], usage=usage)
 
-    def whole(self, texts: list[str], reasons: list[str | None], usage: Usage) -> CompletionResponse:
-        choices = [
-            CompletionChoice(index=i, text=text, finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
-        ]
-        return CompletionResponse(**self.head, choices=choices, usage=usage, **self.grounding)
+    def whole(self, choices: list[Update], usage: Usage) -> CompletionResponse:
+        return CompletionResponse(**self.head, choices=[self.choice(c) for c in choices], usage=usage, **self.grounding)
+
+    def choice(self, update: Update) -> CompletionChoice:
+        logprobs = self.logprobs(update.tokens)
+        return CompletionChoice(
+            index=update.index,
+            text=update.text,
+            logprobs=logprobs,
+            finish_reason=update.finish_reason,
+            content_filter_results=output_filtered(update),
+        )
+
+    def logprobs(self, tokens: list[Scored] | None) -> CompletionLogprobs | None:
+        """OpenAI's legacy logprobs of the tokens; an echoed prompt's first has no score (null)."""
+        if tokens is None:
+            return None
+        names = self.vocabulary.names
+        return CompletionLogprobs(
+            tokens=[names[t.token] for t in tokens],
+            token_logprobs=[None if t.logprob is None else t.logprob.logprob for t in tokens],
+            top_logprobs=[None if t.logprob is None else self.top(t.token, t.logprob) for t in tokens],
+            text_offset=[t.offset for t in tokens],
+            entropies=[None if t.logprob is None else t.logprob.entropy for t in tokens],
+        )
+
+    def top(self, token: int, scored: Logprob) -> dict[str, float]:
+        """The most likely tokens, most likely first, then the token itself if it is not among them: OpenAI's
+        legacy completions always show the chosen token's logprob there."""
+        names = self.vocabulary.names
+        top = {names[alternative]: logprob for alternative, logprob in scored.top}
+        top.setdefault(names[token], scored.logprob)
+        return top
 
 
 class ChatShape:
     """The `chat.completion` body and `chat.completion.chunk` chunks of one /v1/chat/completions request."""
 
-    def __init__(self, model: str, grounded: Grounded | None = None):
+    def __init__(
+        self, model: str, vocabulary: Vocabulary, grounded: Grounded | None = None, screened: list[dict] | None = None
+    ):
         self.head: dict[str, Any] = {"id": f"chatcmpl-{uuid.uuid4().hex}", "created": int(time.time()), "model": model}
-        self.grounding = grounding(grounded)
+        self.vocabulary = vocabulary
+        self.grounding = extras(grounded, screened or [])
 
     def opening(self, choices: int) -> list[ChatCompletionChunk]:
         """Each choice's role first, as OpenAI streams it, in a chunk of its own; the first also
         carries the sources of a grounded prompt."""
         return [
-            self._chunk(index, ChatDelta(role="assistant", content=""), None, **(self.grounding if index == 0 else {}))
+            self._chunk(
+                index,
+                ChatDelta(role="assistant", content=""),
+                None,
+                None,
+                None,
+                **(self.grounding if index == 0 else {}),
+            )
             for index in range(choices)
         ]
 
     def chunk(self, update: Update) -> ChatCompletionChunk:
-        return self._chunk(update.index, ChatDelta(content=update.text or None), update.finish_reason)
+        delta = ChatDelta(content=update.text or None)
+        return self._chunk(
+            update.index, delta, self.logprobs(update.tokens), update.finish_reason, output_filtered(update)
+        )
 
     def usage_chunk(self, usage: Usage) -> ChatCompletionChunk:
         return ChatCompletionChunk(**self.head, choices=[], usage=usage)
 
-    def whole(self, texts: list[str], reasons: list[str | None], usage: Usage) -> ChatCompletionResponse:
-        choices = [
-            ChatChoice(index=i, message=ChatReply(content=text), finish_reason=reason)
-            for i, (text, reason) in enumerate(zip(texts, reasons, strict=True))
+    def whole(self, choices: list[Update], usage: Usage) -> ChatCompletionResponse:
+        replies = [
+            ChatChoice(
+                index=c.index,
+                message=ChatReply(content=c.text),
+                logprobs=self.logprobs(c.tokens),
+                finish_reason=c.finish_reason,
+                content_filter_results=output_filtered(c),
+            )
+            for c in choices
         ]
-        return ChatCompletionResponse(**self.head, choices=choices, usage=usage, **self.grounding)
+        return ChatCompletionResponse(**self.head, choices=replies, usage=usage, **self.grounding)
 
-    def _chunk(self, index: int, delta: ChatDelta, reason: str | None, **grounding: Any) -> ChatCompletionChunk:
-        choice = ChatChunkChoice(index=index, delta=delta, finish_reason=reason)
+    def logprobs(self, tokens: list[Scored] | None) -> ChatLogprobs | None:
+        """OpenAI's chat logprobs of the tokens (a chat's tokens are all scored: it has no echo)."""
+        if tokens is None:
+            return None
+        return ChatLogprobs(
+            content=[
+                ChatTokenLogprob(
+                    **self.named(t.token, t.logprob.logprob),
+                    top_logprobs=[TopLogprob(**self.named(*alternative)) for alternative in t.logprob.top],
+                    entropy=t.logprob.entropy,
+                )
+                for t in tokens
+            ]
+        )
+
+    def named(self, token: int, logprob: float) -> dict[str, Any]:
+        return {"token": self.vocabulary.names[token], "logprob": logprob, "bytes": list(self.vocabulary.bytes[token])}
+
+    def _chunk(
+        self,
+        index: int,
+        delta: ChatDelta,
+        logprobs: ChatLogprobs | None,
+        reason: str | None,
+        filtered: list[FilterResult] | None,
+        **grounding: Any,
+    ) -> ChatCompletionChunk:
+        choice = ChatChunkChoice(
+            index=index, delta=delta, logprobs=logprobs, finish_reason=reason, content_filter_results=filtered
+        )
         return ChatCompletionChunk(**self.head, choices=[choice], **grounding)

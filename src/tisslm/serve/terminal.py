@@ -4,6 +4,8 @@ It runs the serving engine in-process (one slot) with the chat template and stop
 /v1/chat/completions, so the terminal answers as the server would. `/reset` forgets the
 conversation, `/exit` or the end of input leaves, Ctrl-C cuts a reply short. When the
 conversation outgrows the context, its oldest turns are dropped (the system message stays).
+With a content filter, what the user types is screened as the server screens prompts, and each
+reply leaves a line at a time through the same `OutputGuard`.
 """
 
 from __future__ import annotations
@@ -16,6 +18,7 @@ from tokenizers import Tokenizer
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT
+from tisslm.safety.filters import ContentFilter, OutputGuard
 from tisslm.serve.engine import Engine, Event, Finished
 from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
 
@@ -27,6 +30,7 @@ def chat_session(
     system: str | None,
     read: Callable[[str], str],
     write: Callable[[str], None],
+    content_filter: ContentFilter | None = None,
 ) -> None:
     """Read user turns with `read(prompt)` until /exit or EOFError; `write` each reply piece by piece."""
     engine = Engine(model, max_batch=1, max_queue=1, vocab_limit=tokenizer.get_vocab_size()).start()
@@ -48,6 +52,13 @@ def chat_session(
                 continue
             if not command:
                 continue
+            if content_filter is not None:
+                screened = content_filter.apply(line)
+                if screened.blocked:
+                    categories = sorted({f.category for f in screened.findings if f.action == "block"})
+                    write(f"(refused by the content filter: {', '.join(categories)})\n")
+                    continue
+                line = screened.text
             turns.append(("user", line))
             while True:  # drop the oldest exchanges until the prompt leaves room for a reply
                 prompt = tokenizer.encode(render_chat(opening + turns)).ids
@@ -63,32 +74,41 @@ def chat_session(
                 continue
             settings = params.model_copy(update={"max_new_tokens": min(params.max_new_tokens, room)})
             write("tisslm> ")
-            reply = _reply(engine, tokenizer, prompt, settings, stop_tokens, write)
+            guard = OutputGuard(content_filter) if content_filter is not None else None
+            reply = _reply(engine, tokenizer, prompt, settings, stop_tokens, write, guard)
             write("\n")
             turns.append(("assistant", reply))
     finally:
         engine.stop()
 
 
-def _reply(engine, tokenizer, prompt, settings, stop_tokens, write) -> str:
+def _reply(engine, tokenizer, prompt, settings, stop_tokens, write, guard: OutputGuard | None) -> str:
+    """The reply as written: what the guard (if any) let out of the generated text."""
     events: queue.Queue[Event] = queue.Queue()
     stream = TextStream(tokenizer, CHAT_STOP)
     request = engine.submit(prompt, settings, events.put, stop_tokens)
     pieces = []
+
+    def emit(text: str, last: bool = False) -> None:
+        if guard is not None:
+            text = guard.add(text) + (guard.finish() if last and not guard.blocked else "")
+        pieces.append(text)
+        write(text)
+
     try:
         while True:
             event = events.get()
             if isinstance(event, Finished):
                 if event.reason in ("stop", "length"):
-                    pieces.append(stream.finish())
-                    write(pieces[-1])
+                    emit(stream.finish(), last=True)
                 else:
                     write(f" [{event.reason}{': ' + event.error if event.error else ''}]")
                 break
-            pieces.append(stream.add(event.id))
-            write(pieces[-1])
-            if stream.stopped:
+            emit(stream.add(event.id), last=stream.stopped)
+            if stream.stopped or (guard is not None and guard.blocked):
                 break
+        if guard is not None and guard.blocked:
+            write(" [ended by the content filter]")
     except KeyboardInterrupt:
         write(" [interrupted]")
     finally:
