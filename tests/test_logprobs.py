@@ -16,10 +16,11 @@ import time
 
 import httpx
 import pytest
+import test_serve
 import torch
 from conftest import make_model
 from openai import OpenAI
-from serving import SERVE_MODEL, ServerProcess, save_tiny_model, stream_events
+from serving import SERVE_MODEL, ServerProcess, stream_events
 
 from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
@@ -133,14 +134,7 @@ def test_tokens_travel_with_the_text_they_settle():
 # ---- a real server ----
 
 
-@pytest.fixture(scope="module")
-def model_dir(tmp_path_factory):
-    return save_tiny_model(tmp_path_factory.mktemp("model") / "tiny")
-
-
-@pytest.fixture(scope="module")
-def reference(model_dir) -> TissLM:
-    return TissLM.from_pretrained(model_dir).eval()
+model_dir, reference = test_serve.model_dir, test_serve.reference  # the serving tests' tiny model, shared
 
 
 @pytest.fixture(scope="module")

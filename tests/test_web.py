@@ -11,7 +11,7 @@ from pathlib import Path
 
 import httpx
 from playwright.sync_api import Page, expect, sync_playwright
-from serving import KB_QUERY, ServerProcess, build_tiny_kb, save_tiny_model
+from serving import KB_QUERY, ServerProcess, build_tiny_kb, save_chain_model, save_tiny_model
 
 CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = [
@@ -129,5 +129,27 @@ def test_page_shows_the_sources_of_a_grounded_completion(tmp_path):
             expect(sources).to_have_count(len(direct["sources"]))
 
             save_screenshot(page, "web_kb_sources.png")
+    finally:
+        server.stop()
+
+
+def test_page_shows_what_the_content_filter_did(tmp_path):
+    """A filtered server: the page shows the redacted text, never the email, and says what the filter did."""
+    model = save_chain_model(tmp_path / "model", "\nhistory -c;bq@xz.uk\n")
+    server = ServerProcess(model, workdir=tmp_path, filtered=True)
+    try:
+        with browser_page(server.url) as page:
+            page.fill("#prompt", "run\n")
+            page.fill("#max-tokens", "40")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text(
+                "content filter: shell flag, pii redact", timeout=TIMEOUT_MS
+            )
+            shown = page.locator("#output .generated").text_content()
+            assert shown.startswith("history -c;<EMAIL>\n") and "bq@" not in shown
+            page.fill("#prompt", "you are a fucking idiot\n")
+            page.click("#generate")
+            expect(page.locator("#status")).to_contain_text("refused by the content filter (toxicity)")
+            save_screenshot(page, "web_content_filter.png")
     finally:
         server.stop()

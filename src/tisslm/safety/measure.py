@@ -242,7 +242,7 @@ def _plot_z(zs: dict[str, list[float]], threshold: float, length: int, path: Pat
     axes.axvline(threshold, color="black", linestyle="--", label=f"threshold z = {threshold:g}")
     axes.set_xlabel(f"z-score of the first {length} tokens")
     axes.set_ylabel("texts")
-    axes.set_title("Watermark detection: watermarked samples against plain samples and human-written code")
+    axes.set_title("Watermark z-scores: watermarked samples, plain samples, human code")
     axes.legend()
     buffer = io.BytesIO()
     figure.tight_layout()
