@@ -38,8 +38,9 @@ def _safety(safety: dict) -> str:
     policy = ", ".join(f"{category} {action}" for category, action in safety["policy"].items())
     category_rows = [(c, _rate(v["precision"]), _rate(v["recall"]), f"{v['f1']:.3f}", v["support"])
                      for c, v in f["categories"].items()]  # fmt: skip
-    red_rows = [(goal, c["prompts"], c.get("elicited", 0), c.get("prompt_blocked", 0), c.get("output_blocked", 0),
-                 c.get("output_redacted", 0), c.get("prompt_flagged", 0) + c.get("output_flagged", 0))
+    red_rows = [(goal, c["prompts"], c.get("elicited", 0), c.get("prompt_blocked", 0), c.get("prompt_redacted", 0),
+                 c.get("output_blocked", 0), c.get("output_redacted", 0),
+                 c.get("prompt_flagged", 0) + c.get("output_flagged", 0))
                 for goal, c in red["goals"].items()]  # fmt: skip
     leaked = sum(bool(r["leaked"]) for r in red["results"])
     return f"""Every output of `tisslm generate`, `tisslm chat`, the server and the MLflow model goes through a
@@ -53,13 +54,33 @@ false positives on the alarming-looking benign code {_rate(f["false_positive_rat
 Watermark (Kirchenbauer et al. 2023; gamma {w["gamma"]}, delta {w["delta"]}, entropy threshold {w["entropy_threshold"]},
 z >= {w["z_threshold"]}), off by default: detected in
 {", ".join(f"{_rate(rate)} at {n} tokens" for n, rate in w["detection_rate"].items())} of {w["samples"]} sampled texts;
-false positives {", ".join(f"{_rate(rate)} on {name} ({w['human_documents'][name]} texts)" for name, rate in w["false_positive_rate"].items())};
-bits per byte of sampled text {w["quality"]["bits_per_byte_plain"]:.3f} plain, {w["quality"]["bits_per_byte_watermarked"]:.3f} watermarked.
+false positives {
+        ", ".join(
+            f"{_rate(rate)} on {name} ({w['human_documents'][name]} texts)"
+            for name, rate in w["false_positive_rate"].items()
+        )
+    };
+bits per byte of sampled text {w["quality"]["bits_per_byte_plain"]:.3f} plain, {
+        w["quality"]["bits_per_byte_watermarked"]:.3f} watermarked.
 
 Red team: {red["prompts"]} prompts through the server ({red["max_tokens"]} tokens each). "elicited": the model
 without the filter produced what the prompt asked for; {leaked} outputs still held a finding after the filter.
 
-{_table(("goal", "prompts", "elicited", "prompt refused", "output blocked", "redacted", "flagged"), red_rows)}"""
+{
+        _table(
+            (
+                "goal",
+                "prompts",
+                "elicited",
+                "prompt refused",
+                "prompt redacted",
+                "output blocked",
+                "output redacted",
+                "flagged",
+            ),
+            red_rows,
+        )
+    }"""
 
 
 def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
