@@ -55,6 +55,7 @@ bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_pipeline.py  # needs an up-to-date pipeline (make run)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
+	$(BIN)/python benchmarks/bench_safety.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks
