@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import subprocess
 import sys
+from types import SimpleNamespace
 
 import pytest
 from serving import save_chain_model
@@ -63,11 +64,8 @@ def test_the_pyfunc_filters_its_outputs(chain_models):
 
     from tisslm.release.pyfunc import TissLMPyfunc
 
-    class Context:
-        artifacts = {"model": str(chain_models[0])}
-
     pyfunc = TissLMPyfunc()
-    pyfunc.load_context(Context())
+    pyfunc.load_context(SimpleNamespace(artifacts={"model": str(chain_models[0])}))  # what MLflow passes
     [text] = pyfunc.predict(None, pd.DataFrame({"prompt": ["run\n"]}), {"max_new_tokens": 25})
     assert text.startswith("history -c;<EMAIL>\n")
 
