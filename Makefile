@@ -47,7 +47,7 @@ run: $(STAMP)
 
 test: $(STAMP) $(ACTIONLINT) system
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest
+	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures set up once)
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py

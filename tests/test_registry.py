@@ -7,7 +7,7 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from conftest import make_model
+from conftest import free_port, make_model
 
 from tisslm.core.config import RegisterParams
 from tisslm.core.tokenizer import byte_level_tokenizer
@@ -83,3 +83,53 @@ def test_gate_needs_both_the_gain_and_the_fairness(challenger_bpb, challenger_bi
     """Champion at 1.2 bits/byte and pct_stereotype 50: a 1% gain is needed, at most 5 points more bias."""
     decided, reasons = gate(challenger_bpb, 1.2, challenger_bias, 50.0, RegisterParams())
     assert decided is promoted and len(reasons) == 2
+
+
+def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, monkeypatch):
+    """`mlflow models serve -m models:/tisslm@champion --env-manager local`, a real server on loopback:
+    /invocations generates as the pyfunc does in-process, within the params schema's max_new_tokens."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    import httpx
+    import mlflow
+
+    store = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
+    good = trained(make_model(vocab_size=257, max_seq_len=64), 15)
+    assert register(save(good, tmp_path / "good"), TEXTS, 32, 50.0, RegisterParams()).promoted
+    local = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
+    expected = local.predict(pd.DataFrame({"prompt": ["def ", "import "]}), params={"max_new_tokens": 6})
+    port = free_port()
+    command = [sys.executable, "-m", "mlflow", "models", "serve", "-m", f"models:/{MODEL_NAME}@champion",
+               "--env-manager", "local", "--host", "127.0.0.1", "--port", str(port), "--workers", "1"]  # fmt: skip
+    log = (tmp_path / "serve.log").open("w")
+    # MLflow execs `uvicorn` from PATH: the environment's bin directory must be on it, as an activated venv's is.
+    env = {**os.environ, "PATH": f"{os.path.dirname(sys.executable)}{os.pathsep}{os.environ['PATH']}"}
+    server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
+    url = f"http://127.0.0.1:{port}"
+    try:
+        deadline = time.monotonic() + 120
+        while True:
+            assert server.poll() is None, (tmp_path / "serve.log").read_text()
+            try:
+                if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
+                    break
+            except httpx.TransportError:
+                pass
+            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
+            time.sleep(0.5)
+        body = {"dataframe_records": [{"prompt": "def "}, {"prompt": "import "}], "params": {"max_new_tokens": 6}}
+        reply = httpx.post(f"{url}/invocations", json=body, timeout=60)
+        assert reply.status_code == 200, reply.text
+        assert reply.json()["predictions"] == list(expected)
+        short = httpx.post(f"{url}/invocations", json=body | {"params": {"max_new_tokens": 2}}, timeout=60)
+        assert all(len(text.encode()) <= 2 for text in short.json()["predictions"])  # byte tokens
+        wrong = httpx.post(f"{url}/invocations", json=body | {"params": {"max_new_tokens": "many"}}, timeout=60)
+        assert wrong.status_code == 400
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+        log.close()

@@ -8,6 +8,7 @@ policy flags and an email it redacts) on every line of one, "fuck" on every line
 from __future__ import annotations
 
 import json
+import time
 
 import httpx
 import openai
@@ -16,7 +17,7 @@ from serving import ServerProcess, save_chain_model, save_tiny_model, stream_eve
 
 from tisslm.core.config import WatermarkParams
 from tisslm.core.tokenizer import byte_level_tokenizer
-from tisslm.safety.audit import verify
+from tisslm.safety.audit import sha256_text, verify
 from tisslm.safety.watermark import Watermark
 
 LINE = "history -c;bq@xz.uk"
@@ -130,16 +131,31 @@ def test_logprobs_never_carry_redacted_tokens(flagging_server):
     assert all("@" not in "".join(top) for top in logprobs["top_logprobs"] if top)
 
 
+def audit_record(server, prompt: str, limit_s: float = 10.0) -> dict:
+    """The audit log's latest record of `prompt`, waited for: the server appends a record after the
+    response has gone out, so the client may read the log before it is written."""
+    path, digest = server.log_path.parent / "audit.jsonl", sha256_text(prompt)
+    deadline = time.monotonic() + limit_s
+    while True:
+        records = [json.loads(line) for line in path.read_text().splitlines()]
+        mine = [r for r in records if r["prompt_sha256"] == digest]
+        if mine or time.monotonic() > deadline:
+            assert mine, f"no audit record of {prompt!r} after {limit_s} s"
+            return mine[-1]
+        time.sleep(0.05)
+
+
 def test_the_audit_log_records_the_filter_decisions(flagging_server):
-    complete(flagging_server, prompt="mail bob.smith@corp-mail.com\n", max_tokens=20)
-    records = [json.loads(line) for line in (flagging_server.log_path.parent / "audit.jsonl").read_text().splitlines()]
-    last = records[-1]
+    prompt = "mail bob.smith@corp-mail.com\n"
+    complete(flagging_server, prompt=prompt, max_tokens=20)
+    last = audit_record(flagging_server, prompt)
     assert {"on": "prompt", "category": "pii", "action": "redact", "count": 1} in last["decisions"]
     assert {"on": "output", "choice": 0, "category": "pii", "action": "redact", "count": 1} in last["decisions"]
-    refused = [r for r in records if r["status"] == 400]
-    assert (
-        refused and {"on": "prompt", "category": "toxicity", "action": "block", "count": 1} in refused[0]["decisions"]
-    )
+    abuse = "you are a fucking idiot\n"
+    assert complete(flagging_server, prompt=abuse).status_code == 400
+    refused = audit_record(flagging_server, abuse)
+    assert refused["status"] == 400
+    assert refused["decisions"] == [{"on": "prompt", "category": "toxicity", "action": "block", "count": 1}]
     assert verify(flagging_server.log_path.parent / "audit.jsonl").ok
 
 

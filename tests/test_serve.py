@@ -14,7 +14,7 @@ import httpx
 import pytest
 from conftest import make_model
 from openai import OpenAI
-from serving import SERVE_MODEL, ServerProcess, save_tiny_model
+from serving import SERVE_MODEL, ServerProcess, save_tiny_model, stream_events
 
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
@@ -238,6 +238,26 @@ def test_seeded_completions_equal_generate_even_when_batched(client, reference):
     assert results == {seed: expected_text(reference, "def ", 16, temperature=1.0, seed=seed) for seed in range(6)}
 
 
+def test_n_choices_per_prompt_draw_with_consecutive_seeds(client, server, reference):
+    prompts = ["def add(a, b):", "import os\n"]
+    response = client.completions.create(model="tisslm", prompt=prompts, max_tokens=12, n=3, seed=11, temperature=1.0)
+    assert [c.index for c in response.choices] == list(range(6))  # prompt i's j-th choice is i * n + j
+    for i, prompt in enumerate(prompts):
+        for j in range(3):
+            expected = expected_text(reference, prompt, 12, temperature=1.0, seed=11 + j)
+            assert response.choices[i * 3 + j].text == expected
+    assert response.usage.prompt_tokens == sum(len(TOKENIZER.encode(p).ids) for p in prompts)  # once per prompt
+    chat = client.chat.completions.create(
+        model="tisslm", messages=[{"role": "user", "content": "hi"}], max_tokens=8, n=2, seed=3
+    )
+    assert [c.index for c in chat.choices] == [0, 1] and chat.choices[0].message.content != chat.choices[
+        1
+    ].message.content
+    body = {"prompt": "x", "max_tokens": 6, "n": 2, "seed": 1, "stream": True}
+    events = stream_events(server.url, "/v1/completions", body)
+    assert {c["index"] for e in events for c in e["choices"]} == {0, 1}
+
+
 def test_streaming_completion_with_usage(client, reference):
     stream = client.completions.create(
         model="tisslm", prompt="def f():", max_tokens=30, seed=11, stream=True, stream_options={"include_usage": True}
@@ -296,7 +316,7 @@ BAD_BODIES = [
     (b'{"prompt": "x", "top_p": 1.5}', 400, "invalid_value", "top_p"),
     (b'{"prompt": "x", "top_k": 0}', 400, "invalid_value", "top_k"),
     (b'{"prompt": "x", "seed": -1}', 400, "invalid_value", "seed"),
-    (b'{"prompt": "x", "n": 2}', 400, "invalid_value", "n"),
+    (b'{"prompt": "x", "n": 0}', 400, "invalid_value", "n"),
     (b'{"prompt": "x", "stream": "yes"}', 400, "invalid_value", "stream"),
     (b'{"prompt": "x", "stop": ["a", "b", "c", "d", "e"]}', 400, "invalid_value", "stop"),
     (b'{"prompt": "x", "echo": "yes"}', 400, "invalid_value", "echo"),

@@ -94,7 +94,8 @@ class Shape(Protocol):
 
 
 class Job:
-    """The generations of one HTTP request, one per prompt, their engine events merged into one queue.
+    """The generations of one HTTP request, one per choice (a prompt, and its sampling settings),
+    their engine events merged into one queue.
 
     `logprobs` asks the engine to score each token with that many top alternatives; `echo`, the
     prompts' texts, begins each choice's text with its prompt (scored too, with `logprobs`).
@@ -105,7 +106,7 @@ class Job:
         engine: Engine,
         vocabulary: Vocabulary,
         prompts: list[list[int]],
-        params: SamplingParams,
+        params: Sequence[SamplingParams],
         stop_tokens: list[int],
         stop_strings: list[str],
         timeout_s: float,
@@ -113,13 +114,14 @@ class Job:
         echo: Sequence[str] | None = None,
         content_filter: ContentFilter | None = None,
         logits_processor: LogitsProcessor | None = None,
+        prompt_tokens: int | None = None,
     ):
         self.engine = engine
         self.loop = asyncio.get_running_loop()
         self.queue: asyncio.Queue[tuple[int, Event]] = asyncio.Queue()
         self.texts = [TextStream(vocabulary.tokenizer, stop_strings) for _ in prompts]
         self.prompts = prompts
-        self.prompt_tokens = sum(len(p) for p in prompts)
+        self.prompt_tokens = sum(len(p) for p in prompts) if prompt_tokens is None else prompt_tokens
         self.completion_tokens = [0] * len(prompts)
         self.outputs = [""] * len(prompts)  # each choice's generated text so far (never its echo), for the audit log
         self.scoring = logprobs is not None
@@ -133,12 +135,12 @@ class Job:
         self.held: list[list[Scored]] = [[] for _ in prompts]  # scored tokens a guard has not cleared yet
         self.requests: list[EngineRequest] = []
         try:
-            for index, prompt in enumerate(prompts):
+            for index, (prompt, settings) in enumerate(zip(prompts, params, strict=True)):
                 on_event = partial(self._deliver, index)
                 scores = {"logprobs": logprobs, "prompt_logprobs": self.scoring and echo is not None}
                 self.requests.append(
                     engine.submit(
-                        prompt, params, on_event, stop_tokens, timeout_s, logits_processor=logits_processor, **scores
+                        prompt, settings, on_event, stop_tokens, timeout_s, logits_processor=logits_processor, **scores
                     )
                 )
         except QueueFull as err:

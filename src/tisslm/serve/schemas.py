@@ -85,6 +85,8 @@ def invalid(err: ValidationError, renamed: dict[str, str] | None = None) -> APIE
 
 # ---- requests ----
 
+MAX_CHOICES = 16  # `n`: each choice is a sequence in the engine's batch
+
 
 class _Strict(BaseModel):
     model_config = ConfigDict(extra="forbid", strict=True)
@@ -104,7 +106,7 @@ class _Sampling(_Strict):
     top_k: int | None = None  # not in OpenAI's API; vLLM and llama.cpp's server take it too
     stop: str | list[str] | None = None  # at most 4 sequences, as OpenAI allows
     seed: int | None = Field(None, ge=0, lt=2**63)
-    n: Literal[1] = 1
+    n: int = Field(1, ge=1, le=MAX_CHOICES)  # choices per prompt
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens even past the end-of-text token
@@ -320,7 +322,7 @@ class CompletionLogprobs(_Response):
 
 
 class CompletionChoice(_Response):
-    index: int  # the prompt's position in `prompt`
+    index: int  # prompt i's j-th choice is i * n + j
     text: str  # the whole text (after an echoed prompt), or in a stream the piece that settled since the last chunk
     logprobs: CompletionLogprobs | None = None  # null unless `logprobs` was asked
     finish_reason: FinishReason | None  # null until the choice's last chunk

@@ -271,13 +271,20 @@ class Serving:
         logprobs: int | None = None,
         echo: list[str] | None = None,
     ) -> Job:
-        """Submit the prompts to the engine; they end at the end-of-text token unless the body ignores it.
+        """Submit `n` choices of each prompt to the engine, prompt by prompt (OpenAI's order of
+        choices); they end at the end-of-text token unless the body ignores it. With a `seed`, the
+        j-th choice of a prompt draws with seed + j: the first is what a request with n = 1 gets.
         `logprobs` scores their tokens with that many alternatives; `echo` begins their texts with these."""
         stop_tokens = [] if body.ignore_eos or self.end_of_text is None else [self.end_of_text]
         timeout_s = self.settings.request_timeout_s
+        n = body.n
+        seeds = [None if params.seed is None else params.seed + j for j in range(n)]
+        choices = [params.model_copy(update={"seed": seed}) for seed in seeds]
         return Job(
-            self.engine, self.vocabulary, prompts, params, stop_tokens, stops, timeout_s, logprobs, echo,
+            self.engine, self.vocabulary, [p for p in prompts for _ in range(n)], choices * len(prompts),
+            stop_tokens, stops, timeout_s, logprobs, None if echo is None else [e for e in echo for _ in range(n)],
             content_filter=self.content_filter, logits_processor=self.watermark,
+            prompt_tokens=sum(map(len, prompts)),  # OpenAI counts a prompt once however many choices it has
         )  # fmt: skip
 
 
