@@ -232,6 +232,50 @@ def test_a_failing_stage_fails_the_flow_naming_it(workspace, mlflow_server):
     assert len(attempts) == 1  # a user's mistake is not retried
 
 
+def test_a_transient_failure_is_retried(workspace, mlflow_server):
+    """Another DVC process holding the workspace's lock fails a stage's first attempt ("Unable to
+    acquire lock"): the flow retries it once the lock is free, and completes."""
+    import threading
+
+    from dvc.repo import Repo
+    from mlflow import MlflowClient
+
+    from tisslm.flows.pipeline import tisslm_pipeline
+
+    client = MlflowClient(tracking_uri=mlflow_server)
+    since = int(time.time() * 1000)
+    lock = Repo(str(workspace)).lock
+    lock.lock()  # what a `dvc` command running elsewhere in the workspace holds
+
+    def release_after_the_first_failure() -> None:
+        try:
+            deadline = time.monotonic() + 120
+            while time.monotonic() < deadline:
+                experiment = client.get_experiment_by_name("tisslm")  # the flow makes it on a fresh store
+                query = f"attributes.status = 'FAILED' and attributes.start_time > {since}"
+                if experiment is not None and client.search_runs([experiment.experiment_id], query):
+                    break
+                time.sleep(0.2)
+        finally:
+            lock.unlock()
+
+    releaser = threading.Thread(target=release_after_the_first_failure)
+    releaser.start()
+    original = (workspace / "params.yaml").read_text()
+    try:
+        outcome = tisslm_pipeline(["pipeline.retry_delay_s=3"])
+    finally:
+        releaser.join()
+        (workspace / "params.yaml").write_text(original)
+    first = outcome.stages[0].stage
+    experiment = client.get_experiment_by_name("tisslm")
+    runs = client.search_runs([experiment.experiment_id], f"attributes.start_time > {since}")
+    attempts = sorted((r for r in runs if r.info.run_name == first), key=lambda r: r.info.start_time)
+    assert [r.info.status for r in attempts] == ["FAILED", "FINISHED"]
+    log = Path(client.download_artifacts(attempts[0].info.run_id, "stage.log", str(workspace.parent)))
+    assert "Unable to acquire lock" in log.read_text()
+
+
 def test_bad_override_is_refused_before_anything_is_written(workspace):
     from tisslm.core.errors import ConfigError
     from tisslm.flows.pipeline import tisslm_pipeline
