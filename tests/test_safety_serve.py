@@ -131,29 +131,31 @@ def test_logprobs_never_carry_redacted_tokens(flagging_server):
     assert all("@" not in "".join(top) for top in logprobs["top_logprobs"] if top)
 
 
-def audit_record(server, prompt: str, limit_s: float = 10.0) -> dict:
-    """The audit log's latest record of `prompt`, waited for: the server appends a record after the
-    response has gone out, so the client may read the log before it is written."""
+def audited(server, prompt: str, send) -> dict:
+    """The audit record of the request `send()` makes with `prompt`, waited for: the server appends
+    a record after the response has gone out, so the client may read the log before it is written
+    (and an earlier request may have had the same prompt)."""
     path, digest = server.log_path.parent / "audit.jsonl", sha256_text(prompt)
-    deadline = time.monotonic() + limit_s
-    while True:
-        records = [json.loads(line) for line in path.read_text().splitlines()]
-        mine = [r for r in records if r["prompt_sha256"] == digest]
-        if mine or time.monotonic() > deadline:
-            assert mine, f"no audit record of {prompt!r} after {limit_s} s"
-            return mine[-1]
+
+    def records() -> list[dict]:
+        return [r for r in map(json.loads, path.read_text().splitlines()) if r["prompt_sha256"] == digest]
+
+    before = len(records())
+    send()
+    deadline = time.monotonic() + 10
+    while len(found := records()) == before:
+        assert time.monotonic() < deadline, f"no new audit record of {prompt!r} after 10 s"
         time.sleep(0.05)
+    return found[-1]
 
 
 def test_the_audit_log_records_the_filter_decisions(flagging_server):
     prompt = "mail bob.smith@corp-mail.com\n"
-    complete(flagging_server, prompt=prompt, max_tokens=20)
-    last = audit_record(flagging_server, prompt)
+    last = audited(flagging_server, prompt, lambda: complete(flagging_server, prompt=prompt, max_tokens=20))
     assert {"on": "prompt", "category": "pii", "action": "redact", "count": 1} in last["decisions"]
     assert {"on": "output", "choice": 0, "category": "pii", "action": "redact", "count": 1} in last["decisions"]
     abuse = "you are a fucking idiot\n"
-    assert complete(flagging_server, prompt=abuse).status_code == 400
-    refused = audit_record(flagging_server, abuse)
+    refused = audited(flagging_server, abuse, lambda: complete(flagging_server, prompt=abuse))
     assert refused["status"] == 400
     assert refused["decisions"] == [{"on": "prompt", "category": "toxicity", "action": "block", "count": 1}]
     assert verify(flagging_server.log_path.parent / "audit.jsonl").ok
