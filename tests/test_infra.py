@@ -558,6 +558,9 @@ def test_compose_images_are_pinned_or_built_here():
     assert images["prefect-server"] == f"prefecthq/prefect:{constraint('prefect')}-python3.11"
     assert dockerfile_bases(MLFLOW_DOCKERFILE) == [f"ghcr.io/mlflow/mlflow:v{constraint('mlflow')}"]
     assert images["prefect-worker"] == project_image()
+    # The MLflow server's drivers are those tests/test_mlflow_stack.py runs the server with.
+    installed = set(re.findall(r'"?([\w.\[\]-]+==[\w.]+)"?', MLFLOW_DOCKERFILE.read_text()))
+    assert installed == {f"psycopg[binary]=={constraint('psycopg')}", f"boto3=={constraint('boto3')}"}
 
 
 def test_image_check_catches_floating_tags():

@@ -288,7 +288,8 @@ def test_bad_override_is_refused_before_anything_is_written(workspace):
 
 def test_prefect_yaml_deploys_to_a_server(workspace):
     """`prefect deploy` registers every deployment in pipelines/prefect.yaml on a real Prefect server,
-    and `prefect worker start` on its process pool runs the pipeline deployment to COMPLETED."""
+    and `prefect worker start` on its process pool runs the pipeline deployment to COMPLETED, or to
+    FAILED naming the stage when one breaks."""
     from prefect.client.orchestration import get_client
     from prefect.settings import PREFECT_API_URL
 
@@ -310,22 +311,39 @@ def test_prefect_yaml_deploys_to_a_server(workspace):
     assert flows[deployments["tisslm-hpo"].flow_id] == "tisslm-hpo" and not deployments["tisslm-hpo"].schedules
     assert retrain.pull_steps == [{"prefect.deployments.steps.set_working_directory": {"directory": str(workspace)}}]
 
+    def run_deployment_through_a_worker():
+        started = subprocess.run(
+            [*prefect, "deployment", "run", "tisslm-pipeline/tisslm-pipeline"],
+            cwd=workspace, env=env, capture_output=True, text=True, timeout=120,
+        )  # fmt: skip
+        assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
+        flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
+        worker = subprocess.run(
+            [*prefect, "worker", "start", "--pool", "tisslm-process", "--run-once"],
+            cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
+        )  # fmt: skip
+        assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
+        with get_client(sync_client=True) as client:
+            return client.read_flow_run(flow_run_id), worker.stdout + worker.stderr
+
     # A real worker on the process pool picks up a run of the pipeline deployment and completes it.
-    started = subprocess.run(
-        [*prefect, "deployment", "run", "tisslm-pipeline/tisslm-pipeline"],
-        cwd=workspace, env=env, capture_output=True, text=True, timeout=120,
-    )  # fmt: skip
-    assert started.returncode == 0, started.stdout[-2000:] + started.stderr[-2000:]
-    flow_run_id = re.search(r"UUID: ([0-9a-f-]{36})", started.stdout).group(1)
-    worker = subprocess.run(
-        [*prefect, "worker", "start", "--pool", "tisslm-process", "--run-once"],
-        cwd=workspace, env=env, capture_output=True, text=True, timeout=600,
-    )  # fmt: skip
-    assert worker.returncode == 0, worker.stdout[-3000:] + worker.stderr[-3000:]
-    with get_client(sync_client=True) as client:
-        run = client.read_flow_run(flow_run_id)
-    assert run.state.is_completed(), (run.state, worker.stdout[-3000:])
+    run, log = run_deployment_through_a_worker()
+    assert run.state.is_completed(), (run.state, log[-3000:])
     assert (workspace / "metrics" / "register.json").is_file()
+
+    # A stage that breaks fails the flow run, and the state says which stage.
+    stage_script = workspace / "stages" / "model_card.py"
+    script = stage_script.read_text()
+    future = "from __future__ import annotations\n"
+    stage_script.write_text(
+        script.replace(future, f'{future}raise SystemExit("error: deliberately broken by the test")\n')
+    )
+    try:
+        run, log = run_deployment_through_a_worker()
+    finally:
+        stage_script.write_text(script)
+    assert run.state.is_failed(), (run.state, log[-3000:])
+    assert "stage 'model_card' failed" in run.state.message and "deliberately broken" in run.state.message
 
 
 def test_a_study_reopened_after_a_kill_fails_the_trial_left_running(tmp_path):

@@ -2,9 +2,11 @@
 
 - Hugging Face: a Llama config, safetensors and a fast tokenizer that `AutoModelForCausalLM` and
   `AutoTokenizer` load offline.
-- ONNX: a decoder step with the KV cache as inputs and outputs, named as Hugging Face optimum
-  names them (`past_key_values.{i}.key` ... `present.{i}.value`), with dynamic batch, sequence
-  and past lengths; the first step passes an empty past.
+- ONNX: optimum's layout for a Llama decoder: `model.onnx` with `input_ids`, `attention_mask`,
+  `position_ids` and the KV cache as inputs and outputs (`past_key_values.{i}.key` ...
+  `present.{i}.value`), dynamic batch, sequence and past lengths (the first step passes an empty
+  past), beside config.json, generation_config.json and the tokenizer (what optimum loads) and
+  genai_config.json (what onnxruntime-genai loads).
 - GGUF (llama.cpp): architecture `llama`, tensors named as llama.cpp's own converter names
   them, q/k rows permuted to llama.cpp's interleaved rotary layout (the converter does the same
   for Hugging Face Llama weights), norms in F32 and matrices in F16 or Q8_0, the BPE vocabulary
@@ -23,26 +25,55 @@ from tokenizers import Tokenizer
 from tisslm.core.io import atomic_dir
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT
-from tisslm.release.hf import to_hf, to_llama_state_dict
+from tisslm.release.hf import llama_config, to_hf, to_llama_state_dict
 
 GGUF_TYPES = ("F16", "Q8_0")
-ONNX_FILE = "decoder.onnx"
+ONNX_FILE = "model.onnx"
 PAD = "<|pad|>"
 
 
-def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+def _hf_tokenizer(tokenizer: Tokenizer):
     from transformers import PreTrainedTokenizerFast
 
     pad = PAD if tokenizer.token_to_id(PAD) is not None else END_OF_TEXT
-    fast = PreTrainedTokenizerFast(
+    return PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=pad
     )
+
+
+def _save_tokenizer(fast, directory: Path) -> None:
+    """tokenizer.json and its config, named as transformers 4.x and 5.x both know it: 5.x would
+    write `TokenizersBackend`, a class 4.x lacks (optimum-onnx still needs 4.x). Without
+    `model_input_names`, 4.x also returns token_type_ids, which `generate()` rejects."""
+    fast.save_pretrained(directory)
+    config_path = directory / "tokenizer_config.json"
+    config = json.loads(config_path.read_text())
+    config["tokenizer_class"] = "PreTrainedTokenizerFast"
+    config["model_input_names"] = ["input_ids", "attention_mask"]
+    config_path.write_text(json.dumps(config, indent=2, ensure_ascii=False) + "\n")
+
+
+def _special_token_ids(fast) -> dict[str, int]:
+    return {"bos_token_id": fast.bos_token_id, "eos_token_id": fast.eos_token_id, "pad_token_id": fast.pad_token_id}
+
+
+def _with_token_ids(config, fast):
+    """A Llama config naming the tokenizer's special tokens (LlamaConfig's defaults are another vocabulary's)."""
+    for name, value in _special_token_ids(fast).items():
+        setattr(config, name, value)
+    return config
+
+
+def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+    from transformers import GenerationConfig
+
+    fast = _hf_tokenizer(tokenizer)
     with atomic_dir(directory) as tmp:
         hf_model = to_hf(model)
-        hf_model.generation_config.eos_token_id = tokenizer.token_to_id(END_OF_TEXT)
-        hf_model.generation_config.pad_token_id = tokenizer.token_to_id(pad)
+        _with_token_ids(hf_model.config, fast)
+        hf_model.generation_config = GenerationConfig(**_special_token_ids(fast))
         hf_model.save_pretrained(tmp, safe_serialization=True)
-        fast.save_pretrained(tmp)
+        _save_tokenizer(fast, tmp)
     return directory
 
 
@@ -52,9 +83,6 @@ class ConcatKVCache:
 
     def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
         self.past = past
-        self.length = past[0][0].shape[2]
-        self.max_len = 1 << 30  # bounded by the model's max_seq_len instead
-        self.left_pad = None
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)
 
     def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
@@ -62,66 +90,132 @@ class ConcatKVCache:
         self.present[layer] = (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
         return self.present[layer]
 
-    def advance(self, new_tokens: int) -> None:
-        self.length += new_tokens
-
 
 class OnnxDecoder(torch.nn.Module):
-    """forward(input_ids, *past) -> (logits, *present), past and present flat as (key, value) per layer."""
+    """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past and present
+    flat as (key, value) per layer: the inputs and outputs of optimum's Llama decoder.
+
+    attention_mask (B, P + T) marks real tokens among the past and new ones (0 for left pads);
+    position_ids (B, T) are each new token's rotary position, counted from its row's first real
+    token. So one graph serves prefill and decode of left-padded batches.
+    """
 
     def __init__(self, model: TissLM):
         super().__init__()
         self.model = model
 
-    def forward(self, input_ids: torch.Tensor, *past_flat: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    def forward(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor,
+        position_ids: torch.Tensor,
+        *past_flat: torch.Tensor,
+    ) -> tuple[torch.Tensor, ...]:
+        m = self.model
         cache = ConcatKVCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
-        logits = self.model(input_ids, cache=cache)
+        past, new = past_flat[0].shape[2], input_ids.shape[1]
+        cos = m.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
+        sin = m.rope_sin[position_ids].unsqueeze(1)
+        key_pos = torch.arange(past + new, device=input_ids.device)  # (S,)
+        query_pos = key_pos[past:]  # (T,)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        real_key = attention_mask.bool()[:, None, :]  # (B, 1, S)
+        # A pad query attends to itself, so no row of the mask is empty (softmax would give NaN).
+        mask = (causal[None] & real_key) | (key_pos[None, :] == query_pos[:, None])[None]  # (B, T, S)
+        x = m.tok_emb(input_ids)  # (B, T, d_model)
+        for block in m.layers:
+            x = block(x, cos, sin, mask.unsqueeze(1), cache, past)
+        logits = m.lm_head(m.norm(x))  # (B, T, vocab_size)
         return (logits, *[t for kv in cache.present for t in kv])
 
 
 def onnx_names(n_layers: int) -> tuple[list[str], list[str]]:
     pairs = [(i, kind) for i in range(n_layers) for kind in ("key", "value")]
-    return ["input_ids"] + [f"past_key_values.{i}.{k}" for i, k in pairs], ["logits"] + [
-        f"present.{i}.{k}" for i, k in pairs
-    ]
+    inputs = ["input_ids", "attention_mask", "position_ids"] + [f"past_key_values.{i}.{k}" for i, k in pairs]
+    return inputs, ["logits"] + [f"present.{i}.{k}" for i, k in pairs]
 
 
-def export_onnx(model: TissLM, directory: Path) -> Path:
+def export_onnx(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+    """`model.onnx` beside config.json, generation_config.json, the tokenizer and genai_config.json:
+    the directory optimum's `ORTModelForCausalLM.from_pretrained` and `AutoTokenizer` load, and
+    onnxruntime-genai's `Model` too."""
     from torch.export import Dim
+    from transformers import GenerationConfig
 
     c = model.config
     model = model.eval()
     inputs, outputs = onnx_names(c.n_layers)
     example_past = [torch.zeros(2, c.n_kv_heads, 3, c.head_dim) for _ in range(2 * c.n_layers)]
+    example = (torch.zeros(2, 5, dtype=torch.long), torch.ones(2, 8, dtype=torch.long),
+               torch.arange(3, 8).repeat(2, 1), *example_past)  # fmt: skip
     # Tracing bounds keep past + sequence within max_seq_len; the graph itself takes any lengths
     # up to it, an empty past and one-token steps included.
     batch = Dim("batch", min=1, max=1024)
     sequence = Dim("sequence", min=2, max=c.max_seq_len // 2)
     past = Dim("past_sequence", min=1, max=c.max_seq_len // 2 - 1)
-    shapes = ({0: batch, 1: sequence}, tuple({0: batch, 2: past} for _ in example_past))
+    shapes = ({0: batch, 1: sequence}, {0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: sequence},
+              tuple({0: batch, 2: past} for _ in example_past))  # fmt: skip
+    fast = _hf_tokenizer(tokenizer)
     with atomic_dir(directory) as tmp:
         torch.onnx.export(
-            OnnxDecoder(model).eval(), (torch.zeros(2, 5, dtype=torch.long), *example_past), str(tmp / ONNX_FILE),
+            OnnxDecoder(model).eval(), example, str(tmp / ONNX_FILE),
             dynamo=True, dynamic_shapes=shapes, input_names=inputs, output_names=outputs, verbose=False,
         )  # fmt: skip
+        _with_token_ids(llama_config(c), fast).save_pretrained(tmp)
+        GenerationConfig(**_special_token_ids(fast)).save_pretrained(tmp)
+        _save_tokenizer(fast, tmp)
+        (tmp / "genai_config.json").write_text(json.dumps(genai_config(c, _special_token_ids(fast)), indent=2) + "\n")
     return directory
 
 
-def onnx_greedy(session, config, prompt: list[int], new_tokens: int) -> list[int]:
-    """Greedy continuation computed by onnxruntime alone, feeding `present` back as `past`."""
+def genai_config(config, token_ids: dict[str, int]) -> dict:
+    """onnxruntime-genai's description of the same graph: its inputs and outputs by name, and a
+    KV cache that grows by concatenation (`past_present_share_buffer` off), as the graph's does."""
+    names = {"input_ids": "input_ids", "attention_mask": "attention_mask", "position_ids": "position_ids",
+             "past_key_names": "past_key_values.%d.key", "past_value_names": "past_key_values.%d.value"}  # fmt: skip
+    decoder = {
+        "filename": ONNX_FILE,
+        "session_options": {"provider_options": []},
+        "head_size": config.head_dim,
+        "hidden_size": config.d_model,
+        "num_attention_heads": config.n_heads,
+        "num_hidden_layers": config.n_layers,
+        "num_key_value_heads": config.n_kv_heads,
+        "inputs": names,
+        "outputs": {
+            "logits": "logits",
+            "present_key_names": "present.%d.key",
+            "present_value_names": "present.%d.value",
+        },
+    }
+    model = {"type": "llama", "vocab_size": config.vocab_size, "context_length": config.max_seq_len, "decoder": decoder}
+    search = {"do_sample": False, "num_beams": 1, "max_length": config.max_seq_len, "past_present_share_buffer": False}
+    return {"model": {**model, **token_ids}, "search": search}
+
+
+def onnx_greedy(session, config, prompts: list[list[int]], new_tokens: int, pad: int = 0) -> list[list[int]]:
+    """Greedy continuations of a left-padded batch, computed by onnxruntime alone: the attention
+    mask and positions as optimum builds them, `present` fed back as `past`."""
     inputs, _ = onnx_names(config.n_layers)
-    past = [np.zeros((1, config.n_kv_heads, 0, config.head_dim), dtype=np.float32)] * (2 * config.n_layers)
-    ids, out = np.array([prompt], dtype=np.int64), []
+    width = max(map(len, prompts))
+    mask = np.array([[0] * (width - len(p)) + [1] * len(p) for p in prompts], dtype=np.int64)
+    ids = np.array([[pad] * (width - len(p)) + p for p in prompts], dtype=np.int64)
+    positions = np.where(mask == 1, mask.cumsum(-1) - 1, 1)
+    past = [np.zeros((len(prompts), config.n_kv_heads, 0, config.head_dim), dtype=np.float32)] * (2 * config.n_layers)
+    out = np.zeros((len(prompts), 0), dtype=np.int64)
     for _ in range(new_tokens):
-        logits, *past = session.run(None, dict(zip(inputs, [ids, *past], strict=True)))
-        out.append(int(logits[0, -1].argmax()))
-        ids = np.array([[out[-1]]], dtype=np.int64)
-    return out
+        logits, *past = session.run(None, dict(zip(inputs, [ids, mask, positions, *past], strict=True)))
+        ids = logits[:, -1].argmax(-1)[:, None].astype(np.int64)  # (B, 1)
+        out = np.concatenate((out, ids), axis=1)
+        positions = positions[:, -1:] + 1
+        mask = np.concatenate((mask, np.ones_like(ids)), axis=1)
+    return out.tolist()
 
 
 @torch.no_grad()
 def onnx_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str, new_tokens: int = 32) -> dict:
-    """onnxruntime against torch: logits with and without a past, and a greedy continuation."""
+    """onnxruntime against torch: logits with and without a past, and greedy continuations of a
+    left-padded batch (the text and two shorter prefixes of it) row for row."""
     import onnxruntime
 
     from tisslm.core.generate import generate
@@ -132,18 +226,24 @@ def onnx_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str,
     ids = tokenizer.encode(text).ids
     worst = 0.0
     for split in (0, len(ids) // 2, len(ids) - 1):  # no past, half a past, one-token step
-        decoder = OnnxDecoder(model)
-        empty = [torch.zeros(1, c.n_kv_heads, 0, c.head_dim) for _ in range(2 * c.n_layers)]
-        past = list(decoder(torch.tensor([ids[:split]]), *empty)[1:]) if split else empty
-        expected = decoder(torch.tensor([ids[split:]]), *past)[0].numpy()
-        feed = dict(zip(inputs, [np.array([ids[split:]], dtype=np.int64), *[p.numpy() for p in past]], strict=True))
-        worst = max(worst, float(np.abs(session.run(None, feed)[0] - expected).max()))
-    ours = generate(model, [ids], new_tokens, temperature=0)[0]
-    theirs = onnx_greedy(session, c, ids, new_tokens)
+        expected = model(torch.tensor([ids]))[0, split:].numpy()
+        empty = [np.zeros((1, c.n_kv_heads, 0, c.head_dim), dtype=np.float32)] * (2 * c.n_layers)
+        feed = [np.array([ids[:split]], dtype=np.int64), np.ones((1, split), dtype=np.int64),
+                np.arange(split)[None], *empty]  # fmt: skip
+        past = session.run(None, dict(zip(inputs, feed, strict=True)))[1:] if split else empty
+        feed = [np.array([ids[split:]], dtype=np.int64), np.ones((1, len(ids)), dtype=np.int64),
+                np.arange(split, len(ids))[None], *past]  # fmt: skip
+        worst = max(
+            worst, float(np.abs(session.run(None, dict(zip(inputs, feed, strict=True)))[0][0] - expected).max())
+        )
+    prompts = [ids, ids[: len(ids) // 2], ids[: len(ids) // 4 + 1]]
+    ours = [generate(model, [p], new_tokens, temperature=0)[0] for p in prompts]
+    theirs = onnx_greedy(session, c, prompts, new_tokens, pad=tokenizer.token_to_id(END_OF_TEXT))
     return {
-        "file_bytes": sum(f.stat().st_size for f in directory.iterdir()),  # the graph and its external weights
+        "file_bytes": sum(f.stat().st_size for f in directory.glob(f"{ONNX_FILE}*")),  # the graph and its weights
         "max_abs_logit_diff": worst,
         "greedy_tokens": new_tokens,
+        "greedy_rows": len(prompts),
         "greedy_identical": ours == theirs,
     }
 
@@ -213,6 +313,9 @@ def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: st
     writer.add_file_type(gguf.LlamaFileType.MOSTLY_F16 if tensor_type == "F16" else gguf.LlamaFileType.MOSTLY_Q8_0)
     tokens, types, merges = _bpe_vocabulary(tokenizer)
     writer.add_tokenizer_model("gpt2")
+    writer.add_tokenizer_pre(
+        "gpt-2"
+    )  # GPT-2's split regex, as ByteLevel's; llama.cpp's default splits digits otherwise
     writer.add_token_list(tokens)
     writer.add_token_types(types)
     writer.add_token_merges(merges)

@@ -35,7 +35,7 @@ CONFIG_FIELDS = {
 def llama_config(config: ModelConfig) -> LlamaConfig:
     from transformers import LlamaConfig
 
-    return LlamaConfig(
+    llama = LlamaConfig(
         **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
         head_dim=config.head_dim,
         rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
@@ -43,6 +43,8 @@ def llama_config(config: ModelConfig) -> LlamaConfig:
         attention_bias=False,
         mlp_bias=False,
     )
+    llama.rope_theta = config.rope_theta  # transformers 4.x reads this key, not rope_parameters
+    return llama
 
 
 def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str], list[int]]]:
