@@ -59,13 +59,17 @@ test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system
 	$(BIN)/lint-imports
 	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures set up once)
 
-# The tests marked slow: llama.cpp through llama-cpp-python, compiled from its sdist the first time
-# (about 5 minutes on 2 cores; pip's wheel cache keeps the build).
-test-slow: $(STAMP)
+# llama-cpp-python, compiled from its sdist the first time (about 5 minutes on 2 cores; pip's wheel
+# cache keeps the build): for the tests marked slow and bench_model's llama.cpp figures.
+LLAMA_STAMP := $(VENV)/.llama-installed
+$(LLAMA_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS),llama]"
+	@touch $@
+
+test-slow: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(STAMP)
+bench: $(LLAMA_STAMP)
 	$(BIN)/python benchmarks/bench_model.py
 	$(BIN)/python benchmarks/bench_serve.py
 	$(BIN)/python benchmarks/bench_pipeline.py  # needs an up-to-date pipeline (make run)
