@@ -25,6 +25,7 @@ NEW_TOKENS = 24
 
 @pytest.fixture(scope="module")
 def probed(tmp_path_factory):
+    assert TRANSFORMERS4_PYTHON.is_file(), f"{TRANSFORMERS4_PYTHON}: missing (`make test` builds it)"
     tokenizer = bpe_tokenizer()
     model = code_model(tokenizer)
     root = tmp_path_factory.mktemp("exports")
