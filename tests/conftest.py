@@ -5,6 +5,9 @@ from __future__ import annotations
 
 import shutil
 import socket
+import subprocess
+import time
+import urllib.request
 from pathlib import Path
 
 import pytest
@@ -54,6 +57,20 @@ def free_port() -> int:
     with socket.socket() as probe:
         probe.bind(("127.0.0.1", 0))
         return probe.getsockname()[1]
+
+
+def wait_until_up(url: str, process: subprocess.Popen, log: Path, what: str, limit_s: float = 120) -> None:
+    """Poll `url` until it answers 2xx; fail with the log's tail if the process exits or time runs out."""
+    deadline = time.monotonic() + limit_s
+    while True:
+        try:
+            with urllib.request.urlopen(url, timeout=2):
+                return
+        except OSError:
+            pass
+        assert process.poll() is None, f"{what} exited: {log.read_text()[-3000:]}"
+        assert time.monotonic() < deadline, f"{what} did not answer {url} within {limit_s:.0f} s"
+        time.sleep(0.5)
 
 
 def copy_project(destination: Path) -> Path:

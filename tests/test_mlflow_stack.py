@@ -14,13 +14,11 @@ import shutil
 import subprocess
 import sys
 import tempfile
-import time
-import urllib.request
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import free_port
+from conftest import free_port, wait_until_up
 from test_infra import compose, created_buckets
 from test_registry import TEXTS, save, trained
 from test_train import corpus, run_training  # noqa: F401 (corpus: the fixture of the training run)
@@ -34,19 +32,6 @@ def postgres_binaries() -> Path:
     initdb = Path(found[-1]) if found else Path(shutil.which("initdb") or "initdb")
     assert initdb.is_file(), "PostgreSQL's server is not installed (make test installs Debian's postgresql)"
     return initdb.parent
-
-
-def wait_until_up(url: str, process: subprocess.Popen, log: Path, what: str, limit_s: float = 120) -> None:
-    deadline = time.monotonic() + limit_s
-    while True:
-        try:
-            with urllib.request.urlopen(url, timeout=2):
-                return
-        except OSError:
-            pass
-        assert process.poll() is None, f"{what} exited: {log.read_text()[-3000:]}"
-        assert time.monotonic() < deadline, f"{what} did not answer {url} within {limit_s:.0f} s"
-        time.sleep(0.5)
 
 
 def query(port: int, store, sql: str, parameters: tuple = (), database: str | None = None) -> list[tuple]:

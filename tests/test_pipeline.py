@@ -15,12 +15,11 @@ import re
 import subprocess
 import sys
 import time
-import urllib.request
 from pathlib import Path
 
 import pytest
 import yaml
-from conftest import copy_project, free_port
+from conftest import copy_project, free_port, wait_until_up
 from synthetic import code_doc
 
 TINY_PARAMS = {
@@ -64,17 +63,7 @@ def mlflow_server(tmp_path_factory):
         env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
-    deadline = time.monotonic() + 120
-    while True:
-        try:
-            with urllib.request.urlopen(f"{url}/health", timeout=2) as response:
-                if response.status == 200:
-                    break
-        except OSError:
-            pass
-        assert server.poll() is None, (root / "server.log").read_text()[-3000:]
-        assert time.monotonic() < deadline, "mlflow server did not answer /health within 120 s"
-        time.sleep(0.5)
+    wait_until_up(f"{url}/health", server, root / "server.log", "mlflow server")
     yield url
     server.terminate()
     server.wait(timeout=30)

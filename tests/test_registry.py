@@ -7,7 +7,7 @@ import copy
 import pandas as pd
 import pytest
 import torch
-from conftest import free_port, make_model
+from conftest import free_port, make_model, wait_until_up
 
 from tisslm.core.config import RegisterParams
 from tisslm.core.tokenizer import byte_level_tokenizer
@@ -91,7 +91,6 @@ def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, mon
     import os
     import subprocess
     import sys
-    import time
 
     import httpx
     import mlflow
@@ -111,16 +110,7 @@ def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, mon
     server = subprocess.Popen(command, env=env, cwd=tmp_path, stdout=log, stderr=subprocess.STDOUT)
     url = f"http://127.0.0.1:{port}"
     try:
-        deadline = time.monotonic() + 120
-        while True:
-            assert server.poll() is None, (tmp_path / "serve.log").read_text()
-            try:
-                if httpx.get(f"{url}/ping", timeout=5).status_code == 200:
-                    break
-            except httpx.TransportError:
-                pass
-            assert time.monotonic() < deadline, "mlflow models serve did not answer /ping"
-            time.sleep(0.5)
+        wait_until_up(f"{url}/ping", server, tmp_path / "serve.log", "mlflow models serve")
         body = {"dataframe_records": [{"prompt": "def "}, {"prompt": "import "}], "params": {"max_new_tokens": 6}}
         reply = httpx.post(f"{url}/invocations", json=body, timeout=60)
         assert reply.status_code == 200, reply.text
