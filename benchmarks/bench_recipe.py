@@ -1,23 +1,30 @@
 """Training recipes side by side at equal wall time: writes benchmarks/results/recipe.json.
 
-On the project's own tokens (data/tokens and the tokenizer, from `make run`), every recipe trains
+On a project's own tokens (data/tokens and the tokenizer, after `make run`), every recipe trains
 for the same wall-clock budget, in alternating slices so that a burst of load on a shared machine
-falls on all of them alike, with the same batches (the trainer's window sampler) and a learning
-rate schedule that follows the fraction of the budget spent. Then each is scored by the
-evaluate stage's scorer on the same val documents: val bits/byte, tokens seen, parameters,
-tokens/s.
+falls on all of them alike, with the same batches (the trainer's window sampler) and the trainer's
+learning-rate schedule, its steps stretched over the budget (the budget stands for max_steps).
+Then each is scored by the evaluate stage's scorer on the same val text: val bits/byte, tokens
+seen, parameters, tokens/s.
 
-- default: params.yaml's model and train sections (TissLM, AdamW, warmup then cosine).
+- previous: the default before issue 16 (`PREVIOUS`: params.yaml with those values put back).
 - nanogpt: nanoGPT's recipe on our tokens: its GPT-2 block (LayerNorm with biases, GELU MLP of
-  4x width, learned absolute positions, tied head) at the default's width and depth, its AdamW
-  (lr 6e-4 decaying to 6e-5, betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0) and warmup.
-- transformers: `LlamaForCausalLM` of the default config, a plain `torch.optim.AdamW` loop on
-  its `labels` loss with the default's learning rate and schedule.
-- candidate: TissLM with the overrides of `--candidate` (params.yaml syntax, e.g.
-  `model.d_model=192 train.lr=0.004`) and optionally Muon on the 2-D hidden matrices
-  (`--muon`), embeddings, head and norms staying on AdamW.
+  4x width, learned absolute positions, tied head) at the previous default's width and depth, its
+  AdamW (lr 6e-4 decaying to 6e-5, betas 0.9/0.95, weight decay 0.1 on matrices, clip 1.0).
+- transformers: `LlamaForCausalLM` of the previous default's config, a plain `torch.optim.AdamW`
+  loop on its `labels` loss with the previous default's learning rate and schedule.
+- default: params.yaml as it is, through the trainer's own optimizer and schedule.
 
-Usage: python benchmarks/bench_recipe.py --project . --minutes 3 [--candidate ...] [--muon]
+`--ablation` trains, instead, the previous default with one lever of `LEVERS` at a time set to
+its new value, and the default (all of them). With `--previous-data PROJECT` (a project of the
+corpus before issue 16), the previous default and the single levers train on that project's
+tokens and the lever `data` is the previous default on this project's. All are scored on this
+project's val text, each through its own tokenizer.
+
+`--screen NAME=OVERRIDES ...` trains, instead, params.yaml with each set of overrides: to compare
+candidates (printed, not recorded).
+
+Usage: python benchmarks/bench_recipe.py --project . --minutes 3 [--ablation [--previous-data P]]
 """
 
 from __future__ import annotations
@@ -27,24 +34,37 @@ import json
 import math
 import platform
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 import torch
 import torch.nn.functional as F
+from tokenizers import Tokenizer
 from torch import nn
 
-from tisslm.core.config import load_params
+from tisslm.core.config import Params, TrainParams, load_params
 from tisslm.core.io import atomic_write_json
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
-from tisslm.data.tokens import documents_in, load_split, read_meta
-from tisslm.eval.evaluate import document_loglikelihoods, perplexity_metrics
-from tisslm.train.trainer import make_optimizer, window_starts, windows
+from tisslm.data.tokens import load_split, read_split
+from tisslm.eval.evaluate import evaluate_texts
+from tisslm.train.trainer import learning_rate, make_optimizer, window_starts, windows
 
 RESULTS = Path(__file__).parent / "results" / "recipe.json"
-RECIPES = ("default", "nanogpt", "transformers", "candidate")
+RECIPES = ("previous", "nanogpt", "transformers", "default")
+
+# The default before issue 16, as overrides of params.yaml; each lever of the ablation is a group of them.
+PREVIOUS = {
+    "model.d_model": 256, "model.n_heads": 8, "model.d_ff": 704,
+    "train.optimizer": "adamw", "train.lr": 0.003, "train.schedule": "cosine", "train.min_lr": 0.0003,
+}  # fmt: skip
+LEVERS = {
+    "muon": ["train.optimizer"],
+    "shape": ["model.d_model", "model.n_heads", "model.d_ff"],
+    "lr": ["train.lr"],
+    "wsd": ["train.schedule", "train.min_lr"],
+}
 
 
 class GPT2Block(nn.Module):
@@ -111,119 +131,119 @@ class LlamaScorer(nn.Module):
         return self.llama(input_ids=idx, labels=targets, shift_labels=targets).loss
 
 
-def muon_and_adamw(model: TissLM, lr: float, weight_decay: float, betas) -> list[torch.optim.Optimizer]:
-    """Muon for the 2-D matrices inside the blocks; AdamW for embeddings, the head and norms. Muon's
-    updates are scaled to AdamW's RMS (`match_rms_adamw`), so one learning rate serves both."""
-    hidden = [p for name, p in model.named_parameters() if p.dim() == 2 and name.startswith("layers.")]
-    hidden_ids = {id(p) for p in hidden}
-    rest = [p for p in model.parameters() if id(p) not in hidden_ids]
-    return [
-        torch.optim.Muon(hidden, lr=lr, weight_decay=weight_decay, adjust_lr_fn="match_rms_adamw"),
-        torch.optim.AdamW([{"params": [p for p in rest if p.dim() >= 2], "weight_decay": weight_decay},
-                           {"params": [p for p in rest if p.dim() < 2], "weight_decay": 0.0}], lr=lr, betas=betas),
-    ]  # fmt: skip
-
-
 @dataclass
 class Recipe:
     name: str
     model: nn.Module
-    optimizers: list[torch.optim.Optimizer]
-    batch_size: int
-    warmup_fraction: float
-    min_lr_ratio: float
-    grad_clip: float
-    bf16: bool
+    optimizer: torch.optim.Optimizer
+    train: TrainParams  # batch, schedule and clipping; its max_steps stands for the wall-clock budget
+    tokens: np.ndarray  # the train split it learns from
+    tokenizer: Tokenizer  # what turns the val text into its tokens
     step: int = 0
-    tokens: int = 0
+    tokens_seen: int = 0
     seconds: float = 0.0
-    base_lrs: list[list[float]] = field(default_factory=list)
 
-    def __post_init__(self):
-        self.base_lrs = [[g["lr"] for g in o.param_groups] for o in self.optimizers]
-
-    def set_lr(self, progress: float) -> None:
-        """Warmup then cosine decay to min_lr_ratio, over the fraction of the wall-clock budget spent."""
-        if progress < self.warmup_fraction:
-            scale = (progress + 1e-3) / self.warmup_fraction
-        else:
-            decay = (progress - self.warmup_fraction) / (1 - self.warmup_fraction)
-            scale = self.min_lr_ratio + 0.5 * (1 - self.min_lr_ratio) * (1 + math.cos(math.pi * min(1.0, decay)))
-        for optimizer, lrs in zip(self.optimizers, self.base_lrs, strict=True):
-            for group, lr in zip(optimizer.param_groups, lrs, strict=True):
-                group["lr"] = lr * scale
-
-    def train_step(self, train: np.ndarray, seed: int, seq_len: int, progress: float) -> None:
-        self.set_lr(progress)
-        x, y = windows(train, window_starts(seed, self.step, 0, self.batch_size, len(train), seq_len), seq_len,
-                       torch.device("cpu"))  # fmt: skip
-        autocast = torch.autocast("cpu", dtype=torch.bfloat16, enabled=self.bf16)
-        with autocast:
+    def train_step(self, progress: float) -> None:
+        t = self.train
+        for group in self.optimizer.param_groups:
+            group["lr"] = learning_rate(min(t.max_steps - 1, int(progress * t.max_steps)), t)
+        batch = t.batch_size * t.nproc * t.grad_accum  # the run's global batch, in one process
+        starts = window_starts(t.seed, self.step, 0, batch, len(self.tokens), t.seq_len)
+        x, y = windows(self.tokens, starts, t.seq_len, torch.device("cpu"))
+        with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16"):
             loss = self.model.loss(x, y)
         loss.backward()
-        if self.grad_clip:
-            torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.grad_clip)
-        for optimizer in self.optimizers:
-            optimizer.step()
-            optimizer.zero_grad(set_to_none=True)
+        if t.grad_clip:
+            torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        self.tokens += x.numel()
+        self.tokens_seen += x.numel()
 
 
-def build_recipes(project: Path, candidate: list[str], muon: bool) -> list[Recipe]:
+def overrides(values: dict) -> list[str]:
+    return [f"{key}={value}" for key, value in values.items()]
+
+
+def tissl_recipe(name: str, params: Params, project: Path) -> Recipe:
+    torch.manual_seed(params.train.seed)
+    model = TissLM(params.model)
+    tokens, tokenizer = (
+        load_split(project / "data" / "tokens", "train"),
+        load_tokenizer(project / "models" / "tokenizer"),
+    )
+    return Recipe(name, model, make_optimizer(model, params.train), params.train, tokens, tokenizer)
+
+
+def four_recipes(project: Path) -> list[Recipe]:
     from transformers import LlamaForCausalLM
 
     from tisslm.release.hf import llama_config
 
-    params = load_params(project / "params.yaml")
-    m, t = params.model, params.train
-    batch = t.batch_size * t.nproc * t.grad_accum  # the default run's global batch
-    warmup, floor, bf16 = t.warmup_steps / t.max_steps, t.min_lr / t.lr, t.precision == "bf16"
-    recipes = []
-
-    torch.manual_seed(t.seed)
-    default = TissLM(m)
-    recipes.append(Recipe("default", default, [make_optimizer(default, t)], batch, warmup, floor, t.grad_clip, bf16))
+    previous = load_params(project / "params.yaml", overrides(PREVIOUS))
+    m, t = previous.model, previous.train
+    recipes = [tissl_recipe("previous", previous, project)]
+    tokens, tokenizer = recipes[0].tokens, recipes[0].tokenizer
 
     torch.manual_seed(t.seed)
     gpt2 = GPT2(m.vocab_size, t.seq_len, m.d_model, m.n_layers, m.n_heads)
     # nanoGPT's train.py: 6e-4 -> 6e-5 cosine, betas (0.9, 0.95), weight decay 0.1 on matrices, clip 1.0.
-    nanogpt_adamw = t.model_copy(update={"lr": 6e-4, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95})
-    recipes.append(Recipe("nanogpt", gpt2, [make_optimizer(gpt2, nanogpt_adamw)], batch, warmup, 0.1, 1.0, bf16))
+    nanogpt = t.model_copy(update={"lr": 6e-4, "min_lr": 6e-5, "weight_decay": 0.1, "beta1": 0.9, "beta2": 0.95,
+                                   "grad_clip": 1.0})  # fmt: skip
+    recipes.append(Recipe("nanogpt", gpt2, make_optimizer(gpt2, nanogpt), nanogpt, tokens, tokenizer))
 
     torch.manual_seed(t.seed)
     llama = LlamaScorer(LlamaForCausalLM(llama_config(m)))
-    recipes.append(Recipe("transformers", llama, [torch.optim.AdamW(llama.parameters(), lr=t.lr)], batch, warmup,
-                          floor, 0.0, bf16))  # fmt: skip
+    plain = t.model_copy(update={"grad_clip": 0.0})
+    recipes.append(Recipe("transformers", llama, torch.optim.AdamW(llama.parameters(), lr=t.lr), plain, tokens,
+                          tokenizer))  # fmt: skip
 
-    tuned = load_params(project / "params.yaml", candidate)
-    cm, ct = tuned.model, tuned.train
-    torch.manual_seed(ct.seed)
-    model = TissLM(cm)
-    optimizers = (
-        muon_and_adamw(model, ct.lr, ct.weight_decay, (ct.beta1, ct.beta2)) if muon else [make_optimizer(model, ct)]
-    )
-    recipes.append(Recipe("candidate", model, optimizers, ct.batch_size * ct.nproc * ct.grad_accum,
-                          ct.warmup_steps / ct.max_steps, ct.min_lr / ct.lr, ct.grad_clip, ct.precision == "bf16"))  # fmt: skip
+    recipes.append(tissl_recipe("default", load_params(project / "params.yaml"), project))
+    return recipes
+
+
+def ablation_recipes(project: Path, previous_data: Path | None) -> list[Recipe]:
+    """The previous default, then one lever at a time set to params.yaml's value, then all of them.
+    With `previous_data`, the previous default and each single lever train on that project's
+    tokens, and the lever `data` is the previous default on this project's."""
+    old_data = previous_data or project
+    previous = load_params(project / "params.yaml", overrides(PREVIOUS))
+    recipes = [tissl_recipe("previous", previous, old_data)]
+    for lever, keys in LEVERS.items():
+        kept = {key: value for key, value in PREVIOUS.items() if key not in keys}
+        recipes.append(tissl_recipe(f"+{lever}", load_params(project / "params.yaml", overrides(kept)), old_data))
+    if previous_data is not None:
+        recipes.append(tissl_recipe("+data", previous, project))
+    recipes.append(tissl_recipe("default", load_params(project / "params.yaml"), project))
     return recipes
 
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("--project", type=Path, default=Path("."), help="a project after `make run`")
+    parser.add_argument(
+        "--project", type=Path, default=Path("."), help="a project after `make run` (data/ and models/tokenizer)"
+    )
     parser.add_argument("--minutes", type=float, default=3.0, help="training wall time per recipe")
     parser.add_argument("--slice-s", type=float, default=20.0, help="seconds per turn of the alternation")
-    parser.add_argument("--candidate", nargs="*", default=[], help="params overrides of the candidate recipe")
-    parser.add_argument("--muon", action="store_true", help="the candidate trains its hidden matrices with Muon")
-    parser.add_argument("--recipes", nargs="*", default=list(RECIPES), choices=RECIPES, help="a subset, to screen")
+    parser.add_argument("--ablation", action="store_true", help="one lever at a time instead of the four recipes")
+    parser.add_argument("--previous-data", type=Path, help="a project whose tokens are the corpus before issue 16")
+    parser.add_argument("--recipes", nargs="*", help="a subset, to screen (printed, not recorded)")
+    parser.add_argument("--screen", nargs="*", default=[], metavar="NAME=OVERRIDES",
+                        help='instead: params.yaml with each NAME\'s overrides, e.g. "small=model.d_model=128 '
+                             'model.n_heads=4" (printed, not recorded)')  # fmt: skip
     args = parser.parse_args()
 
-    tokens_dir, model_dir = args.project / "data" / "tokens", args.project / "models" / "model"
     params = load_params(args.project / "params.yaml")
-    train, val, meta = load_split(tokens_dir, "train"), load_split(tokens_dir, "val"), read_meta(tokens_dir)
-    end = load_tokenizer(model_dir).token_to_id(END_OF_TEXT)
-    seq_len, seed, budget = params.train.seq_len, params.train.seed, args.minutes * 60
-    recipes = [r for r in build_recipes(args.project, args.candidate, args.muon) if r.name in args.recipes]
+    val_text = read_split(args.project / "data" / "clean", params.tokenize.val_fraction)["val"]
+    if args.screen:
+        screens = [spec.split("=", 1) for spec in args.screen]
+        recipes = [tissl_recipe(name, load_params(args.project / "params.yaml", values.split()), args.project)
+                   for name, values in screens]  # fmt: skip
+    else:
+        recipes = ablation_recipes(args.project, args.previous_data) if args.ablation else four_recipes(args.project)
+    if args.recipes:
+        recipes = [r for r in recipes if r.name in args.recipes]
+    budget = args.minutes * 60
     for recipe in recipes:
         recipe.model.train()
     while any(r.seconds < budget for r in recipes):
@@ -231,36 +251,46 @@ def main() -> None:
             turn_end = min(budget, recipe.seconds + args.slice_s)
             while recipe.seconds < turn_end:
                 started = time.perf_counter()
-                recipe.train_step(train, seed, seq_len, recipe.seconds / budget)
+                recipe.train_step(recipe.seconds / budget)
                 recipe.seconds += time.perf_counter() - started
-        print(" ".join(f"{r.name} {r.seconds:.0f}s/{r.step} steps" for r in recipes), flush=True)
+        print(" | ".join(f"{r.name} {r.seconds:.0f}s/{r.step} steps" for r in recipes), flush=True)
 
-    documents = documents_in(val, end)
-    report = {"machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
-                          "torch": torch.__version__},
-              "minutes_each": args.minutes, "candidate": args.candidate, "muon": args.muon, "recipes": {}}  # fmt: skip
+    report = {
+        "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
+                    "torch": torch.__version__},
+        "minutes_each": args.minutes,
+        "previous": PREVIOUS,
+        "default": {"model": params.model.model_dump(), "train": params.train.model_dump()},
+        "recipes": {},
+    }  # fmt: skip
     for recipe in recipes:
+        recipe.model.eval()
         with torch.no_grad():
-            loglikelihoods = document_loglikelihoods(recipe.model, documents, end, seq_len, params.evaluate.batch_size)
-        scored = perplexity_metrics(loglikelihoods, sum(map(len, documents)), meta["val"]["bytes"])
+            scored = evaluate_texts(recipe.model, recipe.tokenizer, val_text, END_OF_TEXT, recipe.train.seq_len,
+                                    params.evaluate.batch_size)  # fmt: skip
         report["recipes"][recipe.name] = {
             "val_bits_per_byte": scored["bits_per_byte"],
-            "tokens_seen": recipe.tokens,
+            "tokens_seen": recipe.tokens_seen,
             "steps": recipe.step,
             "parameters": sum(p.numel() for p in recipe.model.parameters()),
-            "tokens_per_s": recipe.tokens / recipe.seconds,
+            "tokens_per_s": recipe.tokens_seen / recipe.seconds,
         }
+        print(f"{recipe.name:24s} val bits/byte {scored['bits_per_byte']:.4f}  {recipe.tokens_seen:,} tokens  "
+              f"{report['recipes'][recipe.name]['parameters']:,} params  "
+              f"{report['recipes'][recipe.name]['tokens_per_s']:,.0f} tok/s", flush=True)  # fmt: skip
     scores = {name: r["val_bits_per_byte"] for name, r in report["recipes"].items()}
-    if set(scores) == set(RECIPES):
-        report["candidate_gain_over_nanogpt"] = scores["nanogpt"] / scores["candidate"] - 1
-        report["candidate_is_best"] = scores["candidate"] == min(scores.values())
-        atomic_write_json(RESULTS, report)
-        print(f"wrote {RESULTS}")
-    else:  # a screen of some recipes: printed, not the benchmark's record
+    if args.recipes or args.screen:  # a screen: printed, not the benchmark's record
         print(json.dumps(report, indent=2))
-    for name, r in report["recipes"].items():
-        print(f"{name:12s} val bits/byte {r['val_bits_per_byte']:.4f}  {r['tokens_seen']:,} tokens  "
-              f"{r['parameters']:,} params  {r['tokens_per_s']:,.0f} tok/s")  # fmt: skip
+        return
+    if args.ablation:
+        report["gain_over_previous"] = {name: scores["previous"] / s - 1 for name, s in scores.items()}
+        result = RESULTS.with_name("recipe_ablation.json")
+    else:
+        report["default_gain_over_nanogpt"] = scores["nanogpt"] / scores["default"] - 1
+        report["default_is_best"] = scores["default"] == min(scores.values())
+        result = RESULTS
+    atomic_write_json(result, report)
+    print(f"wrote {result}")
 
 
 if __name__ == "__main__":

@@ -1,4 +1,4 @@
-"""DVC stage `model_card`: metrics/*.json + params.yaml -> models/MODEL_CARD.md, models/DATASHEET.md."""
+"""DVC stage `model_card`: metrics/*.json, the recipe ablation + params.yaml -> models/MODEL_CARD.md, DATASHEET.md."""
 
 from __future__ import annotations
 
@@ -21,7 +21,8 @@ SOURCES = (
     "quantize",
     "export",
     "safety",
-)  # metrics the card reads
+    "recipe",
+)  # metrics the card reads, and the recipe's ablation (benchmarks/results/recipe_ablation.json)
 
 
 def main() -> None:

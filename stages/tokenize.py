@@ -7,17 +7,14 @@ from tisslm.core.config import load_params
 from tisslm.core.errors import run_main
 from tisslm.core.model import TOKENIZER_FILE
 from tisslm.core.tokenizer import load_tokenizer
-from tisslm.data.shards import read_shards
-from tisslm.data.tokens import tokenize_corpus
+from tisslm.data.tokens import read_split, tokenize_corpus
 
 
 def main() -> None:
     paths = stage_paths(__doc__, ["clean", "tokenizer", "tokens"])
     params = load_params().tokenize
-    table = read_shards(paths.clean)
     meta = tokenize_corpus(
-        table["id"],
-        table["text"],
+        read_split(paths.clean, params.val_fraction),
         load_tokenizer(paths.tokenizer),
         paths.tokenizer / TOKENIZER_FILE,
         paths.tokens,

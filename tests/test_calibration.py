@@ -158,7 +158,8 @@ def test_the_evaluate_stage_writes_the_calibration_figures_and_plot_files(tmp_pa
     texts = [f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(12)]
     paths = [f"pkg/mod{i}.py" for i in range(12)]
     columns = {"id": [doc_id("dir", p) for p in paths], "source": ["dir"] * 12, "path": paths, "text": texts,
-               "n_bytes": [len(t.encode()) for t in texts], "sha256": [text_sha256(t) for t in texts]}  # fmt: skip
+               "n_bytes": [len(t.encode()) for t in texts], "sha256": [text_sha256(t) for t in texts],
+               "train_only": [False] * 12}  # fmt: skip
     write_shards(datasets.Dataset.from_dict({c: columns[c] for c in COLUMNS}), tmp_path / "data/clean", 100)
     (tmp_path / "data/tokens").mkdir()
     meta = {"val_baselines_bits_per_byte": {"xz_9e_after_train_text": 2.0}}

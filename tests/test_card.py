@@ -31,7 +31,8 @@ SOURCES = ("ingest", "clean", "tokenizer", "train", "eval", "bias", "kb", "quant
 @pytest.fixture(scope="module")
 def metrics() -> dict[str, dict]:
     """The metrics files the pipeline committed: real stage outputs."""
-    return {name: json.loads((REPO / "metrics" / f"{name}.json").read_text()) for name in SOURCES}
+    recipe = json.loads((REPO / "benchmarks" / "results" / "recipe_ablation.json").read_text())
+    return {"recipe": recipe, **{name: json.loads((REPO / "metrics" / f"{name}.json").read_text()) for name in SOURCES}}
 
 
 def test_model_card_has_every_section_and_the_metrics_numbers(metrics):
@@ -59,6 +60,9 @@ def test_model_card_has_every_section_and_the_metrics_numbers(metrics):
         assert f"{rate:.1%} at {length} tokens" in text
     for goal, counts in safety["red_team"]["goals"].items():
         assert f"| {goal} | {counts['prompts']} |" in text
+    for name, row in metrics["recipe"]["recipes"].items():  # the ablation the recipe was chosen by
+        gain = metrics["recipe"]["gain_over_previous"][name]
+        assert f"| {name} | {row['val_bits_per_byte']:.3f} | {gain:+.1%} |" in text
     parsed = ModelCard(text).data  # the YAML block is valid Hugging Face card metadata
     assert parsed.license == "mit" and parsed.pipeline_tag == "text-generation"
     assert parsed.eval_results[0].metric_value == round(val["bits_per_byte"], 4)

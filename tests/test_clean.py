@@ -28,6 +28,7 @@ def table(texts: list[str]) -> datasets.Dataset:
         rows["text"].append(text)
         rows["n_bytes"].append(len(text.encode()))
         rows["sha256"].append(text_sha256(text))
+        rows["train_only"].append(False)
     return datasets.Dataset.from_dict(rows)
 
 

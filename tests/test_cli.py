@@ -25,7 +25,7 @@ def test_load_params_applies_typed_overrides(tmp_path):
     params = load_params(path, ["model.n_layers=3", "model.tie_embeddings=false", "generate.top_k=null"])
     assert (params.model.d_model, params.model.n_layers, params.model.tie_embeddings) == (64, 3, False)
     assert params.generate.top_k is None
-    assert params.model.d_ff == 704  # untouched keys keep their defaults
+    assert params.model.d_ff == 384  # untouched keys keep their defaults
 
 
 def test_params_yaml_states_every_knob_at_its_schema_default():
@@ -52,7 +52,7 @@ def test_params_yaml_states_every_knob_at_its_schema_default():
         ("model: [1\n", [], "invalid YAML at line 2"),
         ("- a\n", [], "expected a mapping"),
         ("", ["generate.temperature=hot"], "generate.temperature='hot': Input should be a valid number"),
-        ("", ["model.n_kv_heads=3"], "model: n_kv_heads=3 must divide n_heads=8"),
+        ("", ["model.n_kv_heads=3"], "model: n_kv_heads=3 must divide n_heads=4"),
         ("", ["model"], "expected key.path=value"),
         ("model:\n  d_model: 64\n", ["model.d_model.x=1"], "model.d_model is a value"),
     ],

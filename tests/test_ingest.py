@@ -9,7 +9,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
 
-from tisslm.core.config import DirSource, FilesSource, HFSource, IngestParams
+from tisslm.core.config import DirSource, FilesSource, HFSource, IngestParams, StdlibSource
 from tisslm.core.errors import TissLMError
 from tisslm.data.ingest import ingest
 from tisslm.data.shards import read_shards, write_shards
@@ -122,3 +122,22 @@ def test_hub_dataset_without_a_reachable_hub_fails_fast_in_one_line(monkeypatch)
     with pytest.raises(TissLMError, match=r"hf 'some-org/some-dataset': the hub \(hub.invalid\) is unreachable") as err:
         ingest(IngestParams(sources=[source]))
     assert "\n" not in str(err.value)
+
+
+def test_stdlib_parts_split_the_library_from_its_test_suites(monkeypatch, tmp_path):
+    stdlib = tmp_path / "lib"
+    for relative in ["os.py", "json/decoder.py", "test/test_os.py", "idlelib/idle_test/test_run.py",
+                     "unittest/test/test_case.py", "site-packages/pkg/mod.py", "__pycache__/x.py"]:  # fmt: skip
+        (stdlib / relative).parent.mkdir(parents=True, exist_ok=True)
+        (stdlib / relative).write_text(GOOD)
+    monkeypatch.setattr("sysconfig.get_paths", lambda: {"stdlib": str(stdlib)})
+    params = IngestParams(sources=[StdlibSource(), StdlibSource(part="tests", train_only=True)])
+    table, report = ingest(params)
+    assert dict(zip(table["path"], table["source"], strict=True)) == {
+        "json/decoder.py": "stdlib", "os.py": "stdlib",
+        "idlelib/idle_test/test_run.py": "stdlib-tests", "test/test_os.py": "stdlib-tests",
+        "unittest/test/test_case.py": "stdlib-tests",
+    }  # fmt: skip
+    assert dict(zip(table["path"], table["train_only"], strict=True))["test/test_os.py"] is True
+    assert dict(zip(table["path"], table["train_only"], strict=True))["os.py"] is False
+    assert report.by_source["stdlib-tests"]["description"].endswith("(train split only)")

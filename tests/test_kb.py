@@ -212,11 +212,16 @@ def test_clean_corpus_indexes_the_train_split_only(tmp_path):
     paths = [f"lib/m{i}.py" for i in range(40)]
     texts = [f"def function_{i}():\n    return {i}\n" for i in range(40)]
     ids = [doc_id("stdlib", p) for p in paths]
+    train_only = [i % 2 == 0 for i in range(40)]  # the even ones come from a train-only source
     table = {"id": ids, "source": ["stdlib"] * 40, "path": paths, "text": texts,
-             "n_bytes": [len(t) for t in texts], "sha256": [text_sha256(t) for t in texts]}  # fmt: skip
+             "n_bytes": [len(t) for t in texts], "sha256": [text_sha256(t) for t in texts],
+             "train_only": train_only}  # fmt: skip
     write_shards(datasets.Dataset.from_dict({c: table[c] for c in COLUMNS}), tmp_path / "clean", shard_rows=16)
     report = build_index(tmp_path / "kb", clean=tmp_path / "clean", val_fraction=0.25, progress=False)
-    train = {p for p, i in zip(paths, ids, strict=True) if not is_val(i, 0.25)}
+    train = {p for p, i, t in zip(paths, ids, train_only, strict=True) if not is_val(i, 0.25, t)}
+    assert any(
+        t and is_val(i, 0.25) for i, t in zip(ids, train_only, strict=True)
+    )  # a train-only doc the hash would hold out
     assert 0 < len(train) < 40 and report["documents"] == len(train)
     with KnowledgeBase.open(tmp_path / "kb") as kb:
         assert kb.document_paths() == train

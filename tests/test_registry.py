@@ -123,3 +123,20 @@ def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, mon
         server.terminate()
         server.wait(timeout=30)
         log.close()
+
+
+def test_each_model_reads_the_val_text_through_its_own_tokenizer(tmp_path, monkeypatch):
+    """A challenger with a new tokenizer is compared with the champion as the champion reads the text."""
+    from tisslm.core.config import TokenizerParams
+    from tisslm.core.tokenizer import train_bpe
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = RegisterParams(min_improvement=0.01, max_bias_shift=5.0)
+    champion = register(save(trained(make_model(vocab_size=257, max_seq_len=64), 15), tmp_path / "bytes"), TEXTS,
+                        32, 50.0, params)  # fmt: skip
+    bpe = train_bpe(TEXTS * 20, TokenizerParams(vocab_size=300), show_progress=False)
+    assert bpe.encode(TEXTS[0]).ids != byte_level_tokenizer().encode(TEXTS[0]).ids
+    challenger = make_model(vocab_size=300, max_seq_len=64)
+    challenger.save_pretrained(tmp_path / "bpe", tokenizer=bpe)
+    decision = register(tmp_path / "bpe", TEXTS, 32, 50.0, params)
+    assert decision.previous_champion_bits_per_byte == pytest.approx(champion.challenger_bits_per_byte, rel=1e-6)

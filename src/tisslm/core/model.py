@@ -38,11 +38,11 @@ class ModelConfig(BaseModel):
     model_config = ConfigDict(extra="forbid", frozen=True)
 
     vocab_size: PositiveInt = 8192  # rows of the embedding; may exceed the tokenizer's vocabulary
-    d_model: PositiveInt = 256  # width of the residual stream
+    d_model: PositiveInt = 128  # width of the residual stream
     n_layers: PositiveInt = 6  # number of transformer blocks
-    n_heads: PositiveInt = 8  # query heads; head_dim = d_model // n_heads
+    n_heads: PositiveInt = 4  # query heads; head_dim = d_model // n_heads
     n_kv_heads: PositiveInt = 2  # key/value heads shared by groups of query heads (1 = MQA)
-    d_ff: PositiveInt = 704  # hidden width of the SwiGLU feed-forward
+    d_ff: PositiveInt = 384  # hidden width of the SwiGLU feed-forward
     max_seq_len: PositiveInt = 512  # longest context: sizes the RoPE tables and the KV cache
     rope_theta: float = Field(10000.0, gt=0)  # RoPE base; larger stretches the longest wavelength
     norm_eps: float = Field(1e-5, gt=0)  # added to the mean square in RMSNorm

@@ -49,6 +49,7 @@ PROCESSED_FEATURES = datasets.Features(
     {
         **{name: datasets.Value("string") for name in ("id", "source", "path", "text", "filter", "sha256")},
         "n_bytes": datasets.Value("int64"),
+        "train_only": datasets.Value("bool"),
         "shingles": datasets.Sequence(datasets.Value("uint32")),
         "minhash": datasets.Sequence(datasets.Value("uint32")),
         **{f"redacted_{kind}": datasets.Value("int64") for kind in REDACTION_TYPES},

@@ -25,7 +25,8 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.hub import require_hub
 from tisslm.data.shards import COLUMNS, doc_id, text_sha256
 
-STDLIB_EXCLUDED_DIRS = {"test", "tests", "idle_test", "site-packages", "__pycache__"}
+STDLIB_TEST_DIRS = {"test", "tests", "idle_test"}
+STDLIB_EXCLUDED_DIRS = {"site-packages", "__pycache__"}
 
 
 @dataclass
@@ -98,9 +99,14 @@ def record_candidate(display: str, record: object, text_field: str, max_bytes: i
     return text_candidate(display, data, max_bytes)
 
 
-def stdlib_files() -> tuple[Path, list[Path]]:
+def stdlib_files(part: str) -> tuple[Path, list[Path]]:
+    """The standard library's .py files: those outside its test directories (part "library"), or inside."""
     root = Path(sysconfig.get_paths()["stdlib"])
-    files = [p for p in root.rglob("*.py") if not STDLIB_EXCLUDED_DIRS & set(p.relative_to(root).parts[:-1])]
+    files = []
+    for path in root.rglob("*.py"):
+        directories = set(path.relative_to(root).parts[:-1])
+        if not directories & STDLIB_EXCLUDED_DIRS and bool(directories & STDLIB_TEST_DIRS) == (part == "tests"):
+            files.append(path)
     return root, sorted(files, key=lambda p: p.relative_to(root).as_posix())
 
 
@@ -176,7 +182,7 @@ def hf_candidates(source: HFSource, max_bytes: int) -> Iterator[Candidate]:
 
 def source_name(source: Source) -> str:
     if isinstance(source, StdlibSource):
-        return "stdlib"
+        return "stdlib" if source.part == "library" else "stdlib-tests"
     if isinstance(source, DirSource):
         return f"dir:{source.path}"
     if isinstance(source, FilesSource):
@@ -186,6 +192,12 @@ def source_name(source: Source) -> str:
 
 def describe_source(source: Source) -> str:
     """A source in words, for the model card and datasheet."""
+    return describe_documents(source) + (" (train split only)" if source.train_only else "")
+
+
+def describe_documents(source: Source) -> str:
+    if isinstance(source, StdlibSource) and source.part == "tests":
+        return f"the test suites of Python {platform.python_version()}'s standard library"
     if isinstance(source, StdlibSource):
         return f"the standard library of Python {platform.python_version()} (tests and site-packages excluded)"
     if isinstance(source, DirSource):
@@ -197,7 +209,7 @@ def describe_source(source: Source) -> str:
 
 def candidates(source: Source, max_bytes: int) -> Iterator[Candidate]:
     if isinstance(source, (StdlibSource, DirSource)):
-        root, files = stdlib_files() if isinstance(source, StdlibSource) else dir_files(source)
+        root, files = stdlib_files(source.part) if isinstance(source, StdlibSource) else dir_files(source)
         for path in files:
             yield read_text_file(path, path.relative_to(root).as_posix(), max_bytes)
     elif isinstance(source, FilesSource):
@@ -230,6 +242,7 @@ def ingest(params: IngestParams, examples_per_reason: int = 5) -> tuple[datasets
             rows["text"].append(candidate.text)
             rows["n_bytes"].append(len(data))
             rows["sha256"].append(text_sha256(candidate.text))
+            rows["train_only"].append(source.train_only)
             report.bytes_kept += len(data)
         report.seen += counts["seen"]
         report.kept += counts["kept"]

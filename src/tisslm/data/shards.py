@@ -11,7 +11,7 @@ import pyarrow.parquet as pq
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_dir
 
-COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256")
+COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256", "train_only")
 
 
 def doc_id(source: str, path: str) -> str:

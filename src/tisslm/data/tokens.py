@@ -25,16 +25,19 @@ META_FILE = "meta.json"
 SPLITS = ("train", "val")
 
 
-def is_val(doc_id: str, val_fraction: float) -> bool:
-    """Document-level split by a hash of the id: stable across runs and across corpus changes."""
-    return int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < val_fraction
+def is_val(doc_id: str, val_fraction: float, train_only: bool = False) -> bool:
+    """Document-level split by a hash of the id: stable across runs and across corpus changes, so
+    that adding a source (train_only or not) leaves every other document on its side."""
+    return not train_only and int(hashlib.sha256(doc_id.encode()).hexdigest()[:8], 16) / 0x1_0000_0000 < val_fraction
 
 
-def split_documents(ids: list[str], texts: list[str], val_fraction: float) -> dict[str, list[str]]:
+def split_documents(
+    ids: list[str], texts: list[str], train_only: list[bool], val_fraction: float
+) -> dict[str, list[str]]:
     """The texts of each split, in table order: {"train": [...], "val": [...]}."""
     split: dict[str, list[str]] = {"train": [], "val": []}
-    for doc_id, text in zip(ids, texts, strict=True):
-        split["val" if is_val(doc_id, val_fraction) else "train"].append(text)
+    for doc_id, text, only_train in zip(ids, texts, train_only, strict=True):
+        split["val" if is_val(doc_id, val_fraction, only_train) else "train"].append(text)
     return split
 
 
@@ -48,7 +51,7 @@ def documents_in(tokens: np.ndarray, end: int) -> list[list[int]]:
 def read_split(clean_dir: str | Path, val_fraction: float) -> dict[str, list[str]]:
     """The clean corpus's texts by split: what the tokenizer trains on and what every stage scores."""
     table = read_shards(clean_dir)
-    return split_documents(table["id"], table["text"], val_fraction)
+    return split_documents(table["id"], table["text"], table["train_only"], val_fraction)
 
 
 def token_dtype(vocab_size: int) -> np.dtype:
@@ -88,8 +91,7 @@ def load_split(tokens_dir: str | Path, split: str) -> np.memmap:
 
 
 def tokenize_corpus(
-    ids: list[str],
-    texts: list[str],
+    split_texts: dict[str, list[str]],
     tokenizer: Tokenizer,
     tokenizer_path: Path,
     out_dir: Path,
@@ -97,10 +99,10 @@ def tokenize_corpus(
     batch_docs: int,
     baseline_context_bytes: int,
 ) -> dict:
-    """Write out_dir/{train,val}.bin and meta.json; return the meta."""
-    split_texts = split_documents(ids, texts, val_fraction)
+    """Write out_dir/{train,val}.bin and meta.json from `read_split`'s texts; return the meta."""
     if not split_texts["train"] or not split_texts["val"]:
-        raise TissLMError(f"tokenize.val_fraction={val_fraction}: one split is empty with {len(ids)} documents")
+        count = sum(map(len, split_texts.values()))
+        raise TissLMError(f"tokenize.val_fraction={val_fraction}: one split is empty with {count} documents")
     meta: dict = {
         "dtype": token_dtype(tokenizer.get_vocab_size()).name,
         "vocab_size": tokenizer.get_vocab_size(),

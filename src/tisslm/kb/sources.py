@@ -48,8 +48,10 @@ def clean_documents(clean_dir: Path, val_fraction: float) -> Iterator[Document]:
     if not 0 <= val_fraction < 1:
         raise TissLMError(f"val_fraction={val_fraction}: must be in [0, 1)")
     table = read_shards(clean_dir)
-    for doc_id, path, text in zip(table["id"], table["path"], table["text"], strict=True):
-        if not is_val(doc_id, val_fraction):
+    for doc_id, path, text, train_only in zip(
+        table["id"], table["path"], table["text"], table["train_only"], strict=True
+    ):
+        if not is_val(doc_id, val_fraction, train_only):
             yield Document(doc_id, path, text, None if text.strip() else "empty")
 
 

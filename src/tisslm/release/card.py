@@ -9,7 +9,7 @@ from __future__ import annotations
 from huggingface_hub import ModelCard, ModelCardData
 from huggingface_hub.repocard_data import EvalResult
 
-from tisslm.core.config import Params
+from tisslm.core.config import Params, TrainParams
 
 
 def _sources(ingest: dict) -> str:
@@ -83,8 +83,30 @@ without the filter produced what the prompt asked for; {leaked} outputs still he
     }"""
 
 
+def _optimizer(train: TrainParams) -> str:
+    optimizer = (
+        "Muon on the blocks' matrices and AdamW on embeddings, head and norms" if train.optimizer == "muon" else "AdamW"
+    )
+    if train.schedule == "wsd":
+        return f"{optimizer}, warmup, a stable rate, then a linear decay over the last {train.decay_fraction:.0%} of the steps"
+    return f"{optimizer}, warmup and cosine decay"
+
+
+def _ablation(recipe: dict) -> str:
+    """How the recipe was chosen: benchmarks/bench_recipe.py --ablation, one lever at a time."""
+    rows = [(name, f"{r['val_bits_per_byte']:.3f}", f"{recipe['gain_over_previous'][name]:+.1%}", f"{r['tokens_seen']:,}",
+             f"{r['parameters']:,}", f"{r['tokens_per_s']:,.0f}") for name, r in recipe["recipes"].items()]  # fmt: skip
+    return f"""The recipe was chosen by measurement: `benchmarks/bench_recipe.py --ablation` trained the
+previous default and each change alone ("+lever") for {recipe["minutes_each"]:g} minutes of wall time each,
+taking turns, and scored them on the val text. Short budgets rank the levers; they do not predict this
+model's figure.
+
+{_table(("recipe", "val bits/byte", "gain over previous", "tokens seen", "parameters", "tokens/s"), rows)}"""
+
+
 def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
-    """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export) to its content."""
+    """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export) to its content,
+    and "recipe" to benchmarks/results/recipe_ablation.json."""
     model, train, val = params.model, params.train, m["eval"]["val"]
     bias = m["bias"]["tisslm_pairs"]
     data = ModelCardData(
@@ -127,8 +149,9 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     gain = kb["context_gain"]
     safety = m["safety"]
     ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
-    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "lr", "min_lr",
-                                              "warmup_steps", "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
+    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "optimizer",
+                                              "lr", "schedule", "min_lr", "warmup_steps", "decay_fraction",
+                                              "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
     text = f"""---
 {data.to_yaml()}
 ---
@@ -175,9 +198,11 @@ Data: {_sources(ingest)}; {ingest["seen"]} documents seen, {ingest["kept"]} kept
 {clean["dropped"].get("near_duplicate", 0)} near duplicates removed, {clean["dropped_total"]} documents dropped in all;
 redacted {", ".join(f"{v} {k.lower()}" for k, v in clean["redactions"].items() if v) or "nothing"}. See DATASHEET.md.
 
-Training: {m["train"]["steps"]} steps, {m["train"]["tokens_seen"]:,} tokens, AdamW with warmup and cosine decay.
+Training: {m["train"]["steps"]} steps, {m["train"]["tokens_seen"]:,} tokens, {_optimizer(train)}.
 
 {_table(("hyperparameter", "value"), list(hyper.items()))}
+
+{_ablation(m["recipe"])}
 
 ## Evaluation
 

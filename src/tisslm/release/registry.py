@@ -84,10 +84,11 @@ def _client():
 
 def register(model_dir: Path, texts: list[str], window: int, pct_stereotype: float, params: RegisterParams) -> Decision:
     mlflow, client = _client()
-    tokenizer = load_tokenizer(model_dir)
 
     def bits_per_byte(directory: Path) -> float:
-        return evaluate_texts(TissLM.from_pretrained(directory), tokenizer, texts, END_OF_TEXT, window)["bits_per_byte"]
+        """Each model reads the val text through its own tokenizer: the champion may predate a new one."""
+        model, tokenizer = TissLM.from_pretrained(directory), load_tokenizer(directory)
+        return evaluate_texts(model, tokenizer, texts, END_OF_TEXT, window)["bits_per_byte"]
 
     challenger_bpb = bits_per_byte(model_dir)
     example = pd.DataFrame({"prompt": ["def "]})
