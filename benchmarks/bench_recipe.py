@@ -165,7 +165,7 @@ def overrides(values: dict) -> list[str]:
     return [f"{key}={value}" for key, value in values.items()]
 
 
-def tissl_recipe(name: str, params: Params, project: Path) -> Recipe:
+def tisslm_recipe(name: str, params: Params, project: Path) -> Recipe:
     torch.manual_seed(params.train.seed)
     model = TissLM(params.model)
     tokens, tokenizer = (
@@ -182,7 +182,7 @@ def four_recipes(project: Path) -> list[Recipe]:
 
     previous = load_params(project / "params.yaml", overrides(PREVIOUS))
     m, t = previous.model, previous.train
-    recipes = [tissl_recipe("previous", previous, project)]
+    recipes = [tisslm_recipe("previous", previous, project)]
     tokens, tokenizer = recipes[0].tokens, recipes[0].tokenizer
 
     torch.manual_seed(t.seed)
@@ -198,7 +198,7 @@ def four_recipes(project: Path) -> list[Recipe]:
     recipes.append(Recipe("transformers", llama, torch.optim.AdamW(llama.parameters(), lr=t.lr), plain, tokens,
                           tokenizer))  # fmt: skip
 
-    recipes.append(tissl_recipe("default", load_params(project / "params.yaml"), project))
+    recipes.append(tisslm_recipe("default", load_params(project / "params.yaml"), project))
     return recipes
 
 
@@ -208,13 +208,13 @@ def ablation_recipes(project: Path, previous_data: Path | None) -> list[Recipe]:
     tokens, and the lever `data` is the previous default on this project's."""
     old_data = previous_data or project
     previous = load_params(project / "params.yaml", overrides(PREVIOUS))
-    recipes = [tissl_recipe("previous", previous, old_data)]
+    recipes = [tisslm_recipe("previous", previous, old_data)]
     for lever, keys in LEVERS.items():
         kept = {key: value for key, value in PREVIOUS.items() if key not in keys}
-        recipes.append(tissl_recipe(f"+{lever}", load_params(project / "params.yaml", overrides(kept)), old_data))
+        recipes.append(tisslm_recipe(f"+{lever}", load_params(project / "params.yaml", overrides(kept)), old_data))
     if previous_data is not None:
-        recipes.append(tissl_recipe("+data", previous, project))
-    recipes.append(tissl_recipe("default", load_params(project / "params.yaml"), project))
+        recipes.append(tisslm_recipe("+data", previous, project))
+    recipes.append(tisslm_recipe("default", load_params(project / "params.yaml"), project))
     return recipes
 
 
@@ -237,7 +237,7 @@ def main() -> None:
     val_text = read_split(args.project / "data" / "clean", params.tokenize.val_fraction)["val"]
     if args.screen:
         screens = [spec.split("=", 1) for spec in args.screen]
-        recipes = [tissl_recipe(name, load_params(args.project / "params.yaml", values.split()), args.project)
+        recipes = [tisslm_recipe(name, load_params(args.project / "params.yaml", values.split()), args.project)
                    for name, values in screens]  # fmt: skip
     else:
         recipes = ablation_recipes(args.project, args.previous_data) if args.ablation else four_recipes(args.project)
