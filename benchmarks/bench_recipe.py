@@ -49,7 +49,8 @@ from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
 from tisslm.data.tokens import load_split, read_split
 from tisslm.eval.evaluate import evaluate_texts
-from tisslm.train.trainer import learning_rate, make_optimizer, window_starts, windows
+from tisslm.train.optim import learning_rate, make_optimizer
+from tisslm.train.trainer import window_starts, windows
 
 RESULTS = Path(__file__).parent / "results" / "recipe.json"
 RECIPES = ("previous", "nanogpt", "transformers", "default")
@@ -147,7 +148,7 @@ class Recipe:
         t = self.train
         for group in self.optimizer.param_groups:
             group["lr"] = learning_rate(min(t.max_steps - 1, int(progress * t.max_steps)), t)
-        batch = t.batch_size * t.nproc * t.grad_accum  # the run's global batch, in one process
+        batch = t.batch_size  # the run's global batch, in one process
         starts = window_starts(t.seed, self.step, 0, batch, len(self.tokens), t.seq_len)
         x, y = windows(self.tokens, starts, t.seq_len, torch.device("cpu"))
         with torch.autocast("cpu", dtype=torch.bfloat16, enabled=t.precision == "bf16"):

@@ -1,7 +1,6 @@
 """Training-loop benchmark: writes benchmarks/results/train.json.
 
-For the default config of params.yaml, at its global batch (train.batch_size x train.nproc
-sequences): training tokens/s and MFU in fp32 and bf16 autocast with 1 process (all cores)
+For the default config of params.yaml, at its global batch (train.batch_size sequences): training tokens/s and MFU in fp32 and bf16 autocast with 1 process (all cores)
 against 2 DDP processes under torchrun (one core each, half the batch each), torch.compile
 against eager, and the same step for transformers' LlamaForCausalLM with identical config and
 weights, all measured in this run. Usage: python benchmarks/bench_train.py [--steps N]
@@ -27,8 +26,9 @@ from bench_model import train_against_transformers
 from tisslm.core.config import load_params
 from tisslm.core.io import atomic_write_json
 from tisslm.core.model import TissLM
-from tisslm.train.perf import matmul_peak_flops
-from tisslm.train.trainer import TrainingLoss, autocast, make_optimizer
+from tisslm.train.optim import make_optimizer
+from tisslm.train.perf import measured_peak_flops
+from tisslm.train.trainer import TrainingLoss, autocast
 
 RESULTS = Path(__file__).parent / "results" / "train.json"
 
@@ -111,9 +111,9 @@ def main() -> None:
         return
 
     params = load_params()
-    global_batch = params.train.batch_size * params.train.nproc
+    global_batch = params.train.batch_size
     flops = TissLM(params.model).flops_per_token(params.train.seq_len)
-    peak = {"fp32": matmul_peak_flops(torch.float32), "bf16": matmul_peak_flops(torch.bfloat16)}
+    peak = {"fp32": measured_peak_flops(torch.float32), "bf16": measured_peak_flops(torch.bfloat16)}
     report: dict = {
         "config": {"model": params.model.model_dump(), "global_batch": global_batch, "seq_len": params.train.seq_len},
         "flops_per_token": flops,

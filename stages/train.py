@@ -1,8 +1,10 @@
 """DVC stage `train`: data/tokens + models/tokenizer -> models/checkpoints/step-N, models/model.
 
-With train.nproc > 1 the stage relaunches itself under torchrun on this host. Across hosts, run
-on every node: torchrun --nnodes=N --node-rank=R --nproc-per-node=P \\
-    --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 -m stages.train <the arguments in dvc.yaml>
+With more than one process on this host (train.nproc: auto is one per GPU, or 2 on a CPU) the
+stage relaunches itself under torchrun. Across hosts, run on every node:
+    torchrun --nnodes=N --nproc-per-node=P --rdzv-backend=c10d --rdzv-endpoint=HOST:29400 \\
+        --rdzv-id=JOB -m stages.train <the arguments in dvc.yaml>
+train.batch_size is the global batch, so the node and process counts never change the model.
 """
 
 from __future__ import annotations

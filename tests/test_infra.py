@@ -9,15 +9,18 @@ checkers return lists of problems, so each test also shows that a broken manifes
 
 from __future__ import annotations
 
+import argparse
 import contextlib
 import copy
 import io
 import json
+import os
 import re
 import shlex
 import tomllib
 from functools import cache
 from pathlib import Path
+from unittest import mock
 from urllib.parse import urlsplit
 
 import pytest
@@ -231,7 +234,9 @@ def compose_commands() -> dict[str, list[list[str]]]:
 
 
 def pod_specs() -> list[tuple[str, dict]]:
-    """Every pod spec in the k8s documents (Deployment templates, PyTorchJob replica templates)."""
+    """Every pod spec in the k8s documents (Deployment templates, PyTorchJob replica templates,
+    TrainingRuntime job templates), and for each TrainJob, which has no pod template of its own, the
+    trainer pod Trainer builds from its runtime (rendered_trainjob_pod_spec)."""
     specs = []
 
     def walk(node, where: str) -> None:
@@ -246,6 +251,9 @@ def pod_specs() -> list[tuple[str, dict]]:
 
     for path, doc in k8s_docs():
         walk(doc, f"{path.name}:{doc['kind']}/{doc['metadata']['name']}")
+        if doc["kind"] == "TrainJob":
+            rendered = rendered_trainjob_pod_spec(doc, training_runtime(doc))
+            specs.append((f"{path.name}:TrainJob/{doc['metadata']['name']}(rendered {TRAINER_NODE})", rendered))
     return specs
 
 
@@ -259,6 +267,245 @@ def k8s_containers() -> list[tuple[str, dict]]:
 
 def k8s_commands() -> dict[str, list[list[str]]]:
     return {where: argv_commands([*(c.get("command") or []), *(c.get("args") or [])]) for where, c in k8s_containers()}
+
+
+# ---------------------------------------------------------------- Kubeflow Trainer v2 (TrainJob)
+
+# Written against kubeflow/trainer v2.3.0 (pkg/apis/trainer/v1alpha1, pkg/runtime/framework/plugins).
+TRAINER_API = "trainer.kubeflow.org/v1alpha1"
+TRAINER_GROUP = "trainer.kubeflow.org"
+ANCESTOR_LABEL = "trainer.kubeflow.org/trainjob-ancestor-step"
+TRAINER_NODE = "node"  # the replicated job and the container Trainer runs the training in
+TRAINER_PORT = 29500  # constants.ContainerTrainerPort
+# The fields the API has; a misspelt or retired one (podTemplateOverrides of v2.1, podSpecOverrides of
+# v2.0) is pruned by the API server or rejected, and the job would run without it.
+TRAINJOB_SPEC_FIELDS = {
+    "runtimeRef",
+    "initializer",
+    "trainer",
+    "runtimePatches",
+    "suspend",
+    "activeDeadlineSeconds",
+    "managedBy",
+}
+TRAINER_FIELDS = {"image", "command", "args", "env", "numNodes", "numProcPerNode", "resourcesPerNode"}
+RUNTIME_REF_FIELDS = {"name", "apiGroup", "kind"}
+RUNTIME_SPEC_FIELDS = {"mlPolicy", "podGroupPolicy", "template"}
+REPLICATED_JOB_FIELDS = {"name", "groupName", "replicas", "dependsOn", "template"}
+PET_ENV = {"PET_NNODES", "PET_NPROC_PER_NODE", "PET_NODE_RANK", "PET_MASTER_ADDR", "PET_MASTER_PORT"}
+# Containers whose env only the Trainer / Initializer APIs may set, not runtime patches.
+ENV_BY_API_ONLY = {TRAINER_NODE, "dataset-initializer", "model-initializer"}
+
+
+def trainjob() -> dict:
+    (job,) = k8s("TrainJob")
+    return job
+
+
+def training_runtime(job: dict) -> dict | None:
+    """The TrainingRuntime (same namespace) or ClusterTrainingRuntime the job's runtimeRef names, if
+    among the documents."""
+    ref = job["spec"].get("runtimeRef", {})
+    kind = ref.get("kind", "ClusterTrainingRuntime")
+    namespace = None if kind == "ClusterTrainingRuntime" else job["metadata"].get("namespace")
+    for _, doc in k8s_docs():
+        if (doc["kind"], doc["metadata"]["name"], doc["metadata"].get("namespace")) == (
+            kind,
+            ref.get("name"),
+            namespace,
+        ):
+            return doc
+    return None
+
+
+def replicated_jobs(runtime: dict) -> list[dict]:
+    return runtime["spec"]["template"]["spec"]["replicatedJobs"]
+
+
+def ancestor_job(runtime: dict, ancestor: str) -> dict | None:
+    found = [
+        r
+        for r in replicated_jobs(runtime)
+        if r["template"].get("metadata", {}).get("labels", {}).get(ANCESTOR_LABEL) == ancestor
+    ]
+    return found[0] if found else None
+
+
+def upsert(items: list[dict], new: list[dict], key: str) -> list[dict]:
+    """A strategic merge of lists keyed by `key` (env by name, volumes by name, mounts by mountPath)."""
+    merged = {item[key]: item for item in items}
+    for item in new:
+        merged[item[key]] = {**merged.get(item[key], {}), **item}
+    return list(merged.values())
+
+
+def rendered_trainjob_pod_spec(job: dict, runtime: dict | None) -> dict:
+    """The pod spec of the trainer's nodes as Trainer builds it: the runtime's trainer job template
+    (torch-distributed's bare `node` container when the runtime is not among the documents), the
+    TrainJob's runtimePatches merged in, then the trainer's image, command, args, resourcesPerNode and
+    env on the `node` container. The PET_* variables are left to operator_env_trainjob."""
+    rjob = ancestor_job(runtime, "trainer") if runtime else None
+    spec = copy.deepcopy(
+        rjob["template"]["spec"]["template"]["spec"] if rjob else {"containers": [{"name": TRAINER_NODE}]}
+    )
+    rjob_name = rjob["name"] if rjob else TRAINER_NODE
+    for patch in job["spec"].get("runtimePatches", []):
+        for rpatch in (
+            patch.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", [])
+        ):
+            if rpatch["name"] != rjob_name:
+                continue
+            pod_patch = rpatch.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})
+            for key, value in pod_patch.items():
+                if key == "volumes":
+                    spec["volumes"] = upsert(spec.get("volumes", []), value, "name")
+                elif key in {"containers", "initContainers"}:
+                    for cpatch in value:
+                        for container in spec.get(key, []):
+                            if container["name"] == cpatch["name"]:
+                                container["env"] = upsert(container.get("env", []), cpatch.get("env", []), "name")
+                                mounts = cpatch.get("volumeMounts", [])
+                                container["volumeMounts"] = upsert(
+                                    container.get("volumeMounts", []), mounts, "mountPath"
+                                )
+                                if "securityContext" in cpatch:
+                                    container["securityContext"] = cpatch["securityContext"]
+                else:
+                    spec[key] = value
+    trainer = job["spec"].get("trainer", {})
+    for container in spec["containers"]:
+        if container["name"] == TRAINER_NODE:
+            container.update({key: trainer[key] for key in ["image", "command", "args"] if key in trainer})
+            if "resourcesPerNode" in trainer:
+                container["resources"] = trainer["resourcesPerNode"]
+            container["env"] = upsert(container.get("env", []), trainer.get("env", []), "name")
+    return spec
+
+
+def trainjob_problems(job: dict, runtime: dict | None) -> list[str]:
+    """What the Trainer v2.3.0 API server or its admission webhook would reject, or silently drop."""
+    problems = []
+    if job.get("apiVersion") != TRAINER_API:
+        problems.append(f"TrainJob apiVersion {job.get('apiVersion')}, not {TRAINER_API}")
+    spec = job.get("spec", {})
+    problems += [f"TrainJob spec.{f}: no such field" for f in sorted(set(spec) - TRAINJOB_SPEC_FIELDS)]
+    ref = spec.get("runtimeRef", {})
+    problems += [f"TrainJob spec.runtimeRef.{f}: no such field" for f in sorted(set(ref) - RUNTIME_REF_FIELDS)]
+    if ref.get("apiGroup", TRAINER_GROUP) != TRAINER_GROUP:
+        problems.append(f"runtimeRef.apiGroup {ref['apiGroup']}")
+    trainer = spec.get("trainer", {})
+    problems += [f"TrainJob spec.trainer.{f}: no such field" for f in sorted(set(trainer) - TRAINER_FIELDS)]
+    for key in ["numNodes", "numProcPerNode"]:
+        if key in trainer and not (isinstance(trainer[key], int) and trainer[key] >= 1):
+            problems.append(f"trainer.{key}: {trainer[key]!r} is not a positive integer")
+    reserved = sorted(e["name"] for e in trainer.get("env", []) if e["name"] in PET_ENV)
+    if reserved:
+        problems.append(f"trainer.env sets {reserved}, which the torch plugin reserves")
+    if runtime is None:
+        return [*problems, f"runtimeRef {ref}: no such runtime among the documents"]
+    if runtime.get("apiVersion") != TRAINER_API:
+        problems.append(f"{runtime['kind']} apiVersion {runtime.get('apiVersion')}, not {TRAINER_API}")
+    rspec = runtime["spec"]
+    problems += [f"{runtime['kind']} spec.{f}: no such field" for f in sorted(set(rspec) - RUNTIME_SPEC_FIELDS)]
+    if "torch" not in rspec.get("mlPolicy", {}):
+        problems.append("the runtime has no mlPolicy.torch: no PET_* variables for torchrun")
+    containers = {}
+    for i, rjob in enumerate(replicated_jobs(runtime)):
+        problems += [
+            f"replicatedJobs[{rjob['name']}].{f}: no such field" for f in sorted(set(rjob) - REPLICATED_JOB_FIELDS)
+        ]
+        pod = rjob["template"]["spec"]["template"]["spec"]
+        containers[rjob["name"]] = {c["name"] for c in [*pod.get("initContainers", []), *pod["containers"]]}
+        earlier = {r["name"] for r in replicated_jobs(runtime)[:i]}
+        for dep in rjob.get("dependsOn", []):
+            if dep["name"] not in earlier or dep.get("status") not in {"Ready", "Complete"}:
+                problems.append(f"replicatedJobs[{rjob['name']}] depends on {dep}: not an earlier job's Ready/Complete")
+        if len(rjob.get("dependsOn", [])) > 1:
+            problems.append(f"replicatedJobs[{rjob['name']}]: JobSet supports one dependsOn item")
+    node = ancestor_job(runtime, "trainer")
+    if node is None or TRAINER_NODE not in containers.get(node["name"], set()):
+        problems.append(f"no job labelled {ANCESTOR_LABEL}: trainer with a container {TRAINER_NODE!r}")
+    for patch in spec.get("runtimePatches", []):
+        if "/" not in patch.get("manager", ""):
+            problems.append(f"runtimePatches manager {patch.get('manager')!r} is not domain-prefixed")
+        for rpatch in (
+            patch.get("trainingRuntimeSpec", {}).get("template", {}).get("spec", {}).get("replicatedJobs", [])
+        ):
+            if rpatch["name"] not in containers:
+                problems.append(f"runtimePatches: no replicated job {rpatch['name']} in the runtime")
+                continue
+            pod_patch = rpatch.get("template", {}).get("spec", {}).get("template", {}).get("spec", {})
+            for cpatch in [*pod_patch.get("initContainers", []), *pod_patch.get("containers", [])]:
+                if cpatch["name"] not in containers[rpatch["name"]]:
+                    problems.append(f"runtimePatches: job {rpatch['name']} has no container {cpatch['name']} to patch")
+                if cpatch.get("env") and cpatch["name"] in ENV_BY_API_ONLY:
+                    problems.append(
+                        f"runtimePatches: env of {cpatch['name']} is set through the Trainer/Initializer API"
+                    )
+                if set(cpatch) - {"name", "env", "volumeMounts", "securityContext"}:
+                    problems.append(f"runtimePatches: {cpatch['name']}: only env, volumeMounts, securityContext patch")
+    return problems
+
+
+# ---------------------------------------------------------------- what torchrun gets in each pod
+
+
+def operator_env_pytorchjob(job: dict, replica_type: str, index: int) -> dict[str, str]:
+    """The PET_* variables the training-operator v1 (pkg/controller.v1/pytorch/envvar.go) gives a pod."""
+    replicas = job["spec"]["pytorchReplicaSpecs"]
+    (master,) = replicas["Master"]["template"]["spec"]["containers"]
+    (port,) = [p["containerPort"] for p in master["ports"] if p["name"] == "pytorchjob-port"]
+    return {
+        "PET_NNODES": str(sum(r["replicas"] for r in replicas.values())),
+        "PET_NPROC_PER_NODE": str(job["spec"]["nprocPerNode"]),
+        "PET_NODE_RANK": str(index + (1 if replica_type == "Worker" else 0)),
+        "PET_MASTER_ADDR": f"{job['metadata']['name']}-master-0",
+        "PET_MASTER_PORT": str(port),
+    }
+
+
+def operator_env_trainjob(job: dict, index: int) -> dict[str, str]:
+    """The PET_* variables Trainer's torch plugin (plugins/torch/torch.go) gives pod `index` of the node Job."""
+    name, trainer = job["metadata"]["name"], job["spec"]["trainer"]
+    return {
+        "PET_NNODES": str(trainer.get("numNodes", 1)),
+        "PET_NPROC_PER_NODE": str(trainer.get("numProcPerNode", "auto")),
+        "PET_NODE_RANK": str(index),  # the Job completion index
+        "PET_MASTER_ADDR": f"{name}-{TRAINER_NODE}-0-0.{name}",
+        "PET_MASTER_PORT": str(TRAINER_PORT),
+    }
+
+
+def torchrun_run(argv: list[str], env: dict[str, str]) -> argparse.Namespace:
+    """torchrun's options as it resolves them in a pod with `env`: its parser reads the PET_* defaults
+    when it is built, so build one under that environment (and none of the test's own PET_*)."""
+    from torch.distributed.run import get_args_parser
+
+    assert Path(argv[0]).name == "torchrun", argv
+    clean = {k: v for k, v in os.environ.items() if not k.startswith("PET_")}
+    with mock.patch.dict(os.environ, {**clean, **env}, clear=True):
+        return get_args_parser().parse_args(argv[1:])
+
+
+def rendered_train_runs() -> dict[str, list[argparse.Namespace]]:
+    """Per train job kind, the torchrun run of every node, in node-rank order."""
+    (job,) = k8s("PyTorchJob")
+    pods = []
+    for replica_type in ["Master", "Worker"]:
+        spec = job["spec"]["pytorchReplicaSpecs"][replica_type]
+        (container,) = [c for c in spec["template"]["spec"]["containers"] if c["name"] == "pytorch"]
+        (argv,) = argv_commands([*(container.get("command") or []), *(container.get("args") or [])])
+        pods += [torchrun_run(argv, operator_env_pytorchjob(job, replica_type, i)) for i in range(spec["replicas"])]
+    runs = {"PyTorchJob": pods}
+    tj = trainjob()
+    (node,) = [
+        c for c in rendered_trainjob_pod_spec(tj, training_runtime(tj))["containers"] if c["name"] == TRAINER_NODE
+    ]
+    (argv,) = argv_commands([*(node.get("command") or []), *(node.get("args") or [])])
+    runs["TrainJob"] = [
+        torchrun_run(argv, operator_env_trainjob(tj, i)) for i in range(tj["spec"]["trainer"]["numNodes"])
+    ]
+    return runs
 
 
 def dockerfile_instructions(path: Path) -> list[tuple[str, str]]:
@@ -689,7 +936,7 @@ def test_dockerignore_keeps_data_and_stores_out_but_not_code():
 def test_k8s_documents_are_complete_and_in_one_namespace():
     docs = k8s_docs()
     kinds = [d["kind"] for _, d in docs]
-    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "PyTorchJob", "Deployment"} <= set(kinds)
+    assert {"Namespace", "ConfigMap", "PersistentVolumeClaim", "PyTorchJob", "TrainJob", "Deployment"} <= set(kinds)
     assert kinds[0] == "Namespace", "kubectl apply -f applies files in name order: the namespace first"
     for path, doc in docs:
         assert {"apiVersion", "kind", "metadata"} <= set(doc), path
@@ -757,10 +1004,9 @@ def test_pytorchjob_master_and_worker_run_the_train_stage_alike():
     assert master["restartPolicy"] == worker["restartPolicy"] == "OnFailure"
 
 
-def test_pytorchjob_runs_the_dvc_train_command_under_torchrun():
+def assert_runs_the_dvc_train_stage_under_torchrun(argv: list[str]) -> None:
     """The stage of dvc.yaml, under torchrun with every rendezvous setting left to the operator's
     PET_* variables (an explicit --standalone or --nnodes would fight them)."""
-    (argv,) = argv_commands(replica("Master")["template"]["spec"]["containers"][0]["command"])
     train_cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
     (dvc_argv,) = shell_commands(train_cmd)
     assert dvc_argv[:2] == ["python", "-m"]
@@ -770,18 +1016,15 @@ def test_pytorchjob_runs_the_dvc_train_command_under_torchrun():
     assert parsed.training_script_args == dvc_argv[3:]  # the paths dvc.yaml gives the stage
     assert not parsed.standalone
     assert not any(a.split("=")[0] in {"--nnodes", "--node-rank", "--node_rank", "--master-addr"} for a in argv)
-    (job,) = k8s("PyTorchJob")
-    assert int(job["spec"]["nprocPerNode"]) >= 1
     assert check_command(argv) == []
 
 
-def test_pytorchjob_pulls_what_the_train_stage_reads():
+def assert_pulls_what_the_train_stage_reads(init: dict) -> None:
     stages = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]
 
     def outs(stage: str) -> set[str]:
         return {o if isinstance(o, str) else next(iter(o)) for o in stages[stage].get("outs", [])}
 
-    (init,) = replica("Master")["template"]["spec"]["initContainers"]
     (pull,) = [argv for argv in argv_commands(init["command"]) if argv[:2] == ["dvc", "pull"]]
     targets = [a for a in pull[2:] if not a.startswith("-")]
     assert set(targets) <= set(stages), f"dvc pull of unknown stages: {set(targets) - set(stages)}"
@@ -790,6 +1033,167 @@ def test_pytorchjob_pulls_what_the_train_stage_reads():
     assert produced_elsewhere and produced_elsewhere <= pulled
     mounts = {m["mountPath"] for m in init["volumeMounts"]}
     assert {"/app/data", "/app/models"} <= mounts
+
+
+def test_pytorchjob_runs_the_dvc_train_command_under_torchrun():
+    (argv,) = argv_commands(replica("Master")["template"]["spec"]["containers"][0]["command"])
+    assert_runs_the_dvc_train_stage_under_torchrun(argv)
+    (job,) = k8s("PyTorchJob")
+    assert int(job["spec"]["nprocPerNode"]) >= 1
+
+
+def test_pytorchjob_pulls_what_the_train_stage_reads():
+    (init,) = replica("Master")["template"]["spec"]["initContainers"]
+    assert_pulls_what_the_train_stage_reads(init)
+
+
+# ---------------------------------------------------------------- Kubeflow Trainer v2 TrainJob
+
+
+def test_trainjob_follows_the_trainer_v2_api():
+    job = trainjob()
+    assert job["apiVersion"] == TRAINER_API and job["kind"] == "TrainJob"
+    assert trainjob_problems(job, training_runtime(job)) == []
+    # The runtime is torch-distributed's (mlPolicy.torch, the `node` job and container) plus the pull.
+    runtime = training_runtime(job)
+    ref = job["spec"]["runtimeRef"]
+    assert (runtime["kind"], runtime["metadata"]["name"]) == (ref.get("kind", "ClusterTrainingRuntime"), ref["name"])
+    assert ancestor_job(runtime, "trainer")["name"] == TRAINER_NODE
+    # kubectl apply creates a file's documents in order; the webhook wants the runtime first.
+    docs = [d for _, d in k8s_docs()]
+    assert docs.index(runtime) < docs.index(job)
+
+
+def test_trainjob_check_catches_what_the_api_rejects():
+    job, runtime = copy.deepcopy(trainjob()), copy.deepcopy(training_runtime(trainjob()))
+    assert trainjob_problems(job, None)  # runtimeRef to a runtime that is not there
+    job["spec"]["podTemplateOverrides"] = []  # v2.1's field, gone since v2.2
+    job["spec"]["trainer"]["numProcPerNode"] = "auto"  # an int in v2.3
+    job["spec"]["trainer"]["envFrom"] = []
+    job["spec"]["trainer"]["env"].append({"name": "PET_NNODES", "value": "1"})
+    job["spec"]["runtimePatches"] = [
+        {
+            "manager": "tisslm.dev/manual",
+            "trainingRuntimeSpec": {
+                "template": {
+                    "spec": {
+                        "replicatedJobs": [
+                            {
+                                "name": TRAINER_NODE,
+                                "template": {
+                                    "spec": {
+                                        "template": {
+                                            "spec": {
+                                                "initContainers": [{"name": "pull"}],  # patches cannot add containers
+                                                "containers": [{"name": TRAINER_NODE, "env": [{"name": "X"}]}],
+                                            }
+                                        }
+                                    }
+                                },
+                            }
+                        ]
+                    }
+                }
+            },
+        }
+    ]
+    del runtime["spec"]["mlPolicy"]["torch"]
+    problems = trainjob_problems(job, runtime)
+    assert len(problems) == 7, problems
+
+
+def test_trainjob_runs_the_pytorchjobs_command():
+    job = trainjob()
+    trainer = job["spec"]["trainer"]
+    assert isinstance(trainer["numNodes"], int) and trainer["numNodes"] >= 2
+    assert isinstance(trainer["numProcPerNode"], int) and trainer["numProcPerNode"] >= 1
+    assert trainer["image"] == project_image()
+    (argv,) = argv_commands([*trainer["command"], *trainer.get("args", [])])
+    assert_runs_the_dvc_train_stage_under_torchrun(argv)
+    (master,) = replica("Master")["template"]["spec"]["containers"]
+    assert [*trainer["command"], *trainer.get("args", [])] == [*master["command"], *master.get("args", [])]
+
+
+def test_trainjob_pods_match_the_pytorchjobs():
+    """Image, env, ConfigMap and Secret, resources, mounts and volumes of the rendered trainer pod are
+    the PyTorchJob's Master pod's."""
+    job = trainjob()
+    pod = rendered_trainjob_pod_spec(job, training_runtime(job))
+    master_pod = replica("Master")["template"]["spec"]
+    (node,) = [c for c in pod["containers"] if c["name"] == TRAINER_NODE]
+    (master,) = master_pod["containers"]
+    for key in ["image", "command", "args", "env", "envFrom", "volumeMounts", "resources"]:
+        assert node.get(key) == master.get(key), f"TrainJob and PyTorchJob differ in {key}"
+    assert pod["volumes"] == master_pod["volumes"]
+    assert pod["securityContext"] == master_pod["securityContext"]
+    assert pod["restartPolicy"] == replica("Master")["restartPolicy"] == "OnFailure"
+    claims = {v["persistentVolumeClaim"]["claimName"] for v in pod["volumes"] if "persistentVolumeClaim" in v}
+    assert claims == {"tisslm-workspace"}
+    mounts = {m["mountPath"]: m for m in node["volumeMounts"]}
+    assert mounts["/app/data"]["subPath"] == "data" and mounts["/app/models"]["subPath"] == "models"
+    (dshm,) = [v for v in pod["volumes"] if v["name"] == mounts["/dev/shm"]["name"]]
+    assert dshm["emptyDir"]["medium"] == "Memory"
+
+
+def test_trainjob_pulls_what_the_train_stage_reads_before_the_nodes_start():
+    runtime = training_runtime(trainjob())
+    init_job = ancestor_job(runtime, "dataset-initializer")
+    (init,) = init_job["template"]["spec"]["template"]["spec"]["containers"]
+    assert_pulls_what_the_train_stage_reads(init)
+    # The same pull as the PyTorchJob's init container, with the same config, credentials and mounts.
+    (master_init,) = replica("Master")["template"]["spec"]["initContainers"]
+    for key in ["image", "command", "envFrom", "volumeMounts"]:
+        assert init.get(key) == master_init.get(key), f"the pulls differ in {key}"
+    # One pull, and the nodes start once it has completed.
+    assert init_job["template"]["spec"].get("parallelism", 1) == 1 and init_job.get("replicas", 1) == 1
+    assert ancestor_job(runtime, "trainer")["dependsOn"] == [{"name": init_job["name"], "status": "Complete"}]
+
+
+def test_both_train_jobs_render_to_the_same_torchrun_run():
+    """Render each manifest's train command into what torchrun makes of it in every pod, with the
+    PET_* variables its operator sets: the same nodes, processes, world size, module and arguments."""
+    kinds = {d["kind"] for _, d in k8s_docs()}
+    assert {"PyTorchJob", "TrainJob"} <= kinds
+    runs = rendered_train_runs()
+    assert set(runs) == {"PyTorchJob", "TrainJob"}
+    per_pod = {"node_rank", "master_addr", "master_port"}
+    reference = {k: v for k, v in vars(runs["PyTorchJob"][0]).items() if k not in per_pod}
+    train_cmd = yaml.safe_load((ROOT / "dvc.yaml").read_text())["stages"]["train"]["cmd"]
+    (dvc_argv,) = shell_commands(train_cmd)
+    for kind, pods in runs.items():
+        assert len(pods) >= 2, kind
+        assert [int(p.node_rank) for p in pods] == list(range(len(pods))), kind
+        assert len({(p.master_addr, p.master_port) for p in pods}) == 1, f"{kind}: the nodes meet at one address"
+        for p in pods:
+            assert {k: v for k, v in vars(p).items() if k not in per_pod} == reference, kind
+            assert int(p.nnodes) == len(pods) and not p.standalone
+            assert p.module and [p.training_script, *p.training_script_args] == dvc_argv[2:]
+    world_size = int(reference["nnodes"]) * int(reference["nproc_per_node"])
+    assert world_size >= 2
+    # train.batch_size is the global batch: it must divide among the processes, whatever their number.
+    batch_size = yaml.safe_load((ROOT / "params.yaml").read_text())["train"]["batch_size"]
+    assert batch_size % world_size == 0, f"train.batch_size={batch_size} over {world_size} processes"
+
+
+def test_readme_applies_one_train_job_at_a_time():
+    """Both jobs write the same checkpoints on the one workspace: never apply both, nor the whole k8s/."""
+    readme = (INFRA / "README.md").read_text()
+    applies = [
+        argv
+        for block in re.findall(r"```bash\n(.*?)```", readme, re.DOTALL)
+        for argv in shell_commands(block)
+        if argv[:2] == ["kubectl", "apply"]
+    ]
+    assert applies
+    job_files = {"infra/k8s/30-pytorchjob.yaml", "infra/k8s/31-trainjob.yaml"}
+    applied = set()
+    for argv in applies:
+        files = {argv[i + 1].rstrip("/") for i, a in enumerate(argv[:-1]) if a == "-f"}
+        assert "infra/k8s" not in files, shlex.join(argv)
+        assert len(files & job_files) <= 1, shlex.join(argv)
+        applied |= files
+    assert job_files <= applied
+    assert {f"infra/k8s/{p.name}" for p in K8S_DIR.glob("*.y*ml")} <= applied
 
 
 def test_k8s_prefect_worker_deployment():

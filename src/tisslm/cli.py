@@ -193,7 +193,7 @@ def train_command(
     overrides: Overrides = None,
     params: ParamsFile = None,
 ) -> None:
-    """Train (or resume) a model; with train.nproc > 1, relaunch under torchrun."""
+    """Train (or resume) a model; with more than one process (train.nproc), relaunch under torchrun."""
     from tisslm.train.launch import launch
     from tisslm.train.trainer import Paths
 

@@ -7,7 +7,7 @@ message (`params.yaml: model.n_heads=0: Input should be greater than 0`).
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -136,11 +136,13 @@ class TokenizeParams(_Section):
 
 
 class TrainParams(_Section):
-    seed: int = 1337  # fixes init, batches (a function of seed, step, rank) and dropout
+    seed: int = 1337  # fixes init, batches (a function of seed and step) and dropout
     max_steps: PositiveInt = 1100  # optimizer steps
-    batch_size: PositiveInt = 8  # sequences per process per micro-step
+    batch_size: PositiveInt = 16  # the global batch: sequences per optimizer step, over all processes
+    # Sequences one process puts through one forward; None: its whole share (batch_size / processes).
+    # Smaller saves memory, by gradient accumulation; it never changes what is learned.
+    micro_batch_size: PositiveInt | None = None
     seq_len: PositiveInt = 256  # tokens per sequence (at most model.max_seq_len)
-    grad_accum: PositiveInt = 1  # micro-steps per optimizer step
     optimizer: Literal["adamw", "muon"] = "muon"  # muon: Muon on the blocks' matrices, AdamW on the rest
     lr: float = Field(4e-3, gt=0)  # peak learning rate (Muon's updates are scaled to AdamW's RMS, so one serves both)
     schedule: Literal["cosine", "wsd"] = "wsd"  # after warmup: cosine decay, or warmup-stable-decay
@@ -152,13 +154,15 @@ class TrainParams(_Section):
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
     precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CPU and CUDA
-    compile: bool = False  # torch.compile the model (pays a compile time up front)
+    compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto: on CUDA (pays a compile up front)
     eval_interval: PositiveInt = 200  # steps between validations
     eval_batches: PositiveInt = 10  # batches per validation
     log_interval: PositiveInt = 10  # steps between logged metrics
     checkpoint_interval: PositiveInt = 200  # steps between checkpoints
     keep_checkpoints: PositiveInt = 2  # newest complete checkpoints kept
-    nproc: PositiveInt = 2  # processes on this host; > 1 relaunches the stage under torchrun
+    # Processes on this host (> 1 relaunches the stage under torchrun); auto: one per visible GPU,
+    # else 2 on a CPU of 2 or more cores. The model does not depend on it: batch_size is global.
+    nproc: PositiveInt | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     mlflow: bool = True  # log to MLflow (MLFLOW_TRACKING_URI, default sqlite at the repo root)
 
@@ -359,15 +363,29 @@ def _apply_override(data: dict[str, Any], override: str) -> None:
         value = yaml.safe_load(raw_value) if raw_value else None
     except yaml.YAMLError:
         value = raw_value  # not YAML: take it as the string it is
+    _set_path(data, key, value, override)
+
+
+def _set_path(data: dict[str, Any], key: str, value: Any, said: str) -> None:
+    """data["a"]["b"] = value for key "a.b"; `said` is how the user wrote it, for the error."""
     *parents, leaf = key.split(".")
     node = data
     for depth, part in enumerate(parents):
         child = node.setdefault(part, {})
         if not isinstance(child, dict):
             where = ".".join(parents[: depth + 1])
-            raise ConfigError(f"override {override!r}: {where} is a value, not a section")
+            raise ConfigError(f"override {said!r}: {where} is a value, not a section")
         node = child
     node[leaf] = value
+
+
+def with_updates(params: Params, updates: Mapping[str, Any]) -> Params:
+    """`params` with {"train.lr": 0.01, ...} applied and validated as params.yaml is: typed values in,
+    typed params out, without a round trip through key=value text."""
+    data = params.model_dump(mode="json", by_alias=True)
+    for key, value in updates.items():
+        _set_path(data, key, value, f"{key}={value}")
+    return parse(Params, data, "updates")
 
 
 def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: Sequence[str] = ()) -> Params:

@@ -4,12 +4,15 @@ from __future__ import annotations
 
 import hashlib
 from pathlib import Path
+from typing import TYPE_CHECKING
 
-import datasets
 import pyarrow.parquet as pq
 
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_dir
+
+if TYPE_CHECKING:  # imported where used: training reads token files and never needs `datasets`
+    import datasets
 
 COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256", "train_only")
 
@@ -49,4 +52,6 @@ def read_shards(directory: str | Path) -> datasets.Dataset:
             raise TissLMError(f"{file}: not a readable parquet file ({err})") from None
         if missing := set(COLUMNS) - columns:
             raise TissLMError(f"{file}: missing columns {sorted(missing)}")
+    import datasets
+
     return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)

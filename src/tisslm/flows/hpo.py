@@ -11,20 +11,20 @@ applies them to the real pipeline.
 
 from __future__ import annotations
 
-import os
 import shlex
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import optuna
 from mlflow import MlflowClient
 from prefect import flow, get_run_logger
 
-from tisslm.core.config import Choices, FloatRange, HpoParams, load_params
+from tisslm.core.config import Choices, FloatRange, HpoParams, Params, load_params, with_updates
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_write_json
 from tisslm.flows.pipeline import PARAMS_FILE, parent_run, project_root, run_stages, stage_arguments, stage_order
-from tisslm.tracking import RUN_ENV, open_run
+from tisslm.tracking import open_run
 from tisslm.train.trainer import Paths, train
 
 RESULT_FILE = Path("metrics/hpo.json")
@@ -58,20 +58,19 @@ def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
     return study
 
 
-def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run_id: str):
+def _objective(root: Path, base: Params, hpo: HpoParams, parent_run_id: str):
     logger = get_run_logger()
-    inputs = stage_arguments(root, "train")  # the data and tokenizer of the pipeline's train stage
+    # The pipeline's train stage reads its data and tokenizer from dvc.yaml's command line; so do the trials.
+    stage_paths = Paths(**stage_arguments(root, "train"))
+    trial_budget = {
+        "train.max_steps": hpo.trial_steps, "train.eval_interval": hpo.eval_interval,
+        "train.checkpoint_interval": hpo.trial_steps, "train.keep_checkpoints": 1, "train.nproc": 1,
+        "train.mlflow": True,
+    }  # fmt: skip
 
     def objective(trial: optuna.Trial) -> float:
         sampled = {name: _suggest(trial, name, dim) for name, dim in hpo.search_space.items()}
-        trial_budget = [
-            f"train.max_steps={hpo.trial_steps}", f"train.eval_interval={hpo.eval_interval}",
-            f"train.checkpoint_interval={hpo.trial_steps}", "train.keep_checkpoints=1", "train.nproc=1",
-            "train.mlflow=true",
-        ]  # fmt: skip
-        params = load_params(
-            root / PARAMS_FILE, [*base_overrides, *trial_budget, *(f"{k}={v}" for k, v in sampled.items())]
-        )
+        params = with_updates(base, trial_budget | sampled)
         run_id = open_run(f"trial-{trial.number}", parent_run_id, {"optuna.trial": str(trial.number)})
         trial.set_user_attr("mlflow_run_id", run_id)
 
@@ -81,16 +80,13 @@ def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run
                 raise optuna.TrialPruned(f"val {record['val_bpb']:.4f} bits/byte at step {record['step']}")
 
         state = "FAIL"
-        os.environ[RUN_ENV] = run_id  # the trainer logs into the trial's run, as a stage logs into its own
         try:
             with tempfile.TemporaryDirectory(prefix=f"trial-{trial.number}-") as scratch:
-                paths = Paths(
-                    tokens=inputs["tokens"],
-                    tokenizer=inputs["tokenizer"],
-                    checkpoints=Path(scratch) / "checkpoints",
-                    model=Path(scratch) / "model",
-                )
-                metrics = train(params, paths, on_eval=report)
+                paths = replace(
+                    stage_paths, checkpoints=Path(scratch) / "checkpoints", model=Path(scratch) / "model",
+                    metrics=None, loss_csv=None,
+                )  # fmt: skip
+                metrics = train(params, paths, on_eval=report, run_id=run_id)
             state = "COMPLETE"
             logger.info(f"trial {trial.number}: {metrics['val_bits_per_byte']:.4f} bits/byte with {sampled}")
             return metrics["val_bits_per_byte"]
@@ -99,7 +95,6 @@ def _objective(root: Path, base_overrides: list[str], hpo: HpoParams, parent_run
             logger.info(f"trial {trial.number}: pruned, {pruned}")
             raise
         finally:
-            del os.environ[RUN_ENV]
             client = MlflowClient()
             client.set_tag(run_id, "optuna.state", state)
             client.set_terminated(run_id, RUN_STATUS[state])
@@ -127,8 +122,8 @@ def tisslm_hpo(overrides: list[str] | None = None, n_trials: int | None = None) 
     overrides = list(overrides or [])
     params = load_params(root / PARAMS_FILE, overrides)
     hpo = params.hpo.model_copy(update={"n_trials": n_trials} if n_trials else {})
-    corners = [f"{k}={d.choices[0] if isinstance(d, Choices) else d.low}" for k, d in hpo.search_space.items()]
-    load_params(root / PARAMS_FILE, [*overrides, *corners])  # an unknown or invalid key stops here, in one line
+    corners = {k: d.choices[0] if isinstance(d, Choices) else d.low for k, d in hpo.search_space.items()}
+    with_updates(params, corners)  # an unknown or invalid key stops here, in one line
     upstream = stage_order(root, "train")[:-1]  # the data and tokenizer the trials train on
     with parent_run("hpo", root, params, {"overrides": " ".join(overrides)}) as (client, run_id):
         run_stages(upstream, root, run_id, params)
@@ -136,7 +131,7 @@ def tisslm_hpo(overrides: list[str] | None = None, n_trials: int | None = None) 
         remaining = hpo.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
         if remaining > 0:
             study.optimize(
-                _objective(root, overrides, hpo, run_id),
+                _objective(root, params, hpo, run_id),
                 n_trials=remaining,
                 catch=(TissLMError,),  # a sampled combination the schema refuses fails that trial, not the study
             )

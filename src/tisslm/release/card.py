@@ -149,7 +149,7 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     gain = kb["context_gain"]
     safety = m["safety"]
     ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
-    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "grad_accum", "nproc", "optimizer",
+    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "micro_batch_size", "seq_len", "optimizer",
                                               "lr", "schedule", "min_lr", "warmup_steps", "decay_fraction",
                                               "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
     text = f"""---
