@@ -20,7 +20,8 @@ def _sources(ingest: dict) -> str:
 def _hardware(train: dict) -> str:
     device = train.get("device", "cpu")
     kind = "CPU process(es), no accelerator" if device == "cpu" else f"process(es) on {device}"
-    return f"{train.get('processes', 1)} {kind}, {train.get('precision', 'fp32')}"
+    share = f" of {train['micro_batch']} sequences per forward" if "micro_batch" in train else ""
+    return f"{train.get('processes', 1)} {kind}{share}, {train.get('precision', 'fp32')}"
 
 
 def _table(header: tuple[str, ...], rows: list[tuple]) -> str:
@@ -149,7 +150,7 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
     gain = kb["context_gain"]
     safety = m["safety"]
     ingest, clean, tok = m["ingest"], m["clean"], m["tokenizer"]
-    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "micro_batch_size", "seq_len", "optimizer",
+    hyper = {k: getattr(train, k) for k in ("max_steps", "batch_size", "seq_len", "optimizer",
                                               "lr", "schedule", "min_lr", "warmup_steps", "decay_fraction",
                                               "weight_decay", "grad_clip", "precision", "seed")}  # fmt: skip
     text = f"""---
