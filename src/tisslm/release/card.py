@@ -20,7 +20,7 @@ def _sources(ingest: dict) -> str:
 def _hardware(train: dict) -> str:
     device = train.get("device", "cpu")
     kind = "CPU process(es), no accelerator" if device == "cpu" else f"process(es) on {device}"
-    share = f" of {train['micro_batch']} sequences per forward" if "micro_batch" in train else ""
+    share = f", {train['micro_batch']} sequences per forward in each" if "micro_batch" in train else ""
     return f"{train.get('processes', 1)} {kind}{share}, {train.get('precision', 'fp32')}"
 
 
