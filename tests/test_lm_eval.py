@@ -1,13 +1,15 @@
 """lm-evaluation-harness against a real `tisslm serve`, as evaluation harnesses use the API.
 
 `lm_eval --model local-completions` scores loglikelihoods through /v1/completions with `echo`,
-`logprobs` and `max_tokens: 0`; its bits per byte on local documents must match lm-eval's own
-`hf` backend on the Hugging Face export of the same weights, and a multiple-choice task must run.
+`logprobs` and `max_tokens: 0`, its prompts sent as token ids by default (or as texts); its bits
+per byte on local documents must match lm-eval's own `hf` backend on the Hugging Face export of
+the same weights, and a multiple-choice task must run.
 Both tasks are local YAML files over local JSON: nothing is downloaded.
 """
 
 from __future__ import annotations
 
+import hashlib
 import inspect
 import json
 import subprocess
@@ -74,7 +76,7 @@ def harness(tmp_path_factory):
 
 
 def lm_eval(root: Path, task: str, model: str, model_args: str) -> dict:
-    out = root / f"out-{model}-{task}"
+    out = root / f"out-{model}-{task}-{hashlib.sha256(model_args.encode()).hexdigest()[:8]}"  # one per run
     command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", task,
                "--include_path", str(root / "tasks"), "--output_path", str(out), "--batch_size", "1", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
@@ -84,14 +86,25 @@ def lm_eval(root: Path, task: str, model: str, model_args: str) -> dict:
 
 
 def served(root: Path, server: ServerProcess) -> str:
-    return f"base_url={server.url}/v1/completions,model=tisslm,tokenized_requests=False,tokenizer={root / 'hf'}"
+    """local-completions' arguments for the server: its defaults otherwise (tokenized requests: the
+    prompts go as token ids, encoded by the model's tokenizer from the HF export)."""
+    return f"base_url={server.url}/v1/completions,model=tisslm,tokenizer={root / 'hf'}"
 
 
-def test_rolling_loglikelihood_through_the_server_matches_the_hf_backend(harness):
+@pytest.fixture(scope="module")
+def hf_docs(harness) -> dict:
+    root, _ = harness
+    return lm_eval(root, "tisslm_docs", "hf", f"pretrained={root / 'hf'},dtype=float32")
+
+
+@pytest.mark.parametrize("requests", ["token ids", "texts"])
+def test_rolling_loglikelihood_through_the_server_matches_the_hf_backend(harness, hf_docs, requests):
     root, server = harness
-    through_api = lm_eval(root, "tisslm_docs", "local-completions", served(root, server) + ",max_length=2048")
-    reference = lm_eval(root, "tisslm_docs", "hf", f"pretrained={root / 'hf'},dtype=float32")
-    api_bpb, hf_bpb = through_api["bits_per_byte,none"], reference["bits_per_byte,none"]
+    model_args = (
+        served(root, server) + ",max_length=2048" + (",tokenized_requests=False" if requests == "texts" else "")
+    )
+    through_api = lm_eval(root, "tisslm_docs", "local-completions", model_args)
+    api_bpb, hf_bpb = through_api["bits_per_byte,none"], hf_docs["bits_per_byte,none"]
     assert abs(api_bpb - hf_bpb) / hf_bpb < 0.005, (api_bpb, hf_bpb)
 
 

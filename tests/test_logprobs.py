@@ -214,6 +214,36 @@ def test_echo_then_generation_as_lm_evaluation_harness_asks(server, reference):
     assert (unscored["text"], unscored["logprobs"]) == (choice["text"], None)  # echo alone: the text, no scores
 
 
+def test_token_id_prompts_are_read_as_given(server, reference):
+    """OpenAI's completions take token ids, one list or a list of lists (lm-evaluation-harness's
+    tokenized requests): the model reads those ids, and echo scores exactly them."""
+    texts = ["def add(a, b):\n    return a + b\n", "x = [1, 2]"]
+    prompts = [TOKENIZER.encode(text).ids for text in texts]
+    body = {"prompt": prompts, "max_tokens": 0, "echo": True, "logprobs": 1, "temperature": 0}
+    answer = post(server, "/v1/completions", body)
+    assert answer["usage"]["prompt_tokens"] == sum(map(len, prompts))
+    for text, ids, choice in zip(texts, prompts, answer["choices"], strict=True):
+        logprobs = choice["logprobs"]
+        assert choice["text"] == text and logprobs["tokens"] == [NAMES[t] for t in ids]
+        expected = scores(reference, ids)[:-1].gather(1, torch.tensor(ids[1:])[:, None]).squeeze(1)
+        assert torch.allclose(torch.tensor(logprobs["token_logprobs"][1:]), expected, atol=TOL)
+    (one,) = post(server, "/v1/completions", {"prompt": prompts[1], "max_tokens": 6, "temperature": 0})["choices"]
+    (as_text,) = post(server, "/v1/completions", {"prompt": texts[1], "max_tokens": 6, "temperature": 0})["choices"]
+    assert one["text"] == as_text["text"] == TOKENIZER.decode(greedy(reference, prompts[1], 6))
+
+
+@pytest.mark.parametrize(
+    ("prompt", "code"),
+    [([VOCAB], "invalid_value"), ([[1, 2], [VOCAB + 5]], "invalid_value"), ([1, "a"], "invalid_value"),
+     ([], "invalid_value"), ([[]], "invalid_value"), ([-1], "invalid_value"), ([1] * 500, "context_length_exceeded")],
+)  # fmt: skip
+def test_bad_token_id_prompts_get_a_400_naming_the_prompt(server, prompt, code):
+    response = httpx.post(f"{server.url}/v1/completions", json={"prompt": prompt, "max_tokens": 1}, timeout=30)
+    assert response.status_code == 400, response.text
+    error = response.json()["error"]
+    assert (error["param"], error["code"]) == ("prompt", code), error
+
+
 def test_chat_logprobs_and_top_logprobs(server, reference):
     messages = [{"role": "user", "content": "Say hi."}]
     body = {"messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": 3}

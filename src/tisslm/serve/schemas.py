@@ -27,7 +27,7 @@ way lm-evaluation-harness's `local-completions` computes loglikelihoods.
 
 from __future__ import annotations
 
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
@@ -151,10 +151,17 @@ MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions
 MAX_TOP_LOGPROBS = 20  # OpenAI's limit for chat
 
 
+TokenIds = Annotated[list[Annotated[int, Field(ge=0)]], Field(min_length=1)]  # one prompt as the tokenizer's ids
+
+
 class CompletionRequest(_Sampling):
     """POST /v1/completions: one choice per prompt (`n` is 1); `max_tokens` defaults to 16."""
 
-    prompt: str | list[str] = Field(min_length=1)
+    prompt: str | list[str] | TokenIds | list[TokenIds] = Field(
+        min_length=1,
+        description="A text, a list of texts, a list of token ids, or a list of token-id lists (as OpenAI "
+        "and lm-evaluation-harness's tokenized requests send them: the model reads the ids as given)",
+    )
     logprobs: int | None = Field(
         None,
         ge=0,

@@ -104,8 +104,11 @@ class Serving:
         """One choice per prompt, generated together in the engine's batches; with `echo`, after the
         prompt as the model read it (grounded, with `retrieve`)."""
         self.check_model(body.model)
-        texts = [body.prompt] if isinstance(body.prompt, str) else body.prompt
-        texts, screened = await self.screen(request, texts, "prompt")
+        ids, texts = self.read_prompts(body.prompt)
+        read, screened = await self.screen(request, texts, "prompt")
+        # Ids a client sent are read as given, unless the filter changed their text: then the text is encoded.
+        ids = [given if new == old else None for given, new, old in zip(ids, read, texts, strict=True)]
+        texts = read
         max_tokens = COMPLETION_MAX_TOKENS if body.max_tokens is None else body.max_tokens
         grounded = None
         if body.retrieve is not None:
@@ -113,8 +116,8 @@ class Serving:
                 message = f"retrieve: grounding takes one prompt, got {len(texts)}"
                 raise APIError(400, message, param="retrieve", code="invalid_value")
             grounded = await self.ground(body.retrieve, texts[0], texts[0], max_tokens)
-            texts = [grounded.text]
-        prompts = [self.encode(text, "prompt") for text in texts]
+            texts, ids = [grounded.text], [None]
+        prompts = [given or self.encode(text, "prompt") for given, text in zip(ids, texts, strict=True)]
         params = self.sampling(body, max_tokens, max(map(len, prompts)))
         job = self.start_job(body, prompts, params, body.stop_strings(), body.logprobs, texts if body.echo else None)
         shape = CompletionShape(self.settings.model_name, self.vocabulary, grounded, screened)
@@ -228,6 +231,23 @@ class Serving:
         if name is not None and name != self.settings.model_name:
             message = f"The model `{name}` does not exist; this server serves `{self.settings.model_name}`"
             raise APIError(404, message, param="model", code="model_not_found")
+
+    def read_prompts(self, prompt: str | list) -> tuple[list[list[int] | None], list[str]]:
+        """Each prompt's token ids as the client sent them (None for a text) and its text. Ids must be
+        the tokenizer's, within max_prompt_tokens: else a 400 naming `prompt`."""
+        if isinstance(prompt, str) or isinstance(prompt[0], str):
+            texts = [prompt] if isinstance(prompt, str) else prompt
+            return [None] * len(texts), texts
+        lists = [prompt] if isinstance(prompt[0], int) else prompt
+        vocabulary, limit = len(self.vocabulary.bytes), self.settings.max_prompt_tokens
+        for ids in lists:
+            if unknown := [t for t in ids if t >= vocabulary]:
+                message = f"prompt: token id {unknown[0]} is not in the vocabulary (0 to {vocabulary - 1})"
+                raise APIError(400, message, param="prompt", code="invalid_value")
+            if len(ids) > limit:
+                message = f"prompt: {len(ids)} tokens, more than the limit of {limit}"
+                raise APIError(400, message, param="prompt", code="context_length_exceeded")
+        return [list(ids) for ids in lists], [self.vocabulary.text(ids) for ids in lists]
 
     def encode(self, text: str, param: str) -> list[int]:
         """The prompt's tokens; a 400 naming `param` for text that is empty, too long or not Unicode."""

@@ -57,6 +57,10 @@ class Vocabulary:
         ]
         self.names = [_name(piece) for piece in self.bytes]  # as logprobs name the tokens
 
+    def text(self, ids: list[int]) -> str:
+        """The text of token ids as a prompt writes it (special tokens by name), as TextOffsets counts it."""
+        return b"".join(self.bytes[token] for token in ids).decode("utf-8", "replace")
+
 
 class TextOffsets:
     """Where each token's text begins in a text, in characters, token after token: a token that
