@@ -81,7 +81,8 @@ def test_the_card_states_the_sources_and_hardware_it_reads(metrics):
         **metrics["ingest"],
         "by_source": {"hf:org/code": {"description": "the dataset org/code", "seen": 5, "kept": 4, "skipped": 1}},
     }
-    train = {**metrics["train"], "device": "NVIDIA H200", "processes": 8, "precision": "bf16"}
+    train = {**metrics["train"], "device": "NVIDIA H200", "processes": 8, "micro_batch": 2, "precision": "bf16"}
     text = str(model_card(load_params(REPO / "params.yaml"), {**metrics, "ingest": ingest, "train": train}))
     assert "the dataset org/code: 4 kept" in text and "standard library" not in text
-    assert "8 process(es) on NVIDIA H200, bf16" in text and "no accelerator" not in text
+    assert "8 process(es) on NVIDIA H200, 2 sequences per forward in each, bf16" in text
+    assert "no accelerator" not in text

@@ -10,7 +10,7 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.model import ModelConfig, TissLM
 from tisslm.train.perf import datasheet_peak_flops, measured_peak_flops
 from tisslm.train.plan import plan_batches, resolve_compile, resolve_nproc, uses_cuda
-from tisslm.train.trainer import OPERATIONAL, TrainingLoss, run_fingerprint
+from tisslm.train.trainer import COMPILE_CACHE_ENV, OPERATIONAL, TrainingLoss, run_fingerprint
 
 
 @pytest.mark.parametrize(
@@ -111,6 +111,9 @@ def test_the_measured_peak_is_a_positive_rate():
 def test_compiled_training_loss_equals_eager(tmp_path, monkeypatch):
     """The compiled path (train.compile: auto on CUDA) computes the same loss and gradients."""
     monkeypatch.chdir(tmp_path)  # the compile cache goes to ./.cache/torchinductor
+    # Unset, as in a fresh training process (inductor sets it to its /tmp default at its first compile).
+    monkeypatch.setenv(COMPILE_CACHE_ENV, "restored at teardown")
+    monkeypatch.delenv(COMPILE_CACHE_ENV)
     config = ModelConfig(vocab_size=256, d_model=32, n_layers=2, n_heads=4, n_kv_heads=2, d_ff=64, max_seq_len=32)
     torch.manual_seed(0)
     eager, compiled = TissLM(config), TissLM(config)
