@@ -91,3 +91,28 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+@pytest.fixture(scope="module")
+def corpus(tmp_path_factory) -> Path:
+    """A tokenizer and token shards made from a small synthetic code corpus, as the stages make them
+    (the training tests' data)."""
+    import random
+
+    from synthetic import code_doc
+
+    from tisslm.core.config import TokenizerParams
+    from tisslm.core.model import TOKENIZER_FILE
+    from tisslm.core.tokenizer import train_bpe
+    from tisslm.data.tokens import split_documents, tokenize_corpus
+
+    root = tmp_path_factory.mktemp("corpus")
+    rng = random.Random(0)
+    texts = ["\n".join(code_doc(rng, n_lines=30)) for _ in range(120)]
+    ids = [f"doc{i}" for i in range(len(texts))]
+    tokenizer = train_bpe(texts, TokenizerParams(vocab_size=320), show_progress=False)
+    (root / "tokenizer").mkdir()
+    tokenizer.save(str(root / "tokenizer" / TOKENIZER_FILE))
+    split = split_documents(ids, texts, [False] * len(ids), 0.1)
+    tokenize_corpus(split, tokenizer, root / "tokenizer" / TOKENIZER_FILE, root / "tokens", 0.1, 64, 0)
+    return root
