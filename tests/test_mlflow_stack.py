@@ -21,7 +21,7 @@ import pytest
 from conftest import free_port, wait_until_up
 from test_infra import compose, created_buckets
 from test_registry import TEXTS, save, trained
-from test_train import corpus, run_training  # noqa: F401 (corpus: the fixture of the training run)
+from test_train import run_training
 
 from tisslm.core.config import RegisterParams
 from tisslm.core.model import TissLM
@@ -142,7 +142,7 @@ def test_compose_settings_are_what_the_server_runs_with(stack_settings):
 
 
 def test_a_training_run_and_a_registered_model_land_in_postgres_and_the_object_store(
-    corpus,  # noqa: F811
+    corpus,
     tmp_path,
     monkeypatch,
     tracking_server,
