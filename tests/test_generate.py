@@ -116,3 +116,58 @@ def test_invalid_sampling_arguments_are_refused(tiny_model, kwargs, message):
 def test_empty_prompt_is_refused(tiny_model):
     with pytest.raises(TissLMError, match="at least one token"):
         generate(tiny_model, [[1], []], 3)
+
+
+# ---- the decode engine: compiled step and speculative decoding ----
+
+
+def test_compiled_step_decodes_what_the_eager_step_decodes(tiny_model):
+    """fp32: the compiled static step gives the eager reference's tokens, greedy and seeded sampling."""
+    for settings in ({"temperature": 0}, {"temperature": 1.0, "top_k": 20, "seed": 5}):
+        eager = generate(tiny_model, PROMPTS, 24, **settings)
+        assert generate(tiny_model, PROMPTS, 24, compile=True, **settings) == eager
+    assert generate(tiny_model, PROMPTS, 24, temperature=0, use_cache=False) == generate(
+        tiny_model, PROMPTS, 24, temperature=0, compile=True
+    )
+
+
+def count_forwards(model) -> list[int]:
+    calls = [0]
+    model.layers[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
+    return calls
+
+
+def test_speculative_decoding_gives_plain_greedy_tokens_in_fewer_forwards():
+    model = make_model()
+    repetitive = [[5, 6, 7, 8, 9] * 3, [40, 41, 42, 40, 41, 42, 40], [3]]
+    plain = generate(model, repetitive, 40, temperature=0)
+    calls = count_forwards(model)
+    for lookahead in (1, 4, 8):
+        calls[0] = 0
+        assert generate(model, repetitive, 40, temperature=0, lookahead=lookahead) == plain
+        assert calls[0] < 3 * 40  # one prefill per prompt, then fewer forwards than tokens: drafts were kept
+    stop = plain[0][10]
+    assert generate(model, repetitive, 40, temperature=0, lookahead=4, stop_tokens=[stop]) == generate(
+        model, repetitive, 40, temperature=0, stop_tokens=[stop]
+    )
+
+
+def test_speculative_decoding_refuses_sampling(tiny_model):
+    with pytest.raises(TissLMError, match="needs greedy decoding"):
+        generate(tiny_model, PROMPTS, 5, temperature=1.0, lookahead=4)
+
+
+@pytest.mark.parametrize(
+    "tokens, count, draft",
+    [
+        ([1, 2, 3, 9, 1, 2, 3], 3, [9, 1, 2]),  # the trigram 1 2 3 occurred before: what followed it
+        ([1, 2, 3, 4, 1, 2, 3, 5, 2, 3], 2, [5, 2]),  # the latest occurrence wins
+        ([7, 8, 9], 4, []),  # nothing repeats
+        ([4, 4], 5, [4]),  # the unigram; no more than the history holds
+        ([1, 2, 1, 2], 0, []),
+    ],
+)
+def test_prompt_lookup_drafts_what_followed_the_latest_match(tokens, count, draft):
+    from tisslm.core.decode import draft_by_lookup
+
+    assert draft_by_lookup(tokens, count) == draft

@@ -26,7 +26,7 @@ from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
-from tisslm.serve.engine import Engine, Finished, PromptLogprobs, Token
+from tisslm.serve.batching import Batcher, Finished, PromptLogprobs, Token
 from tisslm.serve.text import CHAT_STOP, TextStream, Vocabulary, render_chat
 
 TOKENIZER = byte_level_tokenizer()
@@ -53,7 +53,7 @@ def greedy(model: TissLM, prompt: list[int], max_tokens: int) -> list[int]:
 # ---- the engine, in-process ----
 
 
-def events_of(engine: Engine, prompt: list[int], params: SamplingParams, **options) -> queue.Queue:
+def events_of(engine: Batcher, prompt: list[int], params: SamplingParams, **options) -> queue.Queue:
     events: queue.Queue = queue.Queue()
     engine.submit(prompt, params, events.put, **options)
     return events
@@ -78,7 +78,7 @@ def test_a_logits_processor_changes_only_its_own_row_at_every_step_prefill_inclu
         return only
 
     greedy_params = SamplingParams(max_new_tokens=6, temperature=0)
-    engine = Engine(model, max_batch=2, vocab_limit=VOCAB)  # both requests wait, then share every step
+    engine = Batcher(model, max_batch=2, vocab_limit=VOCAB)  # both requests wait, then share every step
     watermarked = events_of(engine, [5, 17, 3], greedy_params, logits_processor=force, logprobs=0)
     plain = events_of(engine, [60, 61, 62], greedy_params)
     engine.start()
@@ -98,7 +98,7 @@ def test_a_logits_processor_changes_only_its_own_row_at_every_step_prefill_inclu
 
 def test_the_engine_scores_a_prompt_without_generating():
     model = make_model(**SERVE_MODEL)
-    engine = Engine(model, max_batch=1, vocab_limit=VOCAB).start()
+    engine = Batcher(model, max_batch=1, vocab_limit=VOCAB).start()
     prompt = [5, 17, 3, 44, 9]
     try:
         events = drain(events_of(engine, prompt, SamplingParams(max_new_tokens=0), logprobs=2, prompt_logprobs=True))

@@ -9,7 +9,10 @@ import torch
 import torch.nn.functional as F
 from conftest import make_model
 
-from tisslm.core.model import KVCache, ModelConfig, RMSNorm, SlotKVCache, apply_rope, rope_tables
+from tisslm.core.cache import KVCache
+from tisslm.core.loss import linear_cross_entropy
+from tisslm.core.model import ModelConfig, RMSNorm, apply_rope, rope_tables
+from tisslm.serve.attention import attention_maps
 
 
 def reference_logits(model, idx: torch.Tensor) -> torch.Tensor:
@@ -69,45 +72,49 @@ def test_gqa_with_all_heads_equals_multi_head_attention():
     torch.testing.assert_close(gqa(idx), mha(idx), atol=1e-5, rtol=0)
 
 
-@pytest.mark.parametrize("left_pad", [None, [0, 3, 5]])
-def test_causality(left_pad):
+def test_causality():
     model = make_model()
-    pad = None if left_pad is None else torch.tensor(left_pad)
     idx = torch.randint(0, 97, (3, 24))
-    base = model(idx, left_pad=pad)
+    base = model(idx)
     for t in (5, 11, 22):
         changed = idx.clone()
         changed[:, t + 1 :] = torch.randint(0, 97, changed[:, t + 1 :].shape)
-        out = model(changed, left_pad=pad)
+        out = model(changed)
         torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-6, rtol=0)
         assert not torch.allclose(out[:, t + 1 :], base[:, t + 1 :])  # the future did change
 
 
-def test_left_padding_equals_unpadded_rows():
-    model = make_model()
-    rows = [torch.randint(0, 97, (n,)) for n in (9, 14, 6)]
-    longest = 14
-    idx = torch.stack([torch.cat((torch.zeros(longest - len(r), dtype=torch.long), r)) for r in rows])
-    pad = torch.tensor([longest - len(r) for r in rows])
-    padded = model(idx, left_pad=pad)
-    for i, row in enumerate(rows):
-        torch.testing.assert_close(padded[i, pad[i] :], model(row[None])[0], atol=1e-5, rtol=0)
-
-
-@pytest.mark.parametrize("left_pad", [None, [4, 0]])
 @pytest.mark.parametrize("chunks", [[10, 1, 1, 1, 1, 1], [6, 3, 1, 4]], ids=["decode", "chunked-prefill"])
-def test_cached_decoding_equals_full_forward(left_pad, chunks):
+def test_cached_decoding_equals_full_forward(chunks):
     model = make_model()
     idx = torch.randint(0, 97, (2, sum(chunks)))
-    pad = None if left_pad is None else torch.tensor(left_pad)
-    full = model(idx, left_pad=pad)
-    cache = KVCache(model.config, batch_size=2, left_pad=pad)
+    full = model(idx)
+    cache = KVCache.for_model(model.config, slots=2)
     start = 0
     for size in chunks:
-        step = model(idx[:, start : start + size], cache=cache)
+        step = model(idx[:, start : start + size], cache=cache.rows([0, 1]))
         torch.testing.assert_close(step, full[:, start : start + size], atol=1e-5, rtol=0)
         start += size
-    assert cache.length == sum(chunks)
+    assert cache.lengths.tolist() == cache.host_lengths == [sum(chunks)] * 2
+
+
+def test_static_step_equals_the_full_forward_of_every_slot():
+    """The static step (every slot, the whole buffer under a mask) gives each slot the logits of its own
+    sequence; a slot that went past the buffer's end writes nowhere that others read."""
+    model = make_model()
+    cache = KVCache.for_model(model.config, slots=3, max_len=20)
+    sequences = [torch.randint(0, 97, (n,)).tolist() for n in (5, 12, 19)]
+    for slot, sequence in enumerate(sequences):
+        model(torch.tensor([sequence]), cache=cache.rows([slot]))
+    for _ in range(2):
+        new = torch.randint(0, 97, (3,))
+        step = model(new[:, None], cache=cache.static())[:, -1]  # (3, vocab)
+        for slot, token in enumerate(new.tolist()):
+            sequences[slot].append(token)
+            if len(sequences[slot]) <= 20:
+                alone = model(torch.tensor([sequences[slot]]))[0, -1]
+                torch.testing.assert_close(step[slot], alone, atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [7, 14, 21]
 
 
 def test_rope_scores_depend_only_on_relative_offset():
@@ -203,8 +210,6 @@ def test_fused_loss_equals_cross_entropy_of_logits(tie):
     idx = torch.randint(0, 97, (3, 40))
     targets = torch.randint(0, 97, (3, 40))
     targets[0, :7] = -100  # ignored positions count neither in the sum nor the mean
-    from tisslm.core.model import linear_cross_entropy
-
     fused = fused_model.loss(idx, targets)
     plain = F.cross_entropy(plain_model(idx).flatten(0, 1), targets.flatten(), ignore_index=-100)
     torch.testing.assert_close(fused, plain, atol=1e-6, rtol=0)
@@ -219,8 +224,6 @@ def test_fused_loss_equals_cross_entropy_of_logits(tie):
 
 
 def test_fused_loss_passes_gradcheck():
-    from tisslm.core.model import linear_cross_entropy
-
     hidden = torch.randn(10, 6, dtype=torch.float64, requires_grad=True)
     weight = torch.randn(13, 6, dtype=torch.float64, requires_grad=True)
     targets = torch.tensor([0, 3, 12, -100, 5, 5, 7, 1, -100, 2])
@@ -247,11 +250,11 @@ def test_slot_cache_advances_each_slot_as_if_it_were_alone():
     every row's logits equal the full forward of its own sequence."""
     model = make_model()
     torch.manual_seed(3)
-    cache = SlotKVCache(model.config, slots=4)
+    cache = KVCache.for_model(model.config, slots=4)
     sequences: dict[int, list[int]] = {}
 
     def run(slots: list[int], new: list[list[int]]) -> None:
-        step = model(torch.tensor(new), cache=cache.select(slots))  # (B, T, vocab)
+        step = model(torch.tensor(new), cache=cache.rows(slots))  # (B, T, vocab)
         for row, slot in enumerate(slots):
             sequences[slot] = sequences.get(slot, []) + new[row]
             alone = model(torch.tensor([sequences[slot]]))[0, -len(new[row]) :]  # (T, vocab)
@@ -279,17 +282,17 @@ def test_slot_cache_refuses_to_overflow():
     from tisslm.core.errors import TissLMError
 
     model = make_model()
-    cache = SlotKVCache(model.config, slots=2, max_len=8)
-    model(torch.zeros(1, 6, dtype=torch.long), cache=cache.select([1]))
+    cache = KVCache.for_model(model.config, slots=2, max_len=8)
+    model(torch.zeros(1, 6, dtype=torch.long), cache=cache.rows([1]))
     with pytest.raises(TissLMError, match="KV cache holds 8 positions, 9 requested"):
-        model(torch.zeros(2, 3, dtype=torch.long), cache=cache.select([0, 1]))
+        model(torch.zeros(2, 3, dtype=torch.long), cache=cache.rows([0, 1]))
 
 
 @pytest.mark.parametrize("n_kv_heads", [4, 2, 1], ids=["MHA", "GQA", "MQA"])
 def test_attention_maps_are_causal_distributions_that_reproduce_sdpa(n_kv_heads):
     model = make_model(n_kv_heads=n_kv_heads)
     idx = torch.randint(0, 97, (2, 13))
-    maps = model.attention_maps(idx)  # (n_layers, B, n_heads, T, T)
+    maps = attention_maps(model, idx)  # (n_layers, B, n_heads, T, T)
     c = model.config
     assert maps.shape == (c.n_layers, 2, c.n_heads, 13, 13)
     torch.testing.assert_close(maps.sum(-1), torch.ones(c.n_layers, 2, c.n_heads, 13), atol=1e-5, rtol=0)

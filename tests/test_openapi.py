@@ -24,7 +24,7 @@ from tisslm.core.config import ServeParams
 from tisslm.core.tokenizer import byte_level_tokenizer
 from tisslm.kb import KnowledgeBase
 from tisslm.serve.app import create_app
-from tisslm.serve.engine import Engine
+from tisslm.serve.batching import Batcher
 from tisslm.serve.server import bind
 
 API = {
@@ -61,7 +61,7 @@ STREAMED = {"/v1/completions": "CompletionChunk", "/v1/chat/completions": "ChatC
 
 @pytest.fixture(scope="module")
 def app(tmp_path_factory):
-    engine = Engine(make_model(**SERVE_MODEL), max_batch=2, vocab_limit=byte_level_tokenizer().get_vocab_size())
+    engine = Batcher(make_model(**SERVE_MODEL), max_batch=2, vocab_limit=byte_level_tokenizer().get_vocab_size())
     with KnowledgeBase.open(build_tiny_kb(tmp_path_factory.mktemp("kb"))) as kb:
         yield create_app(engine, byte_level_tokenizer(), ServeParams(max_tokens=64), kb)
 

@@ -21,7 +21,7 @@ from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
-from tisslm.serve.engine import Engine, Finished, QueueFull, Token
+from tisslm.serve.batching import Batcher, Finished, QueueFull, Token
 from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
 
 TOKENIZER = byte_level_tokenizer()
@@ -74,7 +74,7 @@ def alone(model, prompt, p: SamplingParams, stop=()) -> list[int]:
 
 
 def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(lm):
-    engine = Engine(lm, max_batch=3, max_queue=8, vocab_limit=VOCAB).start()
+    engine = Batcher(lm, max_batch=3, max_queue=8, vocab_limit=VOCAB).start()
     try:
         jobs = [
             ([5, 17, 3, 44, 9, 2, 71], params(seed=1, max_new_tokens=40)),
@@ -101,11 +101,52 @@ def test_requests_joining_mid_decode_get_the_tokens_they_get_alone(lm):
         engine.stop()
 
 
+def test_the_compiled_step_serves_the_tokens_generate_gives(lm):
+    """serve.compile: the batcher's compiled static step, seeded and greedy requests sharing it."""
+    engine = Batcher(lm, max_batch=2, max_queue=8, vocab_limit=VOCAB, compile=True).start()
+    try:
+        jobs = [([5, 17, 3, 44], params(seed=11, top_k=20)), ([60, 61], params(temperature=0, max_new_tokens=30))]
+        collectors = [Collector() for _ in jobs]
+        for (prompt, p), collector in zip(jobs, collectors, strict=True):
+            engine.submit(prompt, p, collector)
+        for (prompt, p), collector in zip(jobs, collectors, strict=True):
+            collector.finish()
+            assert collector.tokens == alone(lm, prompt, p)
+    finally:
+        engine.stop()
+
+
+def test_speculative_decoding_serves_plain_greedy_tokens(lm):
+    """serve.lookahead: a lone greedy request drafts by prompt lookup; its tokens are plain greedy's,
+    whether it ends at its budget or at a stop token, and a sampled request is not drafted for."""
+    prompt = [40, 41, 42, 43, 40, 41, 42, 43, 40, 41]
+    greedy = params(temperature=0, max_new_tokens=40)
+    free = alone(lm, prompt, greedy)
+    stop = free[20]
+    engine = Batcher(lm, max_batch=2, vocab_limit=VOCAB, lookahead=4).start()
+    try:
+        for stop_tokens, expected in (((), free), ((stop,), free[: free.index(stop)])):
+            collector = Collector()
+            engine.submit(prompt, greedy, collector, stop_tokens=stop_tokens)
+            done = collector.finish()
+            assert collector.tokens == expected
+            assert done.completion_tokens == len(expected) + len(stop_tokens)
+        sampled = Collector()
+        engine.submit(prompt, params(seed=3), sampled)
+        sampled.finish()
+        assert sampled.tokens == alone(lm, prompt, params(seed=3))
+    finally:
+        engine.stop()
+    steps = next(s.value for s in engine.metrics.batch_size.collect()[0].samples if s.name.endswith("_count"))
+    plain_steps = (40 - 1) + free.index(stop) + (24 - 1)  # a decode step per token after each first
+    assert steps < plain_steps  # drafts were accepted
+
+
 def test_stop_token_ends_a_request_as_generate_does(lm):
     prompt, p = [5, 17, 3], params(temperature=0, max_new_tokens=30)
     free = alone(lm, prompt, p)
     stop = free[6]
-    engine = Engine(lm, max_batch=2, vocab_limit=VOCAB).start()
+    engine = Batcher(lm, max_batch=2, vocab_limit=VOCAB).start()
     try:
         collector = Collector()
         engine.submit(prompt, p, collector, stop_tokens=[stop])
@@ -117,7 +158,7 @@ def test_stop_token_ends_a_request_as_generate_does(lm):
 
 
 def test_cancel_and_timeout_free_the_slot(lm):
-    engine = Engine(lm, max_batch=1, max_queue=4, vocab_limit=VOCAB).start()
+    engine = Batcher(lm, max_batch=1, max_queue=4, vocab_limit=VOCAB).start()
     try:
         running, expired = Collector(), Collector()
         request = engine.submit([1, 2, 3], params(max_new_tokens=4000), running)
@@ -136,7 +177,7 @@ def test_cancel_and_timeout_free_the_slot(lm):
 
 
 def test_a_full_queue_refuses_and_bad_prompts_are_refused(lm):
-    engine = Engine(lm, max_batch=1, max_queue=1, vocab_limit=VOCAB)  # not started: nothing leaves the queue
+    engine = Batcher(lm, max_batch=1, max_queue=1, vocab_limit=VOCAB)  # not started: nothing leaves the queue
     engine.submit([1], params(), Collector())
     with pytest.raises(QueueFull):
         engine.submit([2], params(), Collector())

@@ -12,14 +12,14 @@ import time
 from pathlib import Path
 
 import pytest
-import test_tisslang_engine as engine_tests
+import test_tisslang_interpreter as engine_tests
 import test_tisslang_security as security
 from pytest_bdd import given, parsers, scenarios, then, when
-from test_tisslang_engine import Answers
+from test_tisslang_interpreter import Answers
 
 from tisslm.agent.audit import read_audit
 from tisslm.agent.checks import check
-from tisslm.agent.engine import ScriptFailure
+from tisslm.agent.interpreter import ScriptFailure
 from tisslm.agent.parser import TissSyntaxError, parse
 from tisslm.agent.review import Reviewer
 

@@ -15,7 +15,7 @@ from pathlib import Path
 import pytest
 
 from tisslm.agent.checks import check
-from tisslm.agent.engine import Engine, ScriptFailure
+from tisslm.agent.interpreter import Engine, ScriptFailure
 from tisslm.agent.parser import parse
 from tisslm.agent.review import Reviewer
 from tisslm.agent.sandbox import SANDBOX_UID, Limits, SandboxError, make_sandbox

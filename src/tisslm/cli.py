@@ -66,6 +66,12 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass [params: generate.top_p].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens [params: generate.seed].")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole sequence every step.")] = False,
+    compile: Annotated[
+        bool, typer.Option("--compile", help="Compile the decode step first (seconds, cached): for long outputs.")
+    ] = False,
+    lookahead: Annotated[
+        int, typer.Option(help="Speculative decoding: tokens drafted by prompt lookup per step (greedy only).")
+    ] = 0,
     kb: Annotated[
         Path | None,
         typer.Option("--kb", help="Knowledge base (tisslm kb build): ground each prompt in retrieved chunks."),
@@ -97,7 +103,9 @@ def generate(
     marks = config.safety.watermark
     use_watermark = marks.enabled if watermark is None else watermark
     processor = Watermark(watermark_key(marks), marks, tokenizer.get_vocab_size()) if use_watermark else None
-    completions = complete(lm, tokenizer, inputs, settings, processor, use_cache=not no_cache)
+    completions = complete(
+        lm, tokenizer, inputs, settings, processor, use_cache=not no_cache, compile=compile, lookahead=lookahead
+    )
     content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
     for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
         if i:
@@ -345,6 +353,12 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port, 0 for any free one (serve.port).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model id clients name (serve.model_name).")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Sequences decoded together (serve.max_batch).")] = None,
+    compile: Annotated[
+        bool | None, typer.Option("--compile/--no-compile", help="Compile the decode step at start (serve.compile).")
+    ] = None,
+    lookahead: Annotated[
+        int | None, typer.Option(help="Tokens drafted per step for a lone greedy request (serve.lookahead).")
+    ] = None,
     max_queue: Annotated[int | None, typer.Option(help="Requests that may wait (serve.max_queue).")] = None,
     max_prompt_tokens: Annotated[int | None, typer.Option(help="Longest prompt (serve.max_prompt_tokens).")] = None,
     max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens (serve.max_tokens).")] = None,
@@ -399,6 +413,8 @@ def serve(
         "port": port,
         "model_name": name,
         "max_batch": max_batch,
+        "compile": compile,
+        "lookahead": lookahead,
         "max_queue": max_queue,
         "max_prompt_tokens": max_prompt_tokens,
         "max_tokens": max_tokens,

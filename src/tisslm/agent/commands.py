@@ -21,7 +21,7 @@ from tisslm.agent import ast
 from tisslm.agent.adapter import make_adapter
 from tisslm.agent.audit import AuditLog, default_audit_path, sha256
 from tisslm.agent.checks import check, interpolated
-from tisslm.agent.engine import DEFAULT_TOP, Engine, ScriptFailure
+from tisslm.agent.interpreter import DEFAULT_TOP, Engine, ScriptFailure
 from tisslm.agent.parser import TissSyntaxError, format_expr, parse_file
 from tisslm.agent.review import Reviewer
 from tisslm.agent.sandbox import SANDBOX_UID, Limits, make_sandbox

@@ -324,6 +324,10 @@ class ServeParams(_Section):
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port (the address is printed at start)
     model_name: str = Field("tisslm", min_length=1)  # the id clients pass as `model`
     max_batch: PositiveInt = 8  # sequences decoded together: the KV cache's slots
+    compile: bool = False  # compile the decode step at start (seconds, cached on disk); then each step is faster
+    lookahead: NonNegativeInt = (
+        0  # speculative decoding: tokens drafted by prompt lookup per step of a lone greedy request
+    )
     max_queue: NonNegativeInt = 64  # requests waiting for a slot; one more gets 429
     max_prompt_tokens: PositiveInt = 384  # longer prompts get 400 (prompt + max_tokens must fit max_seq_len too)
     max_tokens: PositiveInt = 256  # the largest max_tokens a request may ask for

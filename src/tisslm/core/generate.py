@@ -1,21 +1,41 @@
 """Autoregressive generation over a batch of prompts of different lengths.
 
-Prompts are left-padded to a common length so that every row's next token sits in the last
-column; the model masks the pads and counts positions from each row's first real token, so a
-batched row decodes exactly as it would alone.
+Each prompt decodes in a slot of its own (`tisslm.core.decode.Decoder`): prompts are read one by
+one, then one step advances every row, each at its own position, so a batched row decodes
+exactly as it would alone. `use_cache=False` recomputes every position at every step instead,
+the slow reference the cached paths are tested against.
+
+Speculative decoding (`lookahead`) drafts tokens by prompt lookup (`draft_by_lookup`) and checks
+them all in one forward; the longest prefix greedy decoding would have produced is kept, plus the
+model's own next token, so the output is plain greedy's, in fewer forwards when the guesses hit.
 """
 
 from __future__ import annotations
 
+import weakref
 from collections.abc import Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer
 
+from tisslm.core.decode import Decoder, draft_by_lookup
 from tisslm.core.errors import TissLMError, parse
-from tisslm.core.model import KVCache, TissLM
+from tisslm.core.model import TissLM
 from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
 from tisslm.core.tokenizer import END_OF_TEXT
+
+# Compiled decoders by model and batch size: compiling costs seconds, so later calls reuse them.
+_compiled: weakref.WeakKeyDictionary[TissLM, dict[int, Decoder]] = weakref.WeakKeyDictionary()
+
+
+def decoder_for(model: TissLM, slots: int, compile: bool) -> Decoder:
+    """A decoder of `slots` rows; compiled ones are kept per model and reused."""
+    if not compile:
+        return Decoder(model, slots)
+    per_model = _compiled.setdefault(model, {})
+    if slots not in per_model:
+        per_model[slots] = Decoder(model, slots, compile=True)
+    return per_model[slots]
 
 
 @torch.inference_mode()
@@ -31,70 +51,129 @@ def generate(
     stop_tokens: Iterable[int] = (),
     vocab_limit: int | None = None,
     logits_processor: LogitsProcessor | None = None,
+    compile: bool = False,
+    lookahead: int = 0,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new tokens of each, stop token excluded.
 
     `vocab_limit` keeps sampling below the tokenizer's vocabulary when the model's embedding
     has more rows than the tokenizer has tokens. `logits_processor` (a watermark, say) changes
     each step's logits after the vocab limit and before sampling, greedy included; it is given
-    each row's previous token, the prompt's last at the first step.
+    each row's previous token, the prompt's last at the first step. `compile` decodes through the
+    compiled step (see `tisslm.core.decode`); `lookahead` > 0 drafts that many tokens per step by
+    prompt lookup (greedy only; see the module's docstring).
     """
     # The bounds live in one place, the schema of params.yaml's `generate` section.
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
     parse(SamplingParams, settings, "generate")
     if not prompts or any(len(p) == 0 for p in prompts):
         raise TissLMError("every prompt needs at least one token")
-    config = model.config
     longest = max(len(p) for p in prompts)
-    if longest + max_new_tokens > config.max_seq_len:
+    if longest + max_new_tokens > model.config.max_seq_len:
         raise TissLMError(
-            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={config.max_seq_len}"
+            f"prompt of {longest} tokens + max_new_tokens={max_new_tokens} exceeds max_seq_len={model.config.max_seq_len}"
         )
+    if lookahead < 0:
+        raise TissLMError(f"lookahead={lookahead} must be 0 (off) or more")
+    if lookahead and (temperature != 0 or logits_processor is not None or not use_cache):
+        raise TissLMError("speculative decoding (lookahead) needs greedy decoding (temperature 0), no logits "
+                          "processor and the cache")  # fmt: skip
     device = next(model.parameters()).device
-    batch = len(prompts)
-    pads = [longest - len(p) for p in prompts]
-    idx = torch.tensor(
-        [[0] * pad + list(p) for pad, p in zip(pads, prompts, strict=True)], dtype=torch.long, device=device
-    )
-    left_pad = torch.tensor(pads, device=device) if any(pads) else None
     generator = torch.Generator(device=device).manual_seed(seed) if seed is not None else None
-    stop = torch.tensor(sorted(set(stop_tokens)), dtype=torch.long, device=device)
+    stop = set(stop_tokens)
+
+    def pick(logits: torch.Tensor, previous: torch.Tensor) -> torch.Tensor:
+        """Next tokens (B,) from logits (B, V) and each row's previous token (B,)."""
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        if logits_processor is not None:
+            logits = logits_processor(logits, previous)
+        return sample_next(logits, temperature, top_k, top_p, generator)
 
     was_training = model.training
     model.eval()
     try:
-        cache = None
-        if use_cache:
-            dtype = next(model.parameters()).dtype
-            cache = KVCache(config, batch, longest + max_new_tokens, dtype, device, left_pad)
-        logits = model(idx, cache=cache, left_pad=None if use_cache else left_pad)[:, -1]  # (B, V)
-        new_tokens = torch.zeros(batch, max_new_tokens, dtype=torch.long, device=device)
-        finished = torch.zeros(batch, dtype=torch.bool, device=device)
-        lengths = torch.full((batch,), max_new_tokens, device=device)
-        previous = idx[:, -1]  # (B,): left padding puts every prompt's last token in the last column
-        for step in range(max_new_tokens):
-            if vocab_limit is not None:
-                logits[:, vocab_limit:] = float("-inf")
-            if logits_processor is not None:
-                logits = logits_processor(logits, previous)
-            next_token = sample_next(logits, temperature, top_k, top_p, generator)  # (B,)
-            previous = next_token
-            new_tokens[:, step] = next_token
-            if stop.numel():
-                just_stopped = torch.isin(next_token, stop) & ~finished
-                lengths[just_stopped] = step
-                finished |= just_stopped
-                if finished.all():
-                    break
-            if step == max_new_tokens - 1:
-                break
-            if use_cache:
-                logits = model(next_token[:, None], cache=cache)[:, -1]
-            else:
-                logits = model(torch.cat((idx, new_tokens[:, : step + 1]), dim=1), left_pad=left_pad)[:, -1]
+        if lookahead:
+            outputs = [
+                _speculate(model, list(p), max_new_tokens, lookahead, pick, stop, compile, vocab_limit) for p in prompts
+            ]
+        elif use_cache:
+            outputs = _decode(decoder_for(model, len(prompts), compile), prompts, max_new_tokens, pick)
+        else:
+            outputs = _recompute(model, prompts, max_new_tokens, pick)
     finally:
         model.train(was_training)
-    return [row[:n].tolist() for row, n in zip(new_tokens, lengths.tolist(), strict=True)]
+    return [_until_stop(row, stop) for row in outputs]
+
+
+def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
+    for i, token in enumerate(tokens):
+        if token in stop:
+            return tokens[:i]
+    return tokens
+
+
+def _decode(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
+    """Each prompt into its own slot, then one step for all rows until every row has its tokens.
+    Rows that stopped keep stepping with the others (their tokens are cut off afterwards)."""
+    model = decoder.model
+    hidden = torch.stack([decoder.prefill(row, list(p))[-1] for row, p in enumerate(prompts)])  # (B, d_model)
+    logits = model.lm_head(hidden)  # (B, V)
+    previous = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=decoder.device)  # (B,)
+    new_tokens = []
+    for step in range(max_new_tokens):
+        previous = pick(logits, previous)  # (B,)
+        new_tokens.append(previous)
+        if step == max_new_tokens - 1:
+            break
+        logits = decoder.step(previous)
+    if not new_tokens:
+        return [[] for _ in prompts]
+    return torch.stack(new_tokens, dim=1).tolist()  # (B, max_new_tokens)
+
+
+def _recompute(model: TissLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
+    """The reference without a cache: every step runs the whole sequences again. Rows are padded
+    on the right, where the causal mask keeps the pads out of every real position's view."""
+    device = next(model.parameters()).device
+    sequences = [list(p) for p in prompts]
+    rows = torch.arange(len(prompts), device=device)
+    previous = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=device)
+    for _ in range(max_new_tokens):
+        longest = max(len(s) for s in sequences)
+        idx = torch.tensor([s + [0] * (longest - len(s)) for s in sequences], dtype=torch.long, device=device)
+        last = torch.tensor([len(s) - 1 for s in sequences], device=device)  # (B,)
+        logits = model(idx)[rows, last]  # (B, V)
+        previous = pick(logits, previous)
+        for sequence, token in zip(sequences, previous.tolist(), strict=True):
+            sequence.append(token)
+    return [s[len(p) :] for s, p in zip(sequences, prompts, strict=True)]
+
+
+def _speculate(
+    model: TissLM, prompt: list[int], max_new_tokens: int, lookahead: int, pick, stop, compile, vocab_limit
+) -> list[int]:
+    """Greedy decoding of one prompt, up to `lookahead` drafted tokens checked per forward."""
+    decoder = decoder_for(model, 1, compile)
+    logits = model.lm_head(decoder.prefill(0, prompt)[-1:])  # (1, V)
+    previous = torch.tensor(prompt[-1:], device=decoder.device)
+    generated: list[int] = []
+    while len(generated) < max_new_tokens:
+        token = int(pick(logits, previous)[0])
+        generated.append(token)
+        if token in stop or len(generated) == max_new_tokens:
+            break
+        draft = draft_by_lookup(prompt + generated, min(lookahead, max_new_tokens - len(generated) - 1))
+        if not draft:
+            previous = torch.tensor([token], device=decoder.device)
+            logits = decoder.step(previous)
+            continue
+        accepted, logits = decoder.verify_draft(0, token, draft, vocab_limit)
+        generated.extend(accepted)
+        if stop.intersection(accepted):
+            break
+        previous = torch.tensor([generated[-1]], device=decoder.device)
+    return generated[:max_new_tokens]
 
 
 def complete(
@@ -107,7 +186,7 @@ def complete(
 ) -> list[str]:
     """Continue each text: encode, generate until <|endoftext|> or the token budget, decode the new
     tokens. The one text-in, text-out path the CLI, the stages and the MLflow pyfunc share;
-    `logits_processor` and `options` (use_cache) go to generate()."""
+    `logits_processor` and `options` (use_cache, compile, lookahead) go to generate()."""
     prompts = [tokenizer.encode(text).ids for text in texts]
     stop = tokenizer.token_to_id(END_OF_TEXT)
     outputs = generate(

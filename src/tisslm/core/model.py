@@ -2,8 +2,9 @@
 
 Pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings in Hugging Face Llama's
 rotate-half convention (so weights map one to one onto `LlamaForCausalLM`, see `tisslm.release.hf`),
-grouped-query attention through `F.scaled_dot_product_attention`, optional tied embeddings, and
-a preallocated KV cache for incremental decoding.
+grouped-query attention through `F.scaled_dot_product_attention` and optional tied embeddings.
+One forward pass serves training, prefill and decode: with a cache (`tisslm.core.cache`) it
+continues the sequences the cache holds; the training loss lives in `tisslm.core.loss`.
 
 The query/key/value projections and the SwiGLU gate/up projections are each fused into one
 matrix: on a CPU, one larger matmul is markedly faster than three small ones.
@@ -13,7 +14,6 @@ from __future__ import annotations
 
 import json
 import math
-from collections.abc import Sequence
 from pathlib import Path
 
 import torch
@@ -24,8 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
 
+from tisslm.core.cache import Cache
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.io import atomic_dir
+from tisslm.core.loss import linear_cross_entropy, loss_chunk_rows
 
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
@@ -94,168 +96,6 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
-def linear_cross_entropy(
-    hidden: torch.Tensor,
-    weight: torch.Tensor,
-    targets: torch.Tensor,
-    ignore_index: int = -100,
-    chunk_rows: int = 256,
-) -> torch.Tensor:
-    """Mean cross-entropy of `targets` (N,) under logits `hidden @ weight.T`, chunk by chunk.
-
-    The (N, vocab) logits of a training batch are the largest tensor of a small LM's step and
-    are read and written several times by a plain cross-entropy; here each chunk of rows gets
-    its logits, loss and gradients while it is still in cache, and the full matrix never exists.
-    """
-    if torch.is_grad_enabled() and (hidden.requires_grad or weight.requires_grad):
-        return _LinearCrossEntropy.apply(hidden, weight, targets, ignore_index, chunk_rows)
-    return _linear_cross_entropy_chunks(hidden, weight, targets, ignore_index, chunk_rows, with_grads=False)[0]
-
-
-def _linear_cross_entropy_chunks(hidden, weight, targets, ignore_index, chunk_rows, with_grads):
-    device_type = hidden.device.type
-    # Under autocast the matmuls run in the autocast dtype, as nn.Linear's would; sums stay fp32.
-    dtype = torch.get_autocast_dtype(device_type) if torch.is_autocast_enabled(device_type) else weight.dtype
-    acc_dtype = torch.promote_types(dtype, torch.float32)  # softmax and sums: at least fp32
-    with torch.autocast(device_type, enabled=False):
-        w = weight.to(dtype)
-        valid = targets != ignore_index
-        # Each row's share of the mean, folded into the narrow (rows, d_model) side of the matmuls.
-        scale = (valid.to(acc_dtype) / valid.sum().clamp(min=1))[:, None]  # (N, 1)
-        safe_targets = targets.masked_fill(~valid, 0)[:, None]  # (N, 1)
-        loss = hidden.new_zeros((), dtype=acc_dtype)
-        grad_hidden = torch.empty_like(hidden) if with_grads else None
-        grad_weight = torch.zeros_like(weight, dtype=acc_dtype) if with_grads else None
-        for start in range(0, hidden.size(0), chunk_rows):
-            rows = slice(start, start + chunk_rows)
-            h, t, s = hidden[rows].to(dtype), safe_targets[rows], scale[rows]
-            log_probs = torch.log_softmax((h @ w.T).to(acc_dtype), dim=-1)  # (rows, vocab)
-            loss -= (log_probs.gather(1, t) * s).sum()
-            if with_grads:
-                grad_logits = log_probs.exp_().scatter_add_(1, t, torch.full_like(t, -1, dtype=acc_dtype))
-                grad_logits = grad_logits.to(dtype)  # softmax - one_hot, unscaled: (rows, vocab)
-                grad_hidden[rows] = (grad_logits @ w) * s
-                grad_weight.add_(grad_logits.T @ (h * s.to(dtype)))
-    return loss, grad_hidden, grad_weight
-
-
-def loss_chunk_rows(device_type: str) -> int:
-    """Rows per chunk of `linear_cross_entropy`. On a CPU, 256 rows keep a chunk's logits in cache.
-    On a GPU the chunks only bound memory (8192 x a 32k vocabulary in fp32 is 1 GiB), and each
-    one costs a dozen kernel launches: few large ones."""
-    return 8192 if device_type == "cuda" else 256
-
-
-class _LinearCrossEntropy(torch.autograd.Function):
-    """Computes the gradients in the forward pass, chunk by chunk, and scales them in backward."""
-
-    @staticmethod
-    def forward(ctx, hidden, weight, targets, ignore_index, chunk_rows):
-        loss, grad_hidden, grad_weight = _linear_cross_entropy_chunks(
-            hidden, weight, targets, ignore_index, chunk_rows, with_grads=True
-        )
-        ctx.save_for_backward(grad_hidden, grad_weight.to(weight.dtype))
-        return loss
-
-    @staticmethod
-    def backward(ctx, grad_loss):
-        grad_hidden, grad_weight = ctx.saved_tensors
-        return grad_hidden * grad_loss, grad_weight * grad_loss, None, None, None
-
-
-class KVCache:
-    """Preallocated keys and values of every layer, filled as decoding proceeds.
-
-    Rows of a left-padded batch record their pad length, so that positions count from each
-    row's first real token and no query ever attends to a pad.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        batch_size: int,
-        max_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-        left_pad: torch.Tensor | None = None,
-    ):
-        self.max_len = max_len or config.max_seq_len
-        shape = (config.n_layers, batch_size, config.n_kv_heads, self.max_len, config.head_dim)
-        self.keys = torch.zeros(shape, dtype=dtype, device=device)  # (L, B, n_kv_heads, S_max, head_dim)
-        self.values = torch.zeros(shape, dtype=dtype, device=device)
-        self.length = 0  # positions filled so far, pads included
-        self.left_pad = left_pad  # (B,) pad tokens at the start of each row, or None
-
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Write k, v (B, n_kv_heads, T, head_dim) at `start`; return all keys and values so far."""
-        end = start + k.size(2)
-        self.keys[layer, :, :, start:end] = k
-        self.values[layer, :, :, start:end] = v
-        return self.keys[layer, :, :, :end], self.values[layer, :, :, :end]  # (B, n_kv_heads, end, head_dim)
-
-    def advance(self, new_tokens: int) -> None:
-        self.length += new_tokens
-
-
-class SlotKVCache(KVCache):
-    """A KV cache whose rows are slots, each holding an independent sequence at its own length.
-
-    Continuous batching needs this: a request is prefilled into a free slot while the others are
-    mid-decode, and one forward then advances any set of slots together, each token at its own
-    position. `select` names the slots the next forward runs on (batch row i continues slot i of
-    the selection); a slot is reused after `reset`, without clearing, since no query ever attends
-    past its own slot's length.
-    """
-
-    def __init__(
-        self,
-        config: ModelConfig,
-        slots: int,
-        max_len: int | None = None,
-        dtype: torch.dtype = torch.float32,
-        device: torch.device | str = "cpu",
-    ):
-        super().__init__(config, slots, max_len, dtype, device)
-        self.lengths = torch.zeros(slots, dtype=torch.long, device=device)  # (slots,) positions filled per slot
-        self._slot_ids = torch.arange(slots, device=device)  # (B,) the selected slots
-        self._rows: slice | torch.Tensor = slice(None)  # the same selection, a view when it is contiguous
-        self._read_len = 0  # keys every selected slot may need in this forward: the longest, new tokens included
-
-    def select(self, slots: Sequence[int]) -> SlotKVCache:
-        """Run the next forward on `slots`, in that order; returns the cache for `model(idx, cache=...)`."""
-        if not slots:
-            raise ValueError("select at least one slot")
-        first = slots[0]
-        self._slot_ids = torch.tensor(slots, dtype=torch.long, device=self.lengths.device)  # (B,)
-        contiguous = list(slots) == list(range(first, first + len(slots)))
-        self._rows = slice(first, first + len(slots)) if contiguous else self._slot_ids  # slices read without a copy
-        return self
-
-    def reset(self, slot: int) -> None:
-        """Free `slot` for a new sequence."""
-        self.lengths[slot] = 0
-
-    def next_positions(self, new_tokens: int) -> torch.Tensor:
-        """Positions (B, T) the next `new_tokens` of each selected slot take."""
-        offsets = torch.arange(new_tokens, device=self.lengths.device)  # (T,)
-        positions = self.lengths[self._slot_ids][:, None] + offsets  # (B, T)
-        self._read_len = int(positions.max()) + 1
-        return positions
-
-    def update(self, layer: int, start: torch.Tensor, k: torch.Tensor, v: torch.Tensor):
-        """Write k, v (B, n_kv_heads, T, head_dim) at each slot's positions `start` (B, T); return the
-        selected slots' keys and values up to the longest of them (shorter slots mask the rest)."""
-        rows = self._slot_ids[:, None]  # (B, 1), broadcast against start (B, T)
-        self.keys[layer][rows, :, start] = k.transpose(1, 2)  # indexed as (B, T, n_kv_heads, head_dim)
-        self.values[layer][rows, :, start] = v.transpose(1, 2)
-        end = self._read_len
-        keys, values = self.keys[layer, self._rows, :, :end], self.values[layer, self._rows, :, :end]
-        return keys, values  # (B, n_kv_heads, S, head_dim), S = the longest selected slot
-
-    def advance(self, new_tokens: int) -> None:
-        self.lengths[self._slot_ids] += new_tokens
-
-
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -271,14 +111,12 @@ class Attention(nn.Module):
         cos: torch.Tensor,
         sin: torch.Tensor,
         mask: torch.Tensor | None,
-        cache: KVCache | None,
-        start: int | torch.Tensor,
+        cache: Cache | None,
     ) -> torch.Tensor:
-        """`start`: where the new tokens go in the cache, an int, or positions (B, T) for a SlotKVCache."""
         B, T, _ = x.shape
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
-            k, v = cache.update(self.layer, start, k, v)  # (B, n_kv_heads, S, head_dim)
+            k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim): the past keys and the new
         y = F.scaled_dot_product_attention(
             q,
             k,
@@ -324,8 +162,8 @@ class Block(nn.Module):
         self.ffn_norm = RMSNorm(config.d_model, config.norm_eps)
         self.ffn = SwiGLU(config)
 
-    def forward(self, x, cos, sin, mask, cache, start):
-        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache, start)
+    def forward(self, x, cos, sin, mask, cache):
+        x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
 
 
@@ -368,18 +206,9 @@ class TissLM(nn.Module):
         c = self.config
         return 6 * matmul_weights + 12 * c.n_layers * c.n_heads * c.head_dim * seq_len
 
-    def forward(
-        self,
-        idx: torch.Tensor,
-        cache: KVCache | None = None,
-        left_pad: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Logits (B, T, vocab_size) for token ids idx (B, T).
-
-        With `cache`, idx continues the sequences the cache holds (and the cache's pad lengths
-        apply); without, idx is whole and `left_pad` (B,) says how many leading tokens are pads.
-        """
-        return self.lm_head(self.hidden_states(idx, cache, left_pad))  # (B, T, vocab_size)
+    def forward(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Logits (B, T, vocab_size) for token ids idx (B, T); with `cache`, idx continues the sequences it holds."""
+        return self.lm_head(self.hidden_states(idx, cache))  # (B, T, vocab_size)
 
     def loss(self, idx: torch.Tensor, targets: torch.Tensor, ignore_index: int = -100) -> torch.Tensor:
         """Mean cross-entropy of targets (B, T) after idx (B, T); the logits are never materialised."""
@@ -387,96 +216,30 @@ class TissLM(nn.Module):
         chunk_rows = loss_chunk_rows(hidden.device.type)
         return linear_cross_entropy(hidden, self.lm_head.weight, targets.flatten(), ignore_index, chunk_rows)
 
-    def hidden_states(
-        self,
-        idx: torch.Tensor,
-        cache: KVCache | None = None,
-        left_pad: torch.Tensor | None = None,
-    ) -> torch.Tensor:
-        """Final normalised hidden states (B, T, d_model): what the output head reads."""
-        B, T = idx.shape
-        if isinstance(cache, SlotKVCache):
-            start = cache.next_positions(T)  # (B, T): each slot continues at its own length
-            end = int(start.max()) + 1
-        else:
-            start = cache.length if cache is not None else 0
-            end = start + T
-        if end > self.config.max_seq_len:
-            raise TissLMError(f"sequence of {end} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        if cache is not None:
-            if end > cache.max_len:
-                raise TissLMError(f"KV cache holds {cache.max_len} positions, {end} requested")
-            left_pad = cache.left_pad
-        if isinstance(start, torch.Tensor):
-            cos, sin, mask = self._slot_positions(start)
-        else:
-            cos, sin, mask = self._positions(B, T, start, left_pad, idx.device)
+    def hidden_states(self, idx: torch.Tensor, cache: Cache | None = None) -> torch.Tensor:
+        """Final normalised hidden states (B, T, d_model): what the output head reads.
 
+        Without a cache, idx is whole sequences from position 0 under a causal mask; with one, the
+        cache says where each row's new tokens sit and which keys they see (see `tisslm.core.cache`).
+        """
+        T = idx.size(1)
+        if cache is None:
+            if idx.size(1) > self.config.max_seq_len:
+                raise TissLMError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
+            cos, sin, mask = self.rope_cos[:T], self.rope_sin[:T], None  # (T, head_dim); SDPA's is_causal
+        else:
+            positions = cache.positions(T)  # (B, T)
+            cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim)
+            sin = self.rope_sin[positions].unsqueeze(1)
+            mask = cache.mask()  # (B, 1, T, S)
         x = self.tok_emb(idx)  # (B, T, d_model)
         if self.config.dropout and self.training:
             x = F.dropout(x, self.config.dropout, training=True)
         for block in self.layers:
-            x = block(x, cos, sin, mask, cache, start)
+            x = block(x, cos, sin, mask, cache)
         if cache is not None:
             cache.advance(T)
         return self.norm(x)
-
-    def _positions(self, B: int, T: int, start: int, left_pad: torch.Tensor | None, device: torch.device):
-        """RoPE tables for the new positions and the attention mask (None: plain causal or decode)."""
-        end = start + T
-        if left_pad is None:
-            cos, sin = self.rope_cos[start:end], self.rope_sin[start:end]  # (T, head_dim)
-            if start == 0 or T == 1:  # SDPA's is_causal covers prefill; one new token sees all
-                return cos, sin, None
-            query_pos = torch.arange(start, end, device=device)[:, None]  # (T, 1)
-            return cos, sin, torch.arange(end, device=device) <= query_pos  # (T, S)
-        # Left-padded rows: positions count from each row's first real token.
-        query_pos = torch.arange(start, end, device=device)  # (T,)
-        positions = (query_pos[None, :] - left_pad[:, None]).clamp(min=0)  # (B, T)
-        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        key_pos = torch.arange(end, device=device)  # (S,)
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-        real_key = key_pos[None, :] >= left_pad[:, None]  # (B, S)
-        # A pad query may attend to itself, so no row of the mask is empty (SDPA would give NaN).
-        self_key = key_pos[None, :] == query_pos[:, None]  # (T, S)
-        mask = (causal[None] & real_key[:, None, :]) | self_key[None]  # (B, T, S)
-        return cos, sin, mask.unsqueeze(1)  # (B, 1, T, S)
-
-    def _slot_positions(self, positions: torch.Tensor):
-        """RoPE tables and mask for rows at their own positions (B, T): keys up to each query's own position."""
-        cos = self.rope_cos[positions].unsqueeze(1)  # (B, 1, T, head_dim)
-        sin = self.rope_sin[positions].unsqueeze(1)
-        key_pos = torch.arange(int(positions.max()) + 1, device=positions.device)  # (S,)
-        mask = key_pos[None, None, :] <= positions[:, :, None]  # (B, T, S)
-        return cos, sin, mask.unsqueeze(1)  # (B, 1, T, S)
-
-    @torch.no_grad()  # not inference_mode: callers may go on computing with the maps
-    def attention_maps(self, idx: torch.Tensor) -> torch.Tensor:
-        """Attention weights (n_layers, B, n_heads, T, T) of every layer and head over idx (B, T).
-
-        SDPA never materialises its weights, so this runs the same forward with an explicit causal
-        softmax: T x T per head, for looking inside the model on short texts, not for decoding.
-        """
-        B, T = idx.shape
-        if idx.size(1) > self.config.max_seq_len:
-            raise TissLMError(f"sequence of {T} tokens exceeds max_seq_len={self.config.max_seq_len}")
-        cos, sin = self.rope_cos[:T], self.rope_sin[:T]  # (T, head_dim)
-        causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
-        x = self.tok_emb(idx)  # (B, T, d_model)
-        maps = []
-        for block in self.layers:
-            attn = block.attn
-            q, k, v = attn.project(block.attn_norm(x), cos, sin)
-            group = attn.n_heads // attn.n_kv_heads  # query heads per key/value head, as SDPA's enable_gqa
-            k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, T, head_dim)
-            scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, n_heads, T, T)
-            weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
-            maps.append(weights)
-            y = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
-            x = x + attn.o_proj(y)
-            x = x + block.ffn(block.ffn_norm(x))
-        return torch.stack(maps)  # (n_layers, B, n_heads, T, T)
 
     # ---- persistence: safetensors + config.json, the layout Hugging Face tools expect ----
 

@@ -78,27 +78,43 @@ def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
 
 
 class ConcatKVCache:
-    """KVCache's interface over past keys and values given as tensors: each update concatenates,
-    which an exported graph can express (the preallocated cache writes in place, which it cannot)."""
+    """The model's cache interface (`tisslm.core.cache.Cache`) over past keys and values given as
+    tensors, an exported graph's inputs: each update concatenates, which an exported graph can
+    express (the preallocated cache writes in place, which it cannot). Positions and the mask come
+    from optimum's inputs: rotary positions counted from each row's first real token, and
+    attention_mask (B, P + T) marking real tokens among the past and new ones (0 for left pads)."""
 
-    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]]):
+    def __init__(self, past: list[tuple[torch.Tensor, torch.Tensor]], attention_mask, position_ids):
         self.past = past
         self.present: list[tuple[torch.Tensor, torch.Tensor]] = [None] * len(past)
+        self.attention_mask, self.position_ids = attention_mask, position_ids
 
-    def update(self, layer: int, start: int, k: torch.Tensor, v: torch.Tensor):
+    def positions(self, new_tokens: int) -> torch.Tensor:
+        return self.position_ids  # (B, T)
+
+    def mask(self) -> torch.Tensor:
+        past, new = self.past[0][0].shape[2], self.position_ids.shape[1]
+        key_pos = torch.arange(past + new, device=self.position_ids.device)  # (S,)
+        query_pos = key_pos[past:]  # (T,)
+        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
+        real_key = self.attention_mask.bool()[:, None, :]  # (B, 1, S)
+        # A pad query attends to itself, so no row of the mask is empty (softmax would give NaN).
+        mask = (causal[None] & real_key) | (key_pos[None, :] == query_pos[:, None])[None]  # (B, T, S)
+        return mask.unsqueeze(1)  # (B, 1, T, S)
+
+    def update(self, layer: int, k: torch.Tensor, v: torch.Tensor):
         past_k, past_v = self.past[layer]
         self.present[layer] = (torch.cat((past_k, k), dim=2), torch.cat((past_v, v), dim=2))
         return self.present[layer]
 
+    def advance(self, new_tokens: int) -> None:
+        pass  # the caller holds the present keys and values
+
 
 class OnnxDecoder(torch.nn.Module):
     """forward(input_ids, attention_mask, position_ids, *past) -> (logits, *present), past and present
-    flat as (key, value) per layer: the inputs and outputs of optimum's Llama decoder.
-
-    attention_mask (B, P + T) marks real tokens among the past and new ones (0 for left pads);
-    position_ids (B, T) are each new token's rotary position, counted from its row's first real
-    token. So one graph serves prefill and decode of left-padded batches.
-    """
+    flat as (key, value) per layer: the inputs and outputs of optimum's Llama decoder. One graph
+    serves prefill and decode of left-padded batches."""
 
     def __init__(self, model: TissLM):
         super().__init__()
@@ -111,21 +127,9 @@ class OnnxDecoder(torch.nn.Module):
         position_ids: torch.Tensor,
         *past_flat: torch.Tensor,
     ) -> tuple[torch.Tensor, ...]:
-        m = self.model
-        cache = ConcatKVCache(list(zip(past_flat[0::2], past_flat[1::2], strict=True)))
-        past, new = past_flat[0].shape[2], input_ids.shape[1]
-        cos = m.rope_cos[position_ids].unsqueeze(1)  # (B, 1, T, head_dim)
-        sin = m.rope_sin[position_ids].unsqueeze(1)
-        key_pos = torch.arange(past + new, device=input_ids.device)  # (S,)
-        query_pos = key_pos[past:]  # (T,)
-        causal = key_pos[None, :] <= query_pos[:, None]  # (T, S)
-        real_key = attention_mask.bool()[:, None, :]  # (B, 1, S)
-        # A pad query attends to itself, so no row of the mask is empty (softmax would give NaN).
-        mask = (causal[None] & real_key) | (key_pos[None, :] == query_pos[:, None])[None]  # (B, T, S)
-        x = m.tok_emb(input_ids)  # (B, T, d_model)
-        for block in m.layers:
-            x = block(x, cos, sin, mask.unsqueeze(1), cache, past)
-        logits = m.lm_head(m.norm(x))  # (B, T, vocab_size)
+        past = list(zip(past_flat[0::2], past_flat[1::2], strict=True))
+        cache = ConcatKVCache(past, attention_mask, position_ids)
+        logits = self.model(input_ids, cache=cache)  # (B, T, vocab_size)
         return (logits, *[t for kv in cache.present for t in kv])
 
 

@@ -36,7 +36,7 @@ from tisslm.safety.filters import ContentFilter
 from tisslm.safety.watermark import Watermark
 from tisslm.serve.access import Authenticator
 from tisslm.serve.auditing import AuditTrail
-from tisslm.serve.engine import Engine
+from tisslm.serve.batching import Batcher
 from tisslm.serve.metrics import RequestMetrics
 from tisslm.serve.openapi import add_components, add_security
 from tisslm.serve.routes import ROUTERS
@@ -50,7 +50,7 @@ DESCRIPTION = "An OpenAI-compatible API over TissLM's continuous-batching engine
 
 
 def create_app(
-    engine: Engine,
+    engine: Batcher,
     tokenizer: Tokenizer,
     settings: ServeParams,
     kb: KnowledgeBase | None = None,

@@ -1,11 +1,13 @@
 """Attention maps of a short text: the weights of every layer and head, as JSON or as a PNG.
 
 The web page's attention view and `tisslm attention` show the same maps, computed by
-`TissLM.attention_maps` (an explicit softmax, since SDPA never materialises its weights).
+`attention_maps`: the model's forward again, with an explicit softmax, since SDPA never
+materialises its weights.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -29,13 +31,40 @@ class AttentionMaps:
         return {"tokens": self.tokens, "n_layers": n_layers, "n_heads": n_heads, "weights": rounded.tolist()}
 
 
+@torch.no_grad()  # not inference_mode: callers may go on computing with the maps
+def attention_maps(model: TissLM, idx: torch.Tensor) -> torch.Tensor:
+    """Attention weights (n_layers, B, n_heads, T, T) of every layer and head over idx (B, T).
+
+    T x T per head: for looking inside the model on short texts, not for decoding.
+    """
+    B, T = idx.shape
+    if idx.size(1) > model.config.max_seq_len:
+        raise TissLMError(f"sequence of {T} tokens exceeds max_seq_len={model.config.max_seq_len}")
+    cos, sin = model.rope_cos[:T], model.rope_sin[:T]  # (T, head_dim)
+    causal = torch.ones(T, T, dtype=torch.bool, device=idx.device).tril()  # (T, T)
+    x = model.tok_emb(idx)  # (B, T, d_model)
+    maps = []
+    for block in model.layers:
+        attn = block.attn
+        q, k, v = attn.project(block.attn_norm(x), cos, sin)
+        group = attn.n_heads // attn.n_kv_heads  # query heads per key/value head, as SDPA's enable_gqa
+        k, v = k.repeat_interleave(group, dim=1), v.repeat_interleave(group, dim=1)  # (B, n_heads, T, head_dim)
+        scores = q @ k.transpose(-2, -1) / math.sqrt(attn.head_dim)  # (B, n_heads, T, T)
+        weights = scores.masked_fill(~causal, float("-inf")).softmax(dim=-1)
+        maps.append(weights)
+        y = (weights @ v).transpose(1, 2).reshape(B, T, -1)  # (B, T, n_heads * head_dim)
+        x = x + attn.o_proj(y)
+        x = x + block.ffn(block.ffn_norm(x))
+    return torch.stack(maps)  # (n_layers, B, n_heads, T, T)
+
+
 def attention_for_text(model: TissLM, tokenizer: Tokenizer, text: str, max_tokens: int) -> AttentionMaps:
     ids = tokenizer.encode(text).ids
     if not ids:
         raise TissLMError("text is empty")
     if len(ids) > max_tokens:
         raise TissLMError(f"text is {len(ids)} tokens; attention maps are drawn for at most {max_tokens}")
-    weights = model.attention_maps(torch.tensor([ids]))[:, 0]  # (n_layers, n_heads, T, T)
+    weights = attention_maps(model, torch.tensor([ids]))[:, 0]  # (n_layers, n_heads, T, T)
     tokens = [tokenizer.decode([i]).translate(VISIBLE_WHITESPACE) for i in ids]
     return AttentionMaps(tokens, weights.float())
 

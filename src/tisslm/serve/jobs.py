@@ -1,6 +1,6 @@
 """The generations of one HTTP request, from the engine's thread to the client: one body, or an SSE stream.
 
-Engine callbacks run on the engine thread and only hand events over to the event loop; the text
+Batcher callbacks run on the batcher thread and only hand events over to the event loop; the text
 is decoded and checked for stop strings here, on the loop. A client that goes away cancels its
 generations, and their slots free before the next decode step.
 
@@ -33,8 +33,8 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.sampling import LogitsProcessor, SamplingParams
 from tisslm.safety.filters import ContentFilter, OutputGuard
 from tisslm.serve.auditing import note
-from tisslm.serve.engine import Engine, EngineStopped, Event, Finished, Logprob, PromptLogprobs, QueueFull, Token
-from tisslm.serve.engine import Request as EngineRequest
+from tisslm.serve.batching import Batcher, BatcherStopped, Event, Finished, Logprob, PromptLogprobs, QueueFull, Token
+from tisslm.serve.batching import Request as EngineRequest
 from tisslm.serve.schemas import APIError, ChatRequest, CompletionRequest, Usage
 from tisslm.serve.text import TextOffsets, TextStream, Vocabulary
 
@@ -103,7 +103,7 @@ class Job:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Batcher,
         vocabulary: Vocabulary,
         prompts: list[list[int]],
         params: Sequence[SamplingParams],
@@ -146,7 +146,7 @@ class Job:
         except QueueFull as err:
             self.cancel()
             raise APIError(429, f"server busy: {err}; retry later", "rate_limit_error", code="queue_full") from None
-        except EngineStopped as err:
+        except BatcherStopped as err:
             self.cancel()
             raise APIError(503, str(err), "server_error", code="shutting_down") from None
         except TissLMError as err:

@@ -24,7 +24,7 @@ from tisslm.safety.audit import AuditLog
 from tisslm.safety.filters import ContentFilter
 from tisslm.safety.watermark import Watermark
 from tisslm.serve.access import check_keys, is_loopback
-from tisslm.serve.engine import Engine
+from tisslm.serve.batching import Batcher
 from tisslm.serve.source import resolve_model_dir
 
 # A card number and an IBAN: the filter's first look at one imports Presidio's recognizers (seconds).
@@ -78,7 +78,14 @@ def serve(
         model_dir = resolve_model_dir(model_spec)
         model = TissLM.from_pretrained(model_dir).eval()
         tokenizer = load_tokenizer(model_dir)
-        engine = Engine(model, settings.max_batch, settings.max_queue, vocab_limit=tokenizer.get_vocab_size())
+        engine = Batcher(
+            model,
+            settings.max_batch,
+            settings.max_queue,
+            vocab_limit=tokenizer.get_vocab_size(),
+            compile=settings.compile,
+            lookahead=settings.lookahead,
+        )
         sock = bind(settings.host, settings.port)  # before the filter's imports, which may write warnings
         if content_filter is not None:
             content_filter.apply(WARM_UP)  # load the classifier and the recognizers now, not on a request

@@ -36,7 +36,7 @@ from tisslm.safety.filters import ContentFilter
 from tisslm.safety.watermark import Watermark
 from tisslm.serve.attention import attention_for_text
 from tisslm.serve.auditing import note
-from tisslm.serve.engine import Engine, Logprob
+from tisslm.serve.batching import Batcher, Logprob
 from tisslm.serve.jobs import Job, Scored, Update, respond
 from tisslm.serve.schemas import (
     APIError,
@@ -83,7 +83,7 @@ class Serving:
 
     def __init__(
         self,
-        engine: Engine,
+        engine: Batcher,
         tokenizer: Tokenizer,
         settings: ServeParams,
         kb: KnowledgeBase | None = None,

@@ -19,7 +19,7 @@ from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.safety.filters import ContentFilter, OutputGuard
-from tisslm.serve.engine import Engine, Event, Finished
+from tisslm.serve.batching import Batcher, Event, Finished
 from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
 
 
@@ -33,7 +33,7 @@ def chat_session(
     content_filter: ContentFilter | None = None,
 ) -> None:
     """Read user turns with `read(prompt)` until /exit or EOFError; `write` each reply piece by piece."""
-    engine = Engine(model, max_batch=1, max_queue=1, vocab_limit=tokenizer.get_vocab_size()).start()
+    engine = Batcher(model, max_batch=1, max_queue=1, vocab_limit=tokenizer.get_vocab_size()).start()
     end_of_text = tokenizer.token_to_id(END_OF_TEXT)
     stop_tokens = [] if end_of_text is None else [end_of_text]
     opening = [("system", system)] if system else []

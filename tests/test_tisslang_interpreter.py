@@ -14,7 +14,7 @@ from serving import ServerProcess, save_tiny_model
 
 from tisslm.agent.adapter import Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, read_audit, sha256
-from tisslm.agent.engine import DEFAULT_TOP, ReviewDenied, ScriptFailure
+from tisslm.agent.interpreter import DEFAULT_TOP, ReviewDenied, ScriptFailure
 from tisslm.agent.review import Reviewer
 from tisslm.kb import Hit, build_index
 

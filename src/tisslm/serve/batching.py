@@ -1,11 +1,17 @@
 """Continuous batching: concurrent requests share every decode step of one model.
 
-One thread owns the model and a `SlotKVCache` of `max_batch` slots. Between two steps it
-drops cancelled and expired requests (their slots free at once), admits waiting requests into
-free slots (one prefill forward each, which also samples their first token), then advances all
-active slots with one decode forward and samples each row's next token. A request joins as soon
-as a slot is free and leaves the step it finishes, without waiting for the rest of a batch: the
-scheme of Orca (Yu et al., OSDI 2022) and vLLM, here with a contiguous cache per slot.
+One thread owns the model's decode engine (`tisslm.core.decode.Decoder`), whose `max_batch`
+slots are the server's. Between two steps it drops cancelled and expired requests (their slots
+free at once), admits waiting requests into free slots (one prefill forward each, which also
+samples their first token), then advances every slot with the decoder's one static step (the
+compiled one with `serve.compile`) and samples each active row's next token. A request joins as
+soon as a slot is free and leaves the step it finishes, without waiting for the rest of a batch:
+the scheme of Orca (Yu et al., OSDI 2022) and vLLM, here with a contiguous cache per slot.
+
+Speculative decoding (`lookahead`): while a single greedy request is active, a step drafts up to
+`lookahead` tokens by prompt lookup and checks them in one forward (`Decoder.verify_draft`); the
+tokens are those plain greedy decoding gives. With more requests active, the static step serves
+them all, which speculation would only slow down.
 
 Sampling is `tisslm.core.generate.sample_next`, and a seeded request owns a generator seeded as
 `generate` seeds its own; the slot cache computes what the plain cache does, so a seeded
@@ -39,8 +45,9 @@ from typing import Literal
 
 import torch
 
+from tisslm.core.decode import Decoder, draft_by_lookup
 from tisslm.core.errors import TissLMError
-from tisslm.core.model import SlotKVCache, TissLM
+from tisslm.core.model import TissLM
 from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
 from tisslm.serve.metrics import ServeMetrics
 
@@ -87,7 +94,7 @@ class QueueFull(Exception):
     """Every slot is busy and `max_queue` requests already wait: the caller should retry later."""
 
 
-class EngineStopped(Exception):
+class BatcherStopped(Exception):
     """The engine is shutting down and takes no more requests."""
 
 
@@ -108,11 +115,12 @@ class Request:
     slot: int | None = None
     last_token: int = -1  # the latest token: the prompt's last until one is sampled, then the one decode feeds
     generated: int = 0
+    tokens: list[int] = field(default_factory=list)  # reported so far: where speculative decoding drafts from
     cancelled: bool = False  # set from any thread; the engine acts on it before its next step
     done: bool = False
 
 
-class Engine:
+class Batcher:
     """Runs generation requests for one model on a thread of its own, batching them step by step."""
 
     def __init__(
@@ -122,14 +130,16 @@ class Engine:
         max_queue: int = 64,
         vocab_limit: int | None = None,
         metrics: ServeMetrics | None = None,
+        compile: bool = False,
+        lookahead: int = 0,
     ):
         self.model = model.eval()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_limit = vocab_limit  # sampling stays below the tokenizer's vocabulary, as in `generate`
+        self.lookahead = lookahead  # tokens drafted per step for a lone greedy request (0: off)
         self.metrics = metrics or ServeMetrics()
-        parameter = next(model.parameters())
-        self.cache = SlotKVCache(model.config, max_batch, dtype=parameter.dtype, device=parameter.device)
-        self._device = parameter.device
+        self.decoder = Decoder(model, max_batch, compile=compile)
+        self._device = self.decoder.device
         self._waiting: deque[Request] = deque()
         self._active: dict[int, Request] = {}  # slot -> request; touched by the engine thread only
         self._wakeup = threading.Condition()  # guards _waiting and _stopping
@@ -140,7 +150,10 @@ class Engine:
 
     # ---- the caller's side (any thread) ----
 
-    def start(self) -> Engine:
+    def start(self) -> Batcher:
+        if self.decoder.compiled:  # compile now, not on the first request
+            with torch.inference_mode():
+                self.decoder.step(torch.zeros(self.max_batch, dtype=torch.long, device=self._device))
         self._thread.start()
         return self
 
@@ -176,7 +189,7 @@ class Engine:
         prompt_logprobs: bool = False,
         logits_processor: LogitsProcessor | None = None,
     ) -> Request:
-        """Queue a generation; raises TissLMError for a prompt that cannot be run, QueueFull, EngineStopped.
+        """Queue a generation; raises TissLMError for a prompt that cannot be run, QueueFull, BatcherStopped.
 
         `logprobs` scores each generated token with that many top alternatives, `prompt_logprobs`
         the prompt's tokens too (with as many, or none); `logits_processor` changes this request's
@@ -203,7 +216,7 @@ class Engine:
             request.generator = torch.Generator(device=self._device).manual_seed(params.seed)
         with self._wakeup:
             if self._stopping:
-                raise EngineStopped("the server is shutting down")
+                raise BatcherStopped("the server is shutting down")
             if len(self._waiting) >= self.max_queue:
                 self.metrics.rejected.inc()
                 raise QueueFull(f"{len(self._waiting)} requests already wait for one of {self.max_batch} slots")
@@ -273,15 +286,14 @@ class Engine:
         if not (generates or request.prompt_logprobs):
             self._finish(request, "length")
             return
-        cache = None
+        # The head is applied here, not by model(): only the positions needed pay for it.
         if generates:
             request.slot = slot
             self._active[slot] = request
-            self.cache.reset(slot)
-            cache = self.cache.select([slot])
-        idx = torch.tensor([request.prompt], dtype=torch.long, device=self._device)  # (1, T)
-        # The head is applied here, not by model(): only the positions needed pay for it.
-        hidden = self.model.hidden_states(idx, cache=cache)  # (1, T, d_model)
+            hidden = self.decoder.prefill(slot, request.prompt)[None]  # (1, T, d_model)
+        else:
+            idx = torch.tensor([request.prompt], dtype=torch.long, device=self._device)  # (1, T)
+            hidden = self.model.hidden_states(idx)
         self.metrics.prompt_tokens.inc(len(request.prompt))
         if request.prompt_logprobs:
             logits = self.model.lm_head(hidden[0])  # (T, V)
@@ -301,13 +313,33 @@ class Engine:
 
     def _decode(self) -> None:
         started = time.perf_counter()
-        slots = sorted(self._active)  # ascending: a contiguous run reads the cache as a view
+        slots = sorted(self._active)
         batch = [self._active[slot] for slot in slots]
-        idx = torch.tensor([[r.last_token] for r in batch], dtype=torch.long, device=self._device)  # (B, 1)
-        logits = self.model(idx, cache=self.cache.select(slots))[:, -1]  # (B, V)
-        self._sample_and_report(batch, logits)
+        if not (len(batch) == 1 and self._speculate(batch[0])):
+            tokens = [0] * self.max_batch  # free slots step too (the static step's shape); nothing reads them
+            for request in batch:
+                tokens[request.slot] = request.last_token
+            logits = self.decoder.step(torch.tensor(tokens, dtype=torch.long, device=self._device))  # (max_batch, V)
+            self._sample_and_report(batch, logits[slots])
         self.metrics.step_latency.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
+
+    def _speculate(self, request: Request) -> bool:
+        """One speculative step for a lone greedy request; False when it cannot or found nothing to draft."""
+        plain = request.params.temperature != 0 or request.logits_processor or request.logprobs is not None
+        if not self.lookahead or plain:
+            return False
+        remaining = request.params.max_new_tokens - request.generated
+        draft = draft_by_lookup(request.prompt + request.tokens, min(self.lookahead, remaining - 1))
+        if not draft:
+            return False
+        accepted, logits = self.decoder.verify_draft(request.slot, request.last_token, draft, self.vocab_limit)
+        for token in accepted:
+            self._accept(request, token, None)
+            if request.done:
+                return True
+        self._sample_and_report([request], logits)
+        return True
 
     def _sample_and_report(self, batch: list[Request], logits: torch.Tensor) -> None:
         """Sample each row's next token (B,) from logits (B, V), report it, and finish rows that are done.
@@ -343,17 +375,22 @@ class Engine:
             top = [batch[row].logprobs for row in scored]
             scores = dict(zip(scored, score(logprobs, next_tokens[scored], top), strict=True))
         for row, (request, token) in enumerate(zip(batch, next_tokens.tolist(), strict=True)):
-            request.generated += 1
-            if request.generated == 1:
-                self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted_at)
-            if token in request.stop_tokens:
-                self._finish(request, "stop")
-                continue
-            request.last_token = token
-            self._report(request, Token(token, scores.get(row)))
-            if request.generated == request.params.max_new_tokens:
-                self._finish(request, "length")
-        self.metrics.generation_tokens.inc(len(batch))
+            self._accept(request, token, scores.get(row))
+
+    def _accept(self, request: Request, token: int, logprob: Logprob | None) -> None:
+        """`token` is the request's next: report it, or finish the request on a stop token or its budget."""
+        request.generated += 1
+        self.metrics.generation_tokens.inc()
+        if request.generated == 1:
+            self.metrics.time_to_first_token.observe(time.monotonic() - request.submitted_at)
+        if token in request.stop_tokens:
+            self._finish(request, "stop")
+            return
+        request.last_token = token
+        request.tokens.append(token)
+        self._report(request, Token(token, logprob))
+        if request.generated == request.params.max_new_tokens:
+            self._finish(request, "length")
 
     def _limit_vocab(self, logits: torch.Tensor) -> None:
         """Keep sampling and scores below the tokenizer's vocabulary, in place on logits (..., V)."""

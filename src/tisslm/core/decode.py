@@ -1,0 +1,110 @@
+"""The decode engine: a model, a KV cache of `slots` sequences, and one step that advances them all.
+
+Every place the model speaks decodes through a `Decoder`: `generate` (its slots are the batch's
+rows), the server's continuous batching (its slots are the server's), and through them chat,
+TissLang, evaluate and the MLflow pyfunc.
+
+A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to every
+slot and returns each slot's next-token logits. The step attends over the whole preallocated
+buffer under a mask (`KVCache.static`), so its shapes never change: compiled, it is one graph,
+traced once per batch size. On a CPU that graph is Inductor's C++ (the Python and dispatch
+overhead of ~150 small ops per token is what eager decoding pays at this size); on a GPU it is
+captured in a CUDA graph and replayed, one launch per token instead of hundreds. Compilation is
+a first-call cost (seconds on a CPU, cached on disk in TORCHINDUCTOR_CACHE_DIR), so it is an
+option, worth it for a server or a long generation; the eager step is the tested reference.
+"""
+
+from __future__ import annotations
+
+import torch
+
+from tisslm.core.cache import KVCache
+from tisslm.core.model import TissLM
+
+
+def compile_settings(device_type: str) -> dict:
+    """torch.compile's arguments for the decode step on a device: CUDA graphs on a GPU (the step is
+    launch-bound there); on a CPU, Inductor's C++ wrapper, which calls the kernels without Python."""
+    settings: dict = {"fullgraph": True, "dynamic": False}
+    if device_type == "cuda":
+        return settings | {"mode": "reduce-overhead"}
+    return settings | {"options": {"cpp_wrapper": True}}
+
+
+def _step(model: TissLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
+    """Logits (slots, vocab) of the token after each slot's `tokens` (slots,): the static decode step."""
+    return model(tokens[:, None], cache=cache.static())[:, -1]  # (slots, vocab)
+
+
+class Decoder:
+    """Decodes up to `slots` sequences of one model together, each at its own length."""
+
+    def __init__(self, model: TissLM, slots: int, compile: bool = False):
+        self.model = model.eval()
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
+        self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
+        self.compiled = compile
+        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else _step
+
+    @property
+    def slots(self) -> int:
+        return self.cache.slots
+
+    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Start `slot` on a prompt; its final hidden states (T, d_model), for the output head."""
+        self.cache.reset(slot)
+        return self.extend(slot, tokens)
+
+    def extend(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        """Feed `tokens` after what `slot` holds; their final hidden states (T, d_model)."""
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
+        return self.model.hidden_states(idx, cache=self.cache.rows([slot]))[0]  # (T, d_model)
+
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep only the first `length` positions of `slot` (drafted tokens that were not accepted)."""
+        self.cache.reset(slot, length)
+
+    def length(self, slot: int) -> int:
+        return self.cache.host_lengths[slot]
+
+    def verify_draft(
+        self, slot: int, token: int, draft: list[int], vocab_limit: int | None = None
+    ) -> tuple[list[int], torch.Tensor]:
+        """Speculative decoding's check: feed `token` and the drafted tokens after it in one forward,
+        keep the longest prefix of the draft that greedy decoding would have produced, and forget the
+        rest. Returns the accepted tokens and the logits (1, vocab) of the token that follows them."""
+        kept = self.length(slot)
+        logits = self.model.lm_head(self.extend(slot, [token, *draft]))  # (1 + drafted, vocab): each one's successor
+        if vocab_limit is not None:
+            logits[:, vocab_limit:] = float("-inf")
+        predicted = logits.argmax(dim=-1).tolist()
+        accepted = 0
+        while accepted < len(draft) and draft[accepted] == predicted[accepted]:
+            accepted += 1
+        self.rewind(slot, kept + 1 + accepted)  # the token and the accepted drafts stay in the cache
+        return draft[:accepted], logits[accepted : accepted + 1]
+
+    def step(self, tokens: torch.Tensor) -> torch.Tensor:
+        """Feed tokens (slots,), one per slot, free slots included (their output is ignored); the
+        next-token logits (slots, vocab)."""
+        if self.compiled and self.device.type == "cuda":
+            torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
+        logits = self._step(self.model, self.cache, tokens)
+        self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]  # the step counted on the device only
+        return logits.clone() if self.compiled and self.device.type == "cuda" else logits
+
+
+def draft_by_lookup(tokens: list[int], count: int, max_ngram: int = 3) -> list[int]:
+    """Prompt-lookup drafting (Saxena, 2023): up to `count` tokens that followed the latest earlier
+    occurrence of the last n tokens of `tokens`, trying n = max_ngram down to 1; [] when none did.
+    Code repeats itself (names, calls, whole lines), so this cheap guess is often right."""
+    if count <= 0:
+        return []
+    for n in range(min(max_ngram, len(tokens) - 1), 0, -1):
+        tail = tokens[-n:]
+        for start in range(len(tokens) - n - 1, -1, -1):
+            if tokens[start : start + n] == tail:
+                return tokens[start + n : start + n + count]
+    return []
