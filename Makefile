@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 # dvc.yaml's commands say `python`: the project's interpreter must come first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv system run test test-slow bench lint lock clean
+.PHONY: venv system run test test-slow llama-server bench lint lock clean
 
 venv: $(STAMP)
 
@@ -60,7 +60,8 @@ test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system
 	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures set up once)
 
 # llama-cpp-python, compiled from its sdist the first time (about 5 minutes on 2 cores; pip's wheel
-# cache keeps the build): for the tests marked slow and bench_model's llama.cpp figures.
+# cache keeps the build): for the tests marked slow, `serve.backend: llama.cpp` and bench_model's
+# llama.cpp figures.
 LLAMA_STAMP := $(VENV)/.llama-installed
 $(LLAMA_STAMP): $(STAMP)
 	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS),llama]"
@@ -69,9 +70,23 @@ $(LLAMA_STAMP): $(STAMP)
 test-slow: $(LLAMA_STAMP)
 	$(BIN)/python -m pytest -m slow
 
-bench: $(LLAMA_STAMP)
+# llama.cpp's own server, built from the llama.cpp inside the same llama-cpp-python sdist (about 15
+# minutes on 2 cores, once): bench_serve.py serves against it.
+LLAMA_SERVER := .cache/llama-server/build/bin/llama-server
+$(LLAMA_SERVER): $(STAMP)
+	rm -rf .cache/llama-server && mkdir -p .cache/llama-server
+	$(BIN)/python -m pip download --quiet --no-deps --no-binary :all: -c constraints.txt llama-cpp-python -d .cache/llama-server
+	tar xzf .cache/llama-server/llama_cpp_python-*.tar.gz -C .cache/llama-server
+	cmake -S .cache/llama-server/llama_cpp_python-*/vendor/llama.cpp -B .cache/llama-server/build -G Ninja \
+	  -DCMAKE_BUILD_TYPE=Release -DLLAMA_CURL=OFF -DLLAMA_OPENSSL=OFF -DLLAMA_BUILD_TESTS=OFF \
+	  -DLLAMA_BUILD_EXAMPLES=OFF -DLLAMA_BUILD_SERVER=ON
+	cmake --build .cache/llama-server/build --target llama-server
+
+llama-server: $(LLAMA_SERVER)
+
+bench: $(LLAMA_STAMP) $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/bench_model.py
-	$(BIN)/python benchmarks/bench_serve.py
+	$(BIN)/python benchmarks/bench_serve.py --llama-server $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/bench_pipeline.py  # needs an up-to-date pipeline (make run)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py

@@ -1,4 +1,4 @@
-"""GPU benchmark, one command, under 8 minutes on one H100/H200: writes benchmarks/results/gpu.json.
+"""GPU benchmark, one command, under 10 minutes on one H100/H200: writes benchmarks/results/gpu.json.
 
 1. The device: its name, the datasheet's dense bf16 peak and an 8192^3 bf16 matmul measured here;
    and whether the trainer's compiled step computes eager's loss and gradients at GPT-2-small
@@ -12,6 +12,9 @@
    step's time, cold and (rerun with the same compile cache) warm. Each configuration runs in a
    process of its own, so that compile caches and memory figures do not leak between them.
 4. Muon's optimizer step alone at those shapes: the trainer's batched Muon against torch.optim.Muon.
+5. Decoding at GPT-2-small shapes in bf16, 16-token prompts and 256 new greedy tokens at batch 1, 8
+   and 32: TissLM's decode engine eager and with its step compiled (CUDA graphs), tokens/s, the
+   first compiled call's time, and how many tokens the two agree on.
 
 Usage: python benchmarks/bench_gpu.py [--smoke]
 (--smoke: tiny shapes on whatever device there is, to test this script without a GPU.)
@@ -288,6 +291,46 @@ def train_stage(smoke: bool, timeout: float, train_overrides: dict | None = None
             "first_log": history[0] if history else None, "last_log": history[-1] if history else None}  # fmt: skip
 
 
+def decode(smoke: bool, device: torch.device) -> dict:
+    """Greedy decode tokens/s through the decode engine, eager against compiled (CUDA graphs on a GPU)."""
+    from tisslm.core.generate import generate
+
+    config = SMOKE if smoke else GPT2_SMALL
+    new_tokens = 16 if smoke else 256
+    torch.manual_seed(0)
+    dtype = torch.bfloat16 if device.type == "cuda" else torch.float32
+    model = TissLM(config).to(device=device, dtype=dtype).eval()
+    out: dict = {"config": config.model_dump(), "dtype": str(dtype), "new_tokens": new_tokens}
+    for batch in (1, 8, 32):
+        prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
+        row: dict = {}
+        outputs = {}
+        for compiled in (False, True):
+            name = "compiled" if compiled else "eager"
+            sync(device)
+            started = time.perf_counter()
+            generate(model, prompts, 4, temperature=0, compile=compiled)  # warm-up; compiles the step
+            sync(device)
+            row[f"{name}_first_call_s"] = time.perf_counter() - started
+            seconds = []
+            for _ in range(1 if smoke else 3):
+                sync(device)
+                started = time.perf_counter()
+                outputs[name] = generate(model, prompts, new_tokens, temperature=0, compile=compiled)
+                sync(device)
+                seconds.append(time.perf_counter() - started)
+            row[f"{name}_tokens_per_s"] = batch * new_tokens / statistics.median(seconds)
+        row["compiled_speedup"] = row["compiled_tokens_per_s"] / row["eager_tokens_per_s"]
+        pairs = [
+            (a, b)
+            for x, y in zip(outputs["eager"], outputs["compiled"], strict=True)
+            for a, b in zip(x, y, strict=True)
+        ]
+        row["tokens_agreeing"] = sum(a == b for a, b in pairs) / len(pairs)  # bf16: near-ties may flip
+        out[f"batch_{batch}"] = row
+    return out
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device: tests this script")
@@ -326,6 +369,7 @@ def main() -> None:
     part("compiled_gradients", "compiled gradients against eager", lambda: compiled_gradients(args.smoke, device))
     part("train_stage", "train stage at the default params", lambda: train_stage(args.smoke, timeout=240))
     part("muon_step", "muon step", lambda: muon_step(args.smoke, device))
+    part("decode", "decode engine, eager and compiled", lambda: decode(args.smoke, device))
     gpt2_table(args.smoke, peaks, report, save)
     report["seconds"] = time.perf_counter() - began
     save()

@@ -4,9 +4,11 @@
 (b) TissLM against transformers' LlamaForCausalLM with the same config and weights: greedy
     decode tokens/s, and training-step tokens/s in fp32 and bf16 autocast;
 (c) model FLOPs utilisation of the training step against the matmul peak measured in this run;
-(d) greedy decode tokens/s of one model in every runtime it ships to: TissLM eager and compiled,
-    transformers, llama.cpp on the F16 and Q8_0 GGUF exports with 1 and 2 threads (needs the
-    `llama` extra: make test-slow installs it).
+(d) greedy decode tokens/s of one model through every decode engine, batch 1 and 8: TissLM's own
+    eager and compiled (fp32, torchao int8), TissLM's engine on llama.cpp (F16, Q8_0 GGUF), and
+    llama.cpp by itself (needs the `llama` extra: make test-slow installs it);
+(e) prompt-lookup speculative decoding on val documents with the pipeline's model (models/model,
+    from make run): tokens per forward, speed-up at batch 1, cost at batch 8.
 
 Competing measurements alternate (ours, theirs, ours, ...) and report medians, so that a burst of
 load on a shared machine hits both sides alike. Usage: python benchmarks/bench_model.py [--quick]
@@ -25,6 +27,7 @@ from pathlib import Path
 
 import torch
 import transformers
+from tokenizers import Tokenizer
 
 from tisslm.core.generate import generate
 from tisslm.core.io import atomic_write_json
@@ -32,7 +35,8 @@ from tisslm.core.model import ModelConfig, TissLM
 from tisslm.release.hf import to_hf
 from tisslm.train.perf import PEAK_SHAPES, matmul_gflops
 
-RESULTS = Path(__file__).parent / "results" / "model.json"
+REPO = Path(__file__).parents[1]
+RESULTS = REPO / "benchmarks" / "results" / "model.json"
 # The reference shapes of ../shared/STACK_NOTES.md: the default model and a d_model=512 one.
 SMALL = ModelConfig(vocab_size=8192, d_model=256, n_layers=6, n_heads=8, n_kv_heads=2, d_ff=704, max_seq_len=1024)
 WIDE = ModelConfig(vocab_size=8192, d_model=512, n_layers=8, n_heads=8, n_kv_heads=2, d_ff=1408, max_seq_len=1024)
@@ -113,7 +117,7 @@ def decode_against_transformers(ours: TissLM, theirs, new_tokens: int, batch: in
     }
 
 
-def runtime_models(config: ModelConfig, directory: Path) -> tuple[TissLM, dict[str, Path]]:
+def runtime_models(config: ModelConfig, directory: Path) -> tuple[TissLM, Tokenizer, dict[str, Path]]:
     """A TissLM of `config` (its vocabulary a BPE trained on this project's sources) and its GGUF exports."""
     from tisslm.core.config import TokenizerParams
     from tisslm.core.tokenizer import train_bpe
@@ -124,51 +128,80 @@ def runtime_models(config: ModelConfig, directory: Path) -> tuple[TissLM, dict[s
     torch.manual_seed(0)
     model = TissLM(config.model_copy(update={"vocab_size": tokenizer.get_vocab_size()})).eval()
     files = {t: export_gguf(model, tokenizer, directory / f"tisslm-{t}.gguf", t) for t in GGUF_TYPES}
-    return model, files
+    return model, tokenizer, files
 
 
-def decode_across_runtimes(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
-    """Greedy decode tokens/s of one model in every runtime it ships to, alternating, 16-token prompts:
-    TissLM eager and under torch.compile, transformers' Llama, and llama.cpp (llama-cpp-python) on
-    the F16 and Q8_0 GGUF files with 1 and 2 threads. llama-cpp-python's API decodes one sequence
-    at a time, so llama.cpp appears at batch 1 only."""
+def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
+    """Greedy decode tokens/s of one model through every engine, alternating, 16-token prompts, at
+    batch 1 and 8: TissLM's engine eager and compiled (fp32, and torchao int8 weight-only and dynamic
+    through the same compiled step), TissLM's engine on llama.cpp (F16 and Q8_0 GGUF exports), and
+    llama.cpp by itself: llama-cpp-python's `Llama.generate` at batch 1 (its own loop and sampler),
+    and at batch 8 the llama.cpp engine's steps with a bare argmax (llama-cpp-python has no batched
+    generate). All with this process's threads."""
     import tempfile
 
     import llama_cpp
 
+    from tisslm.release.llamacpp import LlamaCppDecoder
+    from tisslm.release.quantize import quantize_model
+
+    threads = torch.get_num_threads()
     with tempfile.TemporaryDirectory() as tmp:
-        model, files = runtime_models(config, Path(tmp))
-        hf_model = to_hf(model)
-        # The KV cache's per-layer writes break the graph, each layer's with its own guards (prefill
-        # and decode): more graphs than dynamo's default limit of 8, past which it falls back to eager.
-        torch._dynamo.config.recompile_limit = 64
-        compiled = torch.compile(model, dynamic=True)
-        out: dict = {"config": model.config.model_dump(), "llama_cpp_python": llama_cpp.__version__}
+        model, _, files = runtime_models(config, Path(tmp))
+        int8 = {s: quantize_model(model, s) for s in ("int8_weight_only", "int8_dynamic_activation")}
+        out: dict = {"config": model.config.model_dump(), "threads": threads, "llama_cpp_python": llama_cpp.__version__}
         for batch in (1, 8):
             prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
-            input_ids = torch.tensor(prompts)
-
-            def run_transformers(input_ids=input_ids):
-                with torch.inference_mode():
-                    hf_model.generate(input_ids, max_new_tokens=new_tokens, min_new_tokens=new_tokens,
-                                      do_sample=False, eos_token_id=None, pad_token_id=0)  # fmt: skip
+            engines = {t: LlamaCppDecoder(path, batch, config.max_seq_len, threads) for t, path in files.items()}
+            started = time.perf_counter()
+            generate(model, prompts, 8, temperature=0, compile=True)
+            compile_s = time.perf_counter() - started
 
             fns = {
-                "tisslm_eager": lambda prompts=prompts: generate(model, prompts, new_tokens, temperature=0),
-                "tisslm_compile": lambda prompts=prompts: generate(compiled, prompts, new_tokens, temperature=0),
-                "transformers": run_transformers,
-            }
-            if batch == 1:
-                for tensor_type, path in files.items():
-                    for threads in (1, 2):
-                        llm = llama_cpp.Llama(str(path), n_ctx=new_tokens + 32, n_threads=threads, n_batch=64,
-                                              verbose=False)  # fmt: skip
-                        fns[f"llama_cpp_{tensor_type}_{threads}_threads"] = lambda llm=llm, prompt=prompts[0]: (
-                            llama_decode(llm, prompt, new_tokens)
-                        )
+                "tisslm_eager": lambda p=prompts: generate(model, p, new_tokens, temperature=0),
+                "tisslm_compiled": lambda p=prompts: generate(model, p, new_tokens, temperature=0, compile=True),
+                **{
+                    f"tisslm_{scheme}_compiled": lambda p=prompts, m=m: generate(m, p, new_tokens, temperature=0, compile=True)
+                    for scheme, m in int8.items()
+                },
+                **{
+                    f"tisslm_on_llama_cpp_{t}": lambda p=prompts, e=e: generate(model, p, new_tokens, temperature=0, decoder=e)
+                    for t, e in engines.items()
+                },
+            }  # fmt: skip
+            for tensor_type, path in files.items():
+                if batch == 1:
+                    llm = llama_cpp.Llama(str(path), n_ctx=new_tokens + 32, n_threads=threads,
+                                          n_threads_batch=threads, verbose=False)  # fmt: skip
+                    fns[f"llama_cpp_{tensor_type}"] = lambda llm=llm, p=prompts[0]: llama_decode(llm, p, new_tokens)
+                else:
+                    engine = engines[tensor_type]
+                    fns[f"llama_cpp_{tensor_type}"] = lambda e=engine, p=prompts: bare_greedy(e, p, new_tokens)
             seconds = alternate(fns, repeats)
-            out[f"batch_{batch}"] = {f"{name}_tokens_per_s": batch * new_tokens / s for name, s in seconds.items()}
+            row = {f"{name}_tokens_per_s": batch * new_tokens / s for name, s in seconds.items()}
+            row["first_compiled_call_s"] = compile_s  # compiles the step for this batch size (cached on disk)
+            row["compiled_vs_llama_cpp_F16"] = seconds["llama_cpp_F16"] / seconds["tisslm_compiled"]
+            row["best_tisslm_vs_llama_cpp_F16"] = seconds["llama_cpp_F16"] / min(
+                s for name, s in seconds.items() if name.startswith("tisslm")
+            )
+            row["int8_weight_only_vs_fp32_compiled"] = (
+                seconds["tisslm_compiled"] / seconds["tisslm_int8_weight_only_compiled"]
+            )
+            row["llama_cpp_Q8_0_engine_vs_fp32_compiled"] = (
+                seconds["tisslm_compiled"] / seconds["tisslm_on_llama_cpp_Q8_0"]
+            )
+            out[f"batch_{batch}"] = row
+            for engine in engines.values():
+                engine.close()
         return out
+
+
+def bare_greedy(engine, prompts: list[list[int]], new_tokens: int) -> None:
+    """llama.cpp's batched steps with an argmax and nothing else: llama.cpp's own cost at batch > 1."""
+    rows = list(range(len(prompts)))
+    logits = torch.cat([engine.prefill(row, p) for row, p in zip(rows, prompts, strict=True)])
+    for _ in range(new_tokens - 1):
+        logits = engine.step(rows, logits.argmax(dim=-1).tolist())
 
 
 def llama_decode(llm, prompt: list[int], new_tokens: int) -> None:
@@ -176,6 +209,71 @@ def llama_decode(llm, prompt: list[int], new_tokens: int) -> None:
     for generated, _ in enumerate(llm.generate(prompt, top_k=1, temp=0.0, reset=True), start=1):
         if generated == new_tokens:
             return
+
+
+def speculative_decoding(model_dir: Path, clean_dir: Path, documents: int, new_tokens: int) -> dict:
+    """Prompt-lookup speculative decoding on code completion of val documents with the pipeline's
+    model: each document's first 64 tokens as the prompt, `new_tokens` greedy tokens, lookahead 0
+    (plain) against 4 and 8, through TissLM's compiled engine and its llama.cpp engine (F16): tokens
+    per decoding forward (prefill excluded), speed-up at batch 1, and at batch 8 the cost against plain
+    batched decoding (speculation decodes one prompt at a time)."""
+    from tisslm.core.config import load_params
+    from tisslm.core.generate import decoder_for
+    from tisslm.core.tokenizer import load_tokenizer
+    from tisslm.data.tokens import read_split
+    from tisslm.release.llamacpp import LlamaCppDecoder
+
+    model, tokenizer = TissLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
+    val = read_split(clean_dir, load_params().tokenize.val_fraction)["val"]
+    prompts = [ids[:64] for ids in (tokenizer.encode(text).ids for text in val) if len(ids) >= 64][:documents]
+    out: dict = {"model": str(model_dir), "documents": len(prompts), "prompt_tokens": 64, "new_tokens": new_tokens}
+    engines = {
+        "tisslm_compiled": lambda slots: decoder_for(model, slots, compile=True),
+        "llama_cpp_F16": lambda slots: LlamaCppDecoder.for_model(model, tokenizer, slots),
+    }
+    for name, make in engines.items():
+        one, eight = make(1), make(8)
+        forwards = [0]
+        for method in ("step", "extend"):  # the decoding forwards; prefill is not one of them
+            plain_method = getattr(one, method)
+            setattr(one, method, lambda *a, f=plain_method, n=forwards: (n.__setitem__(0, n[0] + 1), f(*a))[1])
+        row: dict = {}
+        for lookahead in (0, 4, 8):
+
+            def run(lookahead=lookahead, one=one):
+                return [generate(model, [p], new_tokens, temperature=0, lookahead=lookahead, decoder=one)[0]
+                        for p in prompts]  # fmt: skip
+
+            run()  # warm-up (compiles)
+            forwards[0] = 0
+            started = time.perf_counter()
+            tokens = run()
+            seconds = time.perf_counter() - started
+            generated = sum(len(t) for t in tokens)
+            row[f"lookahead_{lookahead}"] = {
+                "tokens_per_s": generated / seconds,
+                "tokens_per_forward": generated / forwards[0],
+                "identical_to_plain_greedy": tokens == row["lookahead_0"]["tokens"] if lookahead else True,
+                "tokens": tokens,
+            }
+        for lookahead in (4, 8):
+            entry = row[f"lookahead_{lookahead}"]
+            entry["speedup_batch_1"] = entry["tokens_per_s"] / row["lookahead_0"]["tokens_per_s"]
+        for entry in row.values():
+            del entry["tokens"]
+        batched = prompts[:8]
+        seconds = alternate(
+            {
+                "plain": lambda b=batched, e=eight: generate(model, b, new_tokens, temperature=0, decoder=e),
+                "lookahead_4": lambda b=batched, o=one: generate(
+                    model, b, new_tokens, temperature=0, lookahead=4, decoder=o
+                ),
+            },
+            repeats=1,
+        )
+        row["batch_8_lookahead_4_speed_vs_plain_batched"] = seconds["plain"] / seconds["lookahead_4"]
+        out[name] = row
+    return out
 
 
 def train_step_fn(model: torch.nn.Module, batch: torch.Tensor, bf16: bool, hf: bool) -> Callable[[], None]:
@@ -228,6 +326,8 @@ def train_against_transformers(config: ModelConfig, batch: int, seq_len: int, re
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="fewer tokens and repeats, for a smoke run")
+    parser.add_argument("--model", type=Path, default=REPO / "models" / "model", help="trained model (speculation)")
+    parser.add_argument("--clean", type=Path, default=REPO / "data" / "clean", help="its clean shards (val split)")
     args = parser.parse_args()
     new_tokens, repeats = (64, 2) if args.quick else (512, 5)
 
@@ -254,8 +354,13 @@ def main() -> None:
     report["decode_vs_transformers"] = {
         f"batch_{b}": decode_against_transformers(ours, theirs, new_tokens, b, max(1, repeats // 2)) for b in (1, 8)
     }
-    print("decode across runtimes (TissLM eager and compiled, transformers, llama.cpp) ...", flush=True)
-    report["decode_runtimes"] = decode_across_runtimes(SMALL, new_tokens, max(1, repeats // 2))
+    print("decode engines (TissLM eager, compiled, int8; on llama.cpp; llama.cpp itself) ...", flush=True)
+    report["decode_engines"] = decode_engines(SMALL, new_tokens // 2, max(1, repeats // 2))
+    if (args.model / "config.json").is_file():
+        print(f"speculative decoding on val documents with {args.model} ...", flush=True)
+        report["speculative_decoding"] = speculative_decoding(args.model, args.clean, 16 if args.quick else 32, 128)
+    else:
+        report["speculative_decoding"] = f"not measured: {args.model} has no model (make run makes one)"
     for name, config in (("d_model_256", SMALL), ("d_model_512", WIDE)):
         print(f"training step against transformers, {name} ...", flush=True)
         report[f"train_step_{name}"] = {
@@ -264,6 +369,7 @@ def main() -> None:
         }
 
     decode, wide = report["decode_vs_transformers"], report["train_step_d_model_512"]
+    engines = report["decode_engines"]
     report["goals"] = {
         "kv_cache_speedup_ge_5x": min(
             v["speedup"] for k, v in report["kv_cache_decode"].items() if k.startswith("batch")
@@ -277,6 +383,9 @@ def main() -> None:
         )
         >= 1.0,
         "bf16_mfu_d_model_512_ge_40pct": wide["bf16_autocast"]["tisslm_mfu"] >= 0.40,
+        "decode_batch_1_ge_1x_llama_cpp_F16": engines["batch_1"]["best_tisslm_vs_llama_cpp_F16"] >= 1.0,
+        "decode_batch_8_ge_1_5x_llama_cpp_F16": engines["batch_8"]["best_tisslm_vs_llama_cpp_F16"] >= 1.5,
+        "int8_weight_only_ge_1_3x_fp32": engines["batch_1"]["int8_weight_only_vs_fp32_compiled"] >= 1.3,
     }
     atomic_write_json(RESULTS, report)
     print(json.dumps(report["goals"], indent=2))

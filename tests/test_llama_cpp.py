@@ -97,3 +97,74 @@ def test_q8_0_picks_tisslm_next_token_at_nine_in_ten_positions(model_and_tokeniz
         ours = model(torch.tensor([sequence]))[0].argmax(-1).numpy()[len(ids) - 1 :]
         agree, positions = agree + int((theirs == ours).sum()), positions + len(ours)
     assert agree / positions >= 0.9, f"{agree}/{positions}"
+
+
+# ---- llama.cpp as TissLM's decode engine (serve.backend: llama.cpp) ----
+
+
+@pytest.fixture(scope="module")
+def engine(model_and_tokenizer):
+    from tisslm.release.llamacpp import LlamaCppDecoder
+
+    model, tokenizer = model_and_tokenizer
+    decoder = LlamaCppDecoder.for_model(model, tokenizer, slots=4)
+    yield decoder
+    decoder.close()
+
+
+def test_the_llama_cpp_engine_decodes_what_tisslm_decodes(model_and_tokenizer, engine):
+    """Greedy through generate() on the engine, batched and alone, gives the tokens of TissLM's own
+    engine on the F16-rounded weights; speculation on it gives plain greedy's tokens."""
+    model, tokenizer = model_and_tokenizer
+    prompts = [tokenizer.encode(p).ids for p in PROMPTS[:4]]
+    ours = generate(f16_matrices(model), prompts, NEW_TOKENS, temperature=0)
+    batched = generate(model, prompts, NEW_TOKENS, temperature=0, decoder=engine)
+    assert batched == ours
+    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine)[0] for p in prompts] == ours
+    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine, lookahead=4)[0] for p in prompts] == ours
+
+
+def test_the_server_on_the_llama_cpp_engine_serves_what_generate_gives(model_and_tokenizer):
+    """Seeded and greedy requests sharing the batcher's steps on llama.cpp get generate()'s tokens on it."""
+    import queue
+
+    from tisslm.core.sampling import SamplingParams
+    from tisslm.release.llamacpp import decode_engine
+    from tisslm.serve.batching import Batcher, Finished, Token
+
+    model, tokenizer = model_and_tokenizer
+    vocab = tokenizer.get_vocab_size()
+    jobs = [
+        (tokenizer.encode(PROMPTS[0]).ids, SamplingParams(max_new_tokens=32, temperature=0.9, top_k=40, seed=7)),
+        (tokenizer.encode(PROMPTS[1]).ids, SamplingParams(max_new_tokens=32, temperature=0)),
+    ]
+    batcher = Batcher(model, 2, vocab_limit=vocab, decoder=decode_engine("llama.cpp", model, tokenizer, 2)).start()
+    try:
+        events = [queue.Queue() for _ in jobs]
+        for (prompt, params), q in zip(jobs, events, strict=True):
+            batcher.submit(prompt, params, q.put)
+        served = []
+        for q in events:
+            tokens = []
+            while not isinstance(event := q.get(timeout=60), Finished):
+                tokens.append(event.id) if isinstance(event, Token) else None
+            served.append(tokens)
+    finally:
+        batcher.stop()
+    alone = decode_engine("llama.cpp", model, tokenizer, 1)
+    for (prompt, p), tokens in zip(jobs, served, strict=True):
+        expected = generate(model, [prompt], p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed,
+                            vocab_limit=vocab, decoder=alone)[0]  # fmt: skip
+        assert tokens == expected
+
+
+def test_a_missing_or_bad_gguf_gets_a_one_line_error(tmp_path):
+    from tisslm.core.errors import TissLMError
+    from tisslm.release.llamacpp import LlamaCppDecoder, decode_engine
+
+    bad = tmp_path / "model.gguf"
+    bad.write_bytes(b"GGUF but not really")
+    with pytest.raises(TissLMError, match=r"llama\.cpp could not load it"):
+        LlamaCppDecoder(bad, slots=1, max_len=64)
+    with pytest.raises(TissLMError, match=r"backend 'vllm': one of torch, llama\.cpp"):
+        decode_engine("vllm", None, None, 1)

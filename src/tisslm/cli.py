@@ -66,8 +66,11 @@ def generate(
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass [params: generate.top_p].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens [params: generate.seed].")] = None,
     no_cache: Annotated[bool, typer.Option("--no-cache", help="Recompute the whole sequence every step.")] = False,
+    backend: Annotated[
+        str, typer.Option(help="Decode engine: torch, or llama.cpp (the `llama` extra; faster on a CPU).")
+    ] = "torch",
     compile: Annotated[
-        bool, typer.Option("--compile", help="Compile the decode step first (seconds, cached): for long outputs.")
+        bool, typer.Option("--compile", help="torch: compile the decode step first (seconds, cached).")
     ] = False,
     lookahead: Annotated[
         int, typer.Option(help="Speculative decoding: tokens drafted by prompt lookup per step (greedy only).")
@@ -103,8 +106,19 @@ def generate(
     marks = config.safety.watermark
     use_watermark = marks.enabled if watermark is None else watermark
     processor = Watermark(watermark_key(marks), marks, tokenizer.get_vocab_size()) if use_watermark else None
+    from tisslm.release.llamacpp import decode_engine
+
+    decoder = decode_engine(backend, lm, tokenizer, len(inputs))
     completions = complete(
-        lm, tokenizer, inputs, settings, processor, use_cache=not no_cache, compile=compile, lookahead=lookahead
+        lm,
+        tokenizer,
+        inputs,
+        settings,
+        processor,
+        use_cache=not no_cache,
+        compile=compile,
+        lookahead=lookahead,
+        decoder=decoder,
     )
     content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
     for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
@@ -353,6 +367,7 @@ def serve(
     port: Annotated[int | None, typer.Option(help="TCP port, 0 for any free one (serve.port).")] = None,
     name: Annotated[str | None, typer.Option("--name", help="Model id clients name (serve.model_name).")] = None,
     max_batch: Annotated[int | None, typer.Option(help="Sequences decoded together (serve.max_batch).")] = None,
+    backend: Annotated[str | None, typer.Option(help="Decode engine: torch or llama.cpp (serve.backend).")] = None,
     compile: Annotated[
         bool | None, typer.Option("--compile/--no-compile", help="Compile the decode step at start (serve.compile).")
     ] = None,
@@ -413,6 +428,7 @@ def serve(
         "port": port,
         "model_name": name,
         "max_batch": max_batch,
+        "backend": backend,
         "compile": compile,
         "lookahead": lookahead,
         "max_queue": max_queue,

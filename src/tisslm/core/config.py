@@ -324,7 +324,8 @@ class ServeParams(_Section):
     port: int = Field(8000, ge=0, le=65535)  # 0: any free port (the address is printed at start)
     model_name: str = Field("tisslm", min_length=1)  # the id clients pass as `model`
     max_batch: PositiveInt = 8  # sequences decoded together: the KV cache's slots
-    compile: bool = False  # compile the decode step at start (seconds, cached on disk); then each step is faster
+    backend: Literal["torch", "llama.cpp"] = "torch"  # decode engine; llama.cpp (the `llama` extra) is faster on CPUs
+    compile: bool = False  # torch backend: compile the decode step at start (seconds, cached on disk)
     lookahead: NonNegativeInt = (
         0  # speculative decoding: tokens drafted by prompt lookup per step of a lone greedy request
     )

@@ -16,6 +16,8 @@ option, worth it for a server or a long generation; the eager step is the tested
 
 from __future__ import annotations
 
+from abc import ABC, abstractmethod
+
 import torch
 
 from tisslm.core.cache import KVCache
@@ -36,38 +38,33 @@ def _step(model: TissLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
     return model(tokens[:, None], cache=cache.static())[:, -1]  # (slots, vocab)
 
 
-class Decoder:
-    """Decodes up to `slots` sequences of one model together, each at its own length."""
+class DecodeEngine(ABC):
+    """What the decoding loops (`generate`, the server's batcher) ask of an engine: `slots`
+    sequences, each at its own length, fed a prompt, one token per step, or a speculative draft.
+    Logits come back as float tensors on `device`, one row per token asked for."""
 
-    def __init__(self, model: TissLM, slots: int, compile: bool = False):
-        self.model = model.eval()
-        parameter = next(model.parameters())
-        self.device = parameter.device
-        # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
-        self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
-        self.compiled = compile
-        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else _step
+    slots: int
+    device: torch.device
 
-    @property
-    def slots(self) -> int:
-        return self.cache.slots
+    @abstractmethod
+    def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        """Start `slot` on a prompt; the logits (T, vocab) after each token, or (1, vocab) after the last."""
 
-    def prefill(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Start `slot` on a prompt; its final hidden states (T, d_model), for the output head."""
-        self.cache.reset(slot)
-        return self.extend(slot, tokens)
-
+    @abstractmethod
     def extend(self, slot: int, tokens: list[int]) -> torch.Tensor:
-        """Feed `tokens` after what `slot` holds; their final hidden states (T, d_model)."""
-        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
-        return self.model.hidden_states(idx, cache=self.cache.rows([slot]))[0]  # (T, d_model)
+        """Feed `tokens` after what `slot` holds; the logits (T, vocab) after each of them."""
 
-    def rewind(self, slot: int, length: int) -> None:
-        """Keep only the first `length` positions of `slot` (drafted tokens that were not accepted)."""
-        self.cache.reset(slot, length)
+    @abstractmethod
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Feed one token to each of `slots`; the logits (len(slots), vocab) of each one's next token."""
 
+    @abstractmethod
     def length(self, slot: int) -> int:
-        return self.cache.host_lengths[slot]
+        """Positions `slot` holds."""
+
+    @abstractmethod
+    def rewind(self, slot: int, length: int) -> None:
+        """Keep only the first `length` positions of `slot`."""
 
     def verify_draft(
         self, slot: int, token: int, draft: list[int], vocab_limit: int | None = None
@@ -76,7 +73,7 @@ class Decoder:
         keep the longest prefix of the draft that greedy decoding would have produced, and forget the
         rest. Returns the accepted tokens and the logits (1, vocab) of the token that follows them."""
         kept = self.length(slot)
-        logits = self.model.lm_head(self.extend(slot, [token, *draft]))  # (1 + drafted, vocab): each one's successor
+        logits = self.extend(slot, [token, *draft])  # (1 + drafted, vocab): each one's successor
         if vocab_limit is not None:
             logits[:, vocab_limit:] = float("-inf")
         predicted = logits.argmax(dim=-1).tolist()
@@ -86,14 +83,48 @@ class Decoder:
         self.rewind(slot, kept + 1 + accepted)  # the token and the accepted drafts stay in the cache
         return draft[:accepted], logits[accepted : accepted + 1]
 
-    def step(self, tokens: torch.Tensor) -> torch.Tensor:
-        """Feed tokens (slots,), one per slot, free slots included (their output is ignored); the
-        next-token logits (slots, vocab)."""
+
+class Decoder(DecodeEngine):
+    """TissLM's own engine: the model in PyTorch over a `KVCache`, its step static and optionally compiled."""
+
+    def __init__(self, model: TissLM, slots: int, compile: bool = False):
+        self.model = model.eval()
+        parameter = next(model.parameters())
+        self.device = parameter.device
+        self.slots = slots
+        # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
+        self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
+        self.compiled = compile
+        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else _step
+
+    def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
+        self.cache.reset(slot)
+        hidden = self._hidden(slot, tokens)  # (T, d_model)
+        return self.model.lm_head(hidden if all_logits else hidden[-1:])  # only the rows asked for pay the head
+
+    def extend(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        return self.model.lm_head(self._hidden(slot, tokens))
+
+    def _hidden(self, slot: int, tokens: list[int]) -> torch.Tensor:
+        idx = torch.tensor([tokens], dtype=torch.long, device=self.device)  # (1, T)
+        return self.model.hidden_states(idx, cache=self.cache.rows([slot]))[0]  # (T, d_model)
+
+    def length(self, slot: int) -> int:
+        return self.cache.host_lengths[slot]
+
+    def rewind(self, slot: int, length: int) -> None:
+        self.cache.reset(slot, length)
+
+    def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
+        """Every slot steps (the static shape): the others are fed a 0 and their outputs ignored."""
+        fed = [0] * self.slots
+        for slot, token in zip(slots, tokens, strict=True):
+            fed[slot] = token
         if self.compiled and self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
-        logits = self._step(self.model, self.cache, tokens)
+        logits = self._step(self.model, self.cache, torch.tensor(fed, dtype=torch.long, device=self.device))
         self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]  # the step counted on the device only
-        return logits.clone() if self.compiled and self.device.type == "cuda" else logits
+        return logits[slots] if slots != list(range(self.slots)) else logits.clone()  # never the graph's own buffer
 
 
 def draft_by_lookup(tokens: list[int], count: int, max_ngram: int = 3) -> list[int]:

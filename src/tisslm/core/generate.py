@@ -18,7 +18,7 @@ from collections.abc import Iterable, Sequence
 import torch
 from tokenizers import Tokenizer
 
-from tisslm.core.decode import Decoder, draft_by_lookup
+from tisslm.core.decode import DecodeEngine, Decoder, draft_by_lookup
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
@@ -53,6 +53,7 @@ def generate(
     logits_processor: LogitsProcessor | None = None,
     compile: bool = False,
     lookahead: int = 0,
+    decoder: DecodeEngine | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new tokens of each, stop token excluded.
 
@@ -61,7 +62,8 @@ def generate(
     each step's logits after the vocab limit and before sampling, greedy included; it is given
     each row's previous token, the prompt's last at the first step. `compile` decodes through the
     compiled step (see `tisslm.core.decode`); `lookahead` > 0 drafts that many tokens per step by
-    prompt lookup (greedy only; see the module's docstring).
+    prompt lookup (greedy only; see the module's docstring). `decoder` decodes with another engine
+    (llama.cpp's, say) of at least as many slots as there are prompts.
     """
     # The bounds live in one place, the schema of params.yaml's `generate` section.
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
@@ -93,14 +95,20 @@ def generate(
     was_training = model.training
     model.eval()
     try:
-        if lookahead:
-            outputs = [
-                _speculate(model, list(p), max_new_tokens, lookahead, pick, stop, compile, vocab_limit) for p in prompts
-            ]
-        elif use_cache:
-            outputs = _decode(decoder_for(model, len(prompts), compile), prompts, max_new_tokens, pick)
-        else:
+        if not use_cache:
             outputs = _recompute(model, prompts, max_new_tokens, pick)
+        else:
+            rows = 1 if lookahead else len(prompts)  # speculation decodes one prompt at a time
+            if decoder is None:
+                decoder = decoder_for(model, rows, compile)
+            elif decoder.slots < rows:
+                raise TissLMError(f"the decoder has {decoder.slots} slots for {rows} rows")
+            if lookahead:
+                outputs = [
+                    _speculate(decoder, list(p), max_new_tokens, lookahead, pick, stop, vocab_limit) for p in prompts
+                ]
+            else:
+                outputs = _decode(decoder, prompts, max_new_tokens, pick)
     finally:
         model.train(was_training)
     return [_until_stop(row, stop) for row in outputs]
@@ -113,20 +121,19 @@ def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
     return tokens
 
 
-def _decode(decoder: Decoder, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
+def _decode(decoder: DecodeEngine, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
     """Each prompt into its own slot, then one step for all rows until every row has its tokens.
     Rows that stopped keep stepping with the others (their tokens are cut off afterwards)."""
-    model = decoder.model
-    hidden = torch.stack([decoder.prefill(row, list(p))[-1] for row, p in enumerate(prompts)])  # (B, d_model)
-    logits = model.lm_head(hidden)  # (B, V)
+    logits = torch.cat([decoder.prefill(row, list(p)) for row, p in enumerate(prompts)])  # (B, V)
     previous = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=decoder.device)  # (B,)
+    rows = list(range(len(prompts)))
     new_tokens = []
     for step in range(max_new_tokens):
         previous = pick(logits, previous)  # (B,)
         new_tokens.append(previous)
         if step == max_new_tokens - 1:
             break
-        logits = decoder.step(previous)
+        logits = decoder.step(rows, previous.tolist())
     if not new_tokens:
         return [[] for _ in prompts]
     return torch.stack(new_tokens, dim=1).tolist()  # (B, max_new_tokens)
@@ -151,11 +158,10 @@ def _recompute(model: TissLM, prompts: Sequence[Sequence[int]], max_new_tokens: 
 
 
 def _speculate(
-    model: TissLM, prompt: list[int], max_new_tokens: int, lookahead: int, pick, stop, compile, vocab_limit
+    decoder: DecodeEngine, prompt: list[int], max_new_tokens: int, lookahead: int, pick, stop, vocab_limit
 ) -> list[int]:
-    """Greedy decoding of one prompt, up to `lookahead` drafted tokens checked per forward."""
-    decoder = decoder_for(model, 1, compile)
-    logits = model.lm_head(decoder.prefill(0, prompt)[-1:])  # (1, V)
+    """Greedy decoding of one prompt in slot 0, up to `lookahead` drafted tokens checked per forward."""
+    logits = decoder.prefill(0, prompt)  # (1, V)
     previous = torch.tensor(prompt[-1:], device=decoder.device)
     generated: list[int] = []
     while len(generated) < max_new_tokens:
@@ -166,7 +172,7 @@ def _speculate(
         draft = draft_by_lookup(prompt + generated, min(lookahead, max_new_tokens - len(generated) - 1))
         if not draft:
             previous = torch.tensor([token], device=decoder.device)
-            logits = decoder.step(previous)
+            logits = decoder.step([0], [token])
             continue
         accepted, logits = decoder.verify_draft(0, token, draft, vocab_limit)
         generated.extend(accepted)

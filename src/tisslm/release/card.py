@@ -142,7 +142,8 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
                   for c, v in bias["per_category"].items()]  # fmt: skip
     schemes = [k for k in m["quantize"] if k != "goals"]
     quant_rows = [(s, f"{m['quantize'][s]['linear_weight_size_ratio']:.2f}x", f"{m['quantize'][s]['decode_speedup']:.2f}x",
-                   f"{m['quantize'][s]['bits_per_byte_relative_increase']:+.3%}") for s in schemes]  # fmt: skip
+                   f"{m['quantize'][s]['bits_per_byte_relative_increase']:+.3%}",
+                   "yes" if m["quantize"][s].get("offered", True) else "no: decodes slower") for s in schemes]  # fmt: skip
     export = m["export"]
     kb, retrieval = m["kb"], m["kb"]["retrieval"]
     kb_rows = [(run, *(f"{r['file'][key]:.3f}" for key in ("recall@5", "mrr@10", "ndcg@10")))
@@ -216,7 +217,10 @@ word perplexity {val["word_perplexity"]:.1f}, token perplexity {val["token_perpl
 
 ## Quantization and Export
 
-{_table(("int8 scheme (torchao)", "linear weights smaller", "decode speed", "bits per byte change"), quant_rows)}
+{_table(("int8 scheme (torchao)", "linear weights smaller", "decode speed (compiled step)", "bits per byte change", "offered"), quant_rows)}
+
+A scheme is offered (in models/quantized) only where it decodes at least as fast as the float model on
+the machine that ran the stage; on a CPU the int8 that pays is the GGUF Q8_0 export on llama.cpp.
 
 Exports (parity checked in the pipeline): Hugging Face Llama (max logit difference
 {export["hf"]["max_abs_logit_diff"]:.1e}), ONNX decoder with KV cache (max logit difference

@@ -1,10 +1,10 @@
 """Continuous batching: concurrent requests share every decode step of one model.
 
-One thread owns the model's decode engine (`tisslm.core.decode.Decoder`), whose `max_batch`
-slots are the server's. Between two steps it drops cancelled and expired requests (their slots
+One thread owns the model's decode engine (`tisslm.core.decode`: TissLM's own, or llama.cpp's),
+whose `max_batch` slots are the server's. Between two steps it drops cancelled and expired requests (their slots
 free at once), admits waiting requests into free slots (one prefill forward each, which also
-samples their first token), then advances every slot with the decoder's one static step (the
-compiled one with `serve.compile`) and samples each active row's next token. A request joins as
+samples their first token), then advances the active slots with one decode step and samples each
+row's next token. A request joins as
 soon as a slot is free and leaves the step it finishes, without waiting for the rest of a batch:
 the scheme of Orca (Yu et al., OSDI 2022) and vLLM, here with a contiguous cache per slot.
 
@@ -45,7 +45,7 @@ from typing import Literal
 
 import torch
 
-from tisslm.core.decode import Decoder, draft_by_lookup
+from tisslm.core.decode import DecodeEngine, Decoder, draft_by_lookup
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
@@ -132,14 +132,19 @@ class Batcher:
         metrics: ServeMetrics | None = None,
         compile: bool = False,
         lookahead: int = 0,
+        decoder: DecodeEngine | None = None,
     ):
+        """`decoder`: the engine to decode with (llama.cpp's, say); by default TissLM's own over
+        `max_batch` slots, its step compiled with `compile`."""
         self.model = model.eval()
         self.max_batch, self.max_queue = max_batch, max_queue
         self.vocab_limit = vocab_limit  # sampling stays below the tokenizer's vocabulary, as in `generate`
         self.lookahead = lookahead  # tokens drafted per step for a lone greedy request (0: off)
         self.metrics = metrics or ServeMetrics()
-        self.decoder = Decoder(model, max_batch, compile=compile)
-        self._device = self.decoder.device
+        self.decoder = decoder or Decoder(model, max_batch, compile=compile)
+        if self.decoder.slots != max_batch:
+            raise ValueError(f"the decoder has {self.decoder.slots} slots, the batcher {max_batch}")
+        self._device = next(model.parameters()).device
         self._waiting: deque[Request] = deque()
         self._active: dict[int, Request] = {}  # slot -> request; touched by the engine thread only
         self._wakeup = threading.Condition()  # guards _waiting and _stopping
@@ -151,9 +156,9 @@ class Batcher:
     # ---- the caller's side (any thread) ----
 
     def start(self) -> Batcher:
-        if self.decoder.compiled:  # compile now, not on the first request
+        if getattr(self.decoder, "compiled", False):  # compile now, not on the first request
             with torch.inference_mode():
-                self.decoder.step(torch.zeros(self.max_batch, dtype=torch.long, device=self._device))
+                self.decoder.step([0], [0])
         self._thread.start()
         return self
 
@@ -286,25 +291,20 @@ class Batcher:
         if not (generates or request.prompt_logprobs):
             self._finish(request, "length")
             return
-        # The head is applied here, not by model(): only the positions needed pay for it.
         if generates:
             request.slot = slot
             self._active[slot] = request
-            hidden = self.decoder.prefill(slot, request.prompt)[None]  # (1, T, d_model)
+            logits = self.decoder.prefill(slot, request.prompt, all_logits=request.prompt_logprobs)  # (T or 1, V)
         else:
-            idx = torch.tensor([request.prompt], dtype=torch.long, device=self._device)  # (1, T)
-            hidden = self.model.hidden_states(idx)
+            logits = self.model(torch.tensor([request.prompt], dtype=torch.long, device=self._device))[0]  # (T, V)
         self.metrics.prompt_tokens.inc(len(request.prompt))
         if request.prompt_logprobs:
-            logits = self.model.lm_head(hidden[0])  # (T, V)
             self._limit_vocab(logits)
             targets = torch.tensor(request.prompt[1:], dtype=torch.long, device=self._device)  # (T - 1,)
             top = [request.logprobs or 0] * len(targets)
             scores = score(logits[:-1].float().log_softmax(dim=-1), targets, top)
             self._report(request, PromptLogprobs(tuple(scores)))
             logits = logits[-1:]  # (1, V)
-        else:
-            logits = self.model.lm_head(hidden[:, -1])  # (1, V)
         if not generates:
             self._finish(request, "length")
             return
@@ -316,11 +316,8 @@ class Batcher:
         slots = sorted(self._active)
         batch = [self._active[slot] for slot in slots]
         if not (len(batch) == 1 and self._speculate(batch[0])):
-            tokens = [0] * self.max_batch  # free slots step too (the static step's shape); nothing reads them
-            for request in batch:
-                tokens[request.slot] = request.last_token
-            logits = self.decoder.step(torch.tensor(tokens, dtype=torch.long, device=self._device))  # (max_batch, V)
-            self._sample_and_report(batch, logits[slots])
+            logits = self.decoder.step(slots, [r.last_token for r in batch])  # (B, V)
+            self._sample_and_report(batch, logits)
         self.metrics.step_latency.observe(time.perf_counter() - started)
         self.metrics.batch_size.observe(len(batch))
 

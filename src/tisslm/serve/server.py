@@ -20,6 +20,7 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
 from tisslm.kb import KnowledgeBase
+from tisslm.release.llamacpp import decode_engine
 from tisslm.safety.audit import AuditLog
 from tisslm.safety.filters import ContentFilter
 from tisslm.safety.watermark import Watermark
@@ -85,6 +86,7 @@ def serve(
             vocab_limit=tokenizer.get_vocab_size(),
             compile=settings.compile,
             lookahead=settings.lookahead,
+            decoder=decode_engine(settings.backend, model, tokenizer, settings.max_batch),
         )
         sock = bind(settings.host, settings.port)  # before the filter's imports, which may write warnings
         if content_filter is not None:
