@@ -12,8 +12,9 @@ the tokens/s of one, with no errors.
 
 Requests ask for a fixed number of tokens (`ignore_eos`), so every level does the same work per
 request whatever the model samples. The model is models/model when present (the pipeline's), else
-a randomly initialised one of the default shape (d_model 256, 6 layers): decode speed depends on
-the shape, not on the weights. Usage: python benchmarks/bench_serve.py [--model DIR] [--quick]
+a randomly initialised one of the default shape (d_model 128, 6 layers) with a BPE of this
+project's sources: decode speed depends on the shape, not on the weights.
+Usage: python benchmarks/bench_serve.py [--model DIR] [--llama-server PATH] [--quick]
 """
 
 from __future__ import annotations
@@ -36,7 +37,6 @@ import torch
 
 from tisslm.core.io import atomic_write_json
 from tisslm.core.model import ModelConfig, TissLM
-from tisslm.core.tokenizer import byte_level_tokenizer
 
 RESULTS = Path(__file__).parent / "results" / "serve.json"
 TRAINED = Path(__file__).parents[1] / "models" / "model"
@@ -181,9 +181,15 @@ def model_dir(choice: Path | None, workdir: Path) -> tuple[Path, str]:
         return choice, str(choice)
     if (TRAINED / "config.json").is_file():
         return TRAINED, "models/model (trained)"
+    from tisslm.core.config import TokenizerParams
+    from tisslm.core.tokenizer import train_bpe
+
+    # A BPE of this project's sources: llama.cpp loads no GGUF without merges.
+    sources = sorted((Path(__file__).parents[1] / "src").rglob("*.py"))
+    tokenizer = train_bpe((p.read_text() for p in sources), TokenizerParams(vocab_size=8192), False)
     torch.manual_seed(0)
     out = workdir / "model"
-    TissLM(ModelConfig()).save_pretrained(out, tokenizer=byte_level_tokenizer())
+    TissLM(ModelConfig(vocab_size=tokenizer.get_vocab_size())).save_pretrained(out, tokenizer=tokenizer)
     return out, "random init, default shape (models/model absent)"
 
 
