@@ -171,3 +171,18 @@ def test_prompt_lookup_drafts_what_followed_the_latest_match(tokens, count, draf
     from tisslm.core.decode import draft_by_lookup
 
     assert draft_by_lookup(tokens, count) == draft
+
+
+def test_the_compiled_step_is_a_cuda_graph_on_a_gpu_and_inductor_cpp_on_a_cpu():
+    from tisslm.core.decode import compile_settings
+
+    gpu, cpu = compile_settings("cuda"), compile_settings("cpu")
+    assert gpu == {"fullgraph": True, "dynamic": False, "mode": "reduce-overhead"}  # CUDA graphs, one shape
+    assert cpu == {"fullgraph": True, "dynamic": False, "options": {"cpp_wrapper": True}}
+
+
+def test_a_decoder_with_too_few_slots_is_refused(tiny_model):
+    from tisslm.core.decode import Decoder
+
+    with pytest.raises(TissLMError, match="the decoder has 2 slots for 3 rows"):
+        generate(tiny_model, PROMPTS, 4, temperature=0, decoder=Decoder(tiny_model, 2))
