@@ -289,7 +289,7 @@ Results:
   model          models/model/   try: tisslm generate --model models/model --prompt 'def '
   model card     models/MODEL_CARD.md, models/DATASHEET.md
   metrics        metrics/*.json (dvc metrics show); loss curve plots/train_loss.csv (dvc plots show)
-  exports        models/export/ (Hugging Face, ONNX, GGUF), models/quantized/ (int8)
+  exports        models/export/ (Hugging Face, ONNX, GGUF), models/quantized/ (int8 schemes that pay here)
   data report    reports/data_docs/index.html (Great Expectations)
   registry       tisslm version {decision["challenger_version"]} {verdict(decision)}
                  {"; ".join(decision["reasons"])}
