@@ -254,6 +254,12 @@ def speculative_decoding(model_dir: Path, clean_dir: Path, documents: int, new_t
                 "tokens_per_s": generated / seconds,
                 "tokens_per_forward": generated / forwards[0],
                 "identical_to_plain_greedy": tokens == row["lookahead_0"]["tokens"] if lookahead else True,
+                # documents whose continuation equals plain greedy's, token for token
+                "documents_identical": sum(
+                    a == b
+                    for a, b in zip(tokens, (row.get("lookahead_0") or {"tokens": tokens})["tokens"], strict=True)
+                )
+                / len(tokens),
                 "tokens": tokens,
             }
         for lookahead in (4, 8):

@@ -1,15 +1,17 @@
 """The decode engine: a model, a KV cache of `slots` sequences, and one step that advances them all.
 
-Every place the model speaks decodes through a `Decoder`: `generate` (its slots are the batch's
-rows), the server's continuous batching (its slots are the server's), and through them chat,
-TissLang, evaluate and the MLflow pyfunc.
+Every place the model speaks decodes through a `DecodeEngine`: `generate` (its slots are the
+batch's rows), the server's continuous batching (its slots are the server's), and through them
+chat, TissLang, evaluate and the MLflow pyfunc. TissLM's own is `Decoder`, below; llama.cpp's,
+behind the same interface, is `tisslm.release.llamacpp.LlamaCppDecoder`.
 
-A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to every
-slot and returns each slot's next-token logits. The step attends over the whole preallocated
-buffer under a mask (`KVCache.static`), so its shapes never change: compiled, it is one graph,
-traced once per batch size. On a CPU that graph is Inductor's C++ (the Python and dispatch
-overhead of ~150 small ops per token is what eager decoding pays at this size); on a GPU it is
-captured in a CUDA graph and replayed, one launch per token instead of hundreds. Compilation is
+A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to each
+active slot and returns each one's next-token logits. Compiled, the step feeds every slot and
+attends over the whole preallocated buffer under a mask (`KVCache.static`), so its shapes never
+change: it is one graph, traced once per batch size. On a CPU that graph is Inductor's C++ (the
+Python and dispatch overhead of ~150 small ops per token is what eager decoding pays at this
+size); on a GPU it is captured in a CUDA graph and replayed, one launch per token instead of
+hundreds. Compilation is
 a first-call cost (seconds on a CPU, cached on disk in TORCHINDUCTOR_CACHE_DIR), so it is an
 option, worth it for a server or a long generation; the eager step is the tested reference.
 """
@@ -95,7 +97,7 @@ class Decoder(DecodeEngine):
         # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
         self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
         self.compiled = compile
-        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else _step
+        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else None
 
     def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         self.cache.reset(slot)
@@ -116,11 +118,16 @@ class Decoder(DecodeEngine):
         self.cache.reset(slot, length)
 
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Every slot steps (the static shape): the others are fed a 0 and their outputs ignored."""
+        """Compiled: every slot steps (the static shape), the others fed a 0 and their outputs dropped.
+        Eager: the given slots step, over the keys up to the longest of them, which is cheaper
+        without a compiler (the whole buffer costs attention over every position)."""
+        if not self.compiled:
+            idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
+            return self.model(idx, cache=self.cache.rows(slots))[:, -1]  # (B, vocab)
         fed = [0] * self.slots
         for slot, token in zip(slots, tokens, strict=True):
             fed[slot] = token
-        if self.compiled and self.device.type == "cuda":
+        if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
         logits = self._step(self.model, self.cache, torch.tensor(fed, dtype=torch.long, device=self.device))
         self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]  # the step counted on the device only
