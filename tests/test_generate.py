@@ -181,6 +181,14 @@ def test_the_compiled_step_is_a_cuda_graph_on_a_gpu_and_inductor_cpp_on_a_cpu():
     assert cpu == {"fullgraph": True, "dynamic": False, "options": {"cpp_wrapper": True}}
 
 
+def test_a_compiled_step_runs_the_fewest_slots_that_hold_the_active_ones():
+    from tisslm.core.decode import step_buckets
+
+    assert step_buckets(1) == [1]
+    assert step_buckets(8) == [1, 2, 4, 8]
+    assert step_buckets(12) == [1, 2, 4, 8, 12]
+
+
 def test_a_decoder_with_too_few_slots_is_refused(tiny_model):
     from tisslm.core.decode import Decoder
 

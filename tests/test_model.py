@@ -115,6 +115,10 @@ def test_static_step_equals_the_full_forward_of_every_slot():
                 alone = model(torch.tensor([sequences[slot]]))[0, -1]
                 torch.testing.assert_close(step[slot], alone, atol=1e-5, rtol=0)
     assert cache.lengths.tolist() == [7, 14, 21]
+    step = model(torch.tensor([[5], [6]]), cache=cache.static(2))[:, -1]  # the first two slots only
+    assert step.shape == (2, model.config.vocab_size) and cache.lengths.tolist() == [8, 15, 21]
+    sequences[0].append(5)
+    torch.testing.assert_close(step[0], model(torch.tensor([sequences[0]]))[0, -1], atol=1e-5, rtol=0)
 
 
 def test_rope_scores_depend_only_on_relative_offset():

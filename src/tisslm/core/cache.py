@@ -88,9 +88,10 @@ class KVCache:
         """The cache for a forward over `slots` (batch row i continues slot slots[i])."""
         return SlotRows(self, list(slots))
 
-    def static(self) -> StaticSlots:
-        """The cache for a forward of one new token in every slot, over the whole buffer: fixed shapes."""
-        return StaticSlots(self)
+    def static(self, slots: int | None = None) -> StaticSlots:
+        """The cache for a forward of one new token in each of the first `slots` slots (all by
+        default), over the whole buffer: fixed shapes for a given number of slots."""
+        return StaticSlots(self, slots or self.slots)
 
 
 class SlotRows:
@@ -135,13 +136,14 @@ class SlotRows:
 
 
 class StaticSlots:
-    """One new token in every slot, attending over the whole buffer under a mask: the same shapes at every
-    step and no host state read, so the step compiles to one graph. A slot past the end of the buffer (a
-    free slot that keeps stepping) writes to the last position instead of out of bounds; nothing reads it."""
+    """One new token in each of the first `slots` slots, attending over the whole buffer under a mask: the
+    same shapes at every step and no host state read, so the step compiles to one graph per number of
+    slots. A slot past the end of the buffer (a free slot that keeps stepping) writes to the last position
+    instead of out of bounds; nothing reads it."""
 
-    def __init__(self, cache: KVCache):
-        self.cache = cache
-        self._positions = cache.lengths.clamp(max=cache.max_len - 1)[:, None]  # (slots, 1)
+    def __init__(self, cache: KVCache, slots: int):
+        self.cache, self.slots = cache, slots
+        self._positions = cache.lengths[:slots].clamp(max=cache.max_len - 1)[:, None]  # (slots, 1)
 
     def positions(self, new_tokens: int) -> torch.Tensor:
         if new_tokens != 1:
@@ -153,13 +155,14 @@ class StaticSlots:
         return (key_pos[None, :] <= self._positions)[:, None, None, :]  # (slots, 1, 1, S)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        rows = torch.arange(self.cache.slots, device=k.device)  # (slots,)
+        rows = torch.arange(self.slots, device=k.device)  # (slots,)
         position = self._positions[:, 0]  # (slots,)
-        self.cache.keys[layer][rows, :, position] = k[:, :, 0]  # (slots, n_kv_heads, head_dim)
-        self.cache.values[layer][rows, :, position] = v[:, :, 0]
-        return self.cache.keys[layer], self.cache.values[layer]  # (slots, n_kv_heads, max_len, head_dim)
+        keys, values = self.cache.keys[layer], self.cache.values[layer]
+        keys[rows, :, position] = k[:, :, 0]  # (slots, n_kv_heads, head_dim), in place in the layer's buffer
+        values[rows, :, position] = v[:, :, 0]
+        return keys[: self.slots], values[: self.slots]  # (slots, n_kv_heads, max_len, head_dim)
 
     def advance(self, new_tokens: int) -> None:
         # The device's lengths only: a compiled step must not touch host state, so its caller
         # (`Decoder.step`) counts the host's side.
-        self.cache.lengths += new_tokens
+        self.cache.lengths[: self.slots] += new_tokens

@@ -8,7 +8,7 @@ behind the same interface, is `tisslm.release.llamacpp.LlamaCppDecoder`.
 A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to each
 active slot and returns each one's next-token logits. Compiled, the step feeds every slot and
 attends over the whole preallocated buffer under a mask (`KVCache.static`), so its shapes never
-change: it is one graph, traced once per batch size. On a CPU that graph is Inductor's C++ (the
+change: it is one graph, traced once per number of slots it runs (`step_buckets`). On a CPU that graph is Inductor's C++ (the
 Python and dispatch overhead of ~150 small ops per token is what eager decoding pays at this
 size); on a GPU it is captured in a CUDA graph and replayed, one launch per token instead of
 hundreds. Compilation is
@@ -36,8 +36,15 @@ def compile_settings(device_type: str) -> dict:
 
 
 def _step(model: TissLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (slots, vocab) of the token after each slot's `tokens` (slots,): the static decode step."""
-    return model(tokens[:, None], cache=cache.static())[:, -1]  # (slots, vocab)
+    """Logits (n, vocab) of the token after `tokens` (n,) in the first n slots: the static decode step."""
+    return model(tokens[:, None], cache=cache.static(tokens.size(0)))[:, -1]  # (n, vocab)
+
+
+def step_buckets(slots: int) -> list[int]:
+    """How many slots a compiled step may run: powers of two up to `slots`, and `slots` itself. A step
+    runs the smallest that holds every active slot (slots are handed out lowest first), so one request
+    does not pay for a server's 32 slots, and there are only a few graphs to compile."""
+    return sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
 
 
 class DecodeEngine(ABC):
@@ -68,6 +75,9 @@ class DecodeEngine(ABC):
     def rewind(self, slot: int, length: int) -> None:
         """Keep only the first `length` positions of `slot`."""
 
+    def warm_up(self) -> None:  # noqa: B027 - a hook, empty for engines with no first-call cost
+        """Pay any first-call cost (compilation) now."""
+
     def verify_draft(
         self, slot: int, token: int, draft: list[int], vocab_limit: int | None = None
     ) -> tuple[list[int], torch.Tensor]:
@@ -97,7 +107,11 @@ class Decoder(DecodeEngine):
         # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
         self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
         self.compiled = compile
-        self._step = torch.compile(_step, **compile_settings(self.device.type)) if compile else None
+        self._step = None
+        if compile:
+            # One graph per step bucket, per model: more than dynamo's default of 8 in one process.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            self._step = torch.compile(_step, **compile_settings(self.device.type))
 
     def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
         self.cache.reset(slot)
@@ -124,14 +138,24 @@ class Decoder(DecodeEngine):
         if not self.compiled:
             idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
             return self.model(idx, cache=self.cache.rows(slots))[:, -1]  # (B, vocab)
-        fed = [0] * self.slots
+        n = next(b for b in step_buckets(self.slots) if b > max(slots))
+        fed = [0] * n
         for slot, token in zip(slots, tokens, strict=True):
             fed[slot] = token
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
         logits = self._step(self.model, self.cache, torch.tensor(fed, dtype=torch.long, device=self.device))
-        self.cache.host_lengths = [n + 1 for n in self.cache.host_lengths]  # the step counted on the device only
-        return logits[slots] if slots != list(range(self.slots)) else logits.clone()  # never the graph's own buffer
+        for slot in range(n):  # the step counted on the device only
+            self.cache.host_lengths[slot] += 1
+        return logits[slots] if slots != list(range(n)) else logits.clone()  # never the graph's own buffer
+
+    def warm_up(self) -> None:
+        """Compile the step for every bucket now, not on the request that first needs it."""
+        if self.compiled:
+            for n in step_buckets(self.slots):
+                self.step(list(range(n)), [0] * n)
+            for slot in range(self.slots):
+                self.cache.reset(slot)
 
 
 def draft_by_lookup(tokens: list[int], count: int, max_ngram: int = 3) -> list[int]:

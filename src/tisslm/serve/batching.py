@@ -156,9 +156,8 @@ class Batcher:
     # ---- the caller's side (any thread) ----
 
     def start(self) -> Batcher:
-        if getattr(self.decoder, "compiled", False):  # compile now, not on the first request
-            with torch.inference_mode():
-                self.decoder.step([0], [0])
+        with torch.inference_mode():
+            self.decoder.warm_up()  # compile now, not on the first request
         self._thread.start()
         return self
 
