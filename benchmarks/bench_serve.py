@@ -178,7 +178,7 @@ def summarize(clients: int, runs: list[dict]) -> dict:
 
 def model_dir(choice: Path | None, workdir: Path) -> tuple[Path, str]:
     if choice is not None:
-        return choice, str(choice)
+        return choice, "/".join(choice.resolve().parts[-2:])  # models/model, not where this machine keeps it
     if (TRAINED / "config.json").is_file():
         return TRAINED, "models/model (trained)"
     from tisslm.core.config import TokenizerParams
