@@ -87,6 +87,17 @@ def test_stop_token_ends_each_row_and_is_excluded(tiny_model):
         assert row == expected
 
 
+@pytest.mark.parametrize("use_cache", [True, False])
+def test_generation_ends_when_every_row_has_stopped(use_cache):
+    model = make_model()
+    free = generate(model, [PROMPTS[0]], 20, temperature=0)[0]
+    stop = free[3]
+    calls = count_forwards(model)
+    out = generate(model, [PROMPTS[0]], 20, temperature=0, stop_tokens=[stop], use_cache=use_cache)[0]
+    assert out == free[: free.index(stop)]
+    assert calls[0] == 1 + free.index(stop)  # the prompt's forward, then one per token up to the stop token
+
+
 def test_vocab_limit_keeps_ids_below_it(tiny_model):
     out = generate(tiny_model, PROMPTS, 30, temperature=2.0, seed=0, vocab_limit=10)
     assert all(0 <= t < 10 for row in out for t in row)

@@ -96,7 +96,7 @@ def generate(
     model.eval()
     try:
         if not use_cache:
-            outputs = _recompute(model, prompts, max_new_tokens, pick)
+            outputs = _recompute(model, prompts, max_new_tokens, pick, stop)
         else:
             rows = 1 if lookahead else len(prompts)  # speculation decodes one prompt at a time
             if decoder is None:
@@ -108,7 +108,7 @@ def generate(
                     _speculate(decoder, list(p), max_new_tokens, lookahead, pick, stop, vocab_limit) for p in prompts
                 ]
             else:
-                outputs = _decode(decoder, prompts, max_new_tokens, pick)
+                outputs = _decode(decoder, prompts, max_new_tokens, pick, stop)
     finally:
         model.train(was_training)
     return [_until_stop(row, stop) for row in outputs]
@@ -121,25 +121,31 @@ def _until_stop(tokens: list[int], stop: set[int]) -> list[int]:
     return tokens
 
 
-def _decode(decoder: DecodeEngine, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
-    """Each prompt into its own slot, then one step for all rows until every row has its tokens.
-    Rows that stopped keep stepping with the others (their tokens are cut off afterwards)."""
+def _decode(
+    decoder: DecodeEngine, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick, stop: set[int]
+) -> list[list[int]]:
+    """Each prompt into its own slot, then one step for all rows until every row has its tokens or
+    has stopped. Rows that stopped keep stepping with the others (their tokens are cut off afterwards)."""
     logits = torch.cat([decoder.prefill(row, list(p)) for row, p in enumerate(prompts)])  # (B, V)
     previous = torch.tensor([p[-1] for p in prompts], dtype=torch.long, device=decoder.device)  # (B,)
     rows = list(range(len(prompts)))
-    new_tokens = []
+    outputs: list[list[int]] = [[] for _ in prompts]
+    stopped = [False] * len(prompts)
     for step in range(max_new_tokens):
         previous = pick(logits, previous)  # (B,)
-        new_tokens.append(previous)
-        if step == max_new_tokens - 1:
+        tokens = previous.tolist()
+        for row, token in enumerate(tokens):
+            outputs[row].append(token)
+            stopped[row] = stopped[row] or token in stop
+        if all(stopped) or step == max_new_tokens - 1:
             break
-        logits = decoder.step(rows, previous.tolist())
-    if not new_tokens:
-        return [[] for _ in prompts]
-    return torch.stack(new_tokens, dim=1).tolist()  # (B, max_new_tokens)
+        logits = decoder.step(rows, tokens)
+    return outputs
 
 
-def _recompute(model: TissLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick) -> list[list[int]]:
+def _recompute(
+    model: TissLM, prompts: Sequence[Sequence[int]], max_new_tokens: int, pick, stop: set[int]
+) -> list[list[int]]:
     """The reference without a cache: every step runs the whole sequences again. Rows are padded
     on the right, where the causal mask keeps the pads out of every real position's view."""
     device = next(model.parameters()).device
@@ -154,6 +160,8 @@ def _recompute(model: TissLM, prompts: Sequence[Sequence[int]], max_new_tokens: 
         previous = pick(logits, previous)
         for sequence, token in zip(sequences, previous.tolist(), strict=True):
             sequence.append(token)
+        if all(stop.intersection(s[len(p) :]) for s, p in zip(sequences, prompts, strict=True)):
+            break
     return [s[len(p) :] for s, p in zip(sequences, prompts, strict=True)]
 
 
