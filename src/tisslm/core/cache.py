@@ -6,9 +6,10 @@ new keys and values and return all of them. Each cache answers in its own way:
 
 - `KVCache` keeps `slots` independent sequences in buffers preallocated to `max_len` positions,
   each slot at its own length. A forward runs either on a chosen set of slots, reading keys up
-  to the longest of them (`rows`: prefill, and the eager reference decode), or on every slot at
-  once over the whole buffer (`static`): then a decode step has the same shapes every time, so
-  it compiles once, and on a GPU replays as one CUDA graph (the gpt-fast pattern).
+  to the longest of them (`rows`: prefill, and the eager reference decode), or on the first n
+  slots at once over the whole buffer (`static`): then a decode step has the same shapes every
+  time for a given n, so it compiles once per n, and on a GPU replays as one CUDA graph (the
+  gpt-fast pattern).
 - `release.export`'s ONNX decoder keeps past keys and values as graph inputs and concatenates.
 """
 

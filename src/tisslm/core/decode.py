@@ -6,14 +6,14 @@ chat, TissLang, evaluate and the MLflow pyfunc. TissLM's own is `Decoder`, below
 behind the same interface, is `tisslm.release.llamacpp.LlamaCppDecoder`.
 
 A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to each
-active slot and returns each one's next-token logits. Compiled, the step feeds every slot and
-attends over the whole preallocated buffer under a mask (`KVCache.static`), so its shapes never
-change: it is one graph, traced once per number of slots it runs (`step_buckets`). On a CPU that graph is Inductor's C++ (the
-Python and dispatch overhead of ~150 small ops per token is what eager decoding pays at this
-size); on a GPU it is captured in a CUDA graph and replayed, one launch per token instead of
-hundreds. Compilation is
-a first-call cost (seconds on a CPU, cached on disk in TORCHINDUCTOR_CACHE_DIR), so it is an
-option, worth it for a server or a long generation; the eager step is the tested reference.
+active slot and returns each one's next-token logits. Compiled, the step feeds the first n slots
+(n from `step_buckets`, the fewest that hold the active ones) and attends over the whole
+preallocated buffer under a mask (`KVCache.static`), so its shapes never change for a given n:
+one graph per bucket. On a CPU that graph is Inductor's C++ (the Python and dispatch overhead of
+~150 small ops per token is what eager decoding pays at this size); on a GPU it is captured in a
+CUDA graph and replayed, one launch per token instead of hundreds. Compilation is a first-call
+cost (seconds on a CPU, cached on disk in TORCHINDUCTOR_CACHE_DIR), so it is an option, worth it
+for a server or a long generation; the eager step is the tested reference.
 """
 
 from __future__ import annotations
@@ -132,9 +132,10 @@ class Decoder(DecodeEngine):
         self.cache.reset(slot, length)
 
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Compiled: every slot steps (the static shape), the others fed a 0 and their outputs dropped.
-        Eager: the given slots step, over the keys up to the longest of them, which is cheaper
-        without a compiler (the whole buffer costs attention over every position)."""
+        """Compiled: the first n slots step (n the smallest bucket holding `slots`; the static shape),
+        the others among them fed a 0 and their outputs dropped. Eager: the given slots step, over
+        the keys up to the longest of them, which is cheaper without a compiler (the whole buffer
+        costs attention over every position)."""
         if not self.compiled:
             idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
             return self.model(idx, cache=self.cache.rows(slots))[:, -1]  # (B, vocab)
