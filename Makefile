@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 # dvc.yaml's commands say `python`: the project's interpreter must come first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv system run test test-slow llama-server bench lint lock clean
+.PHONY: venv system run test test-slow llama-server bench docs lint lock clean
 
 venv: $(STAMP)
 
@@ -91,6 +91,11 @@ bench: $(LLAMA_STAMP) $(LLAMA_SERVER)
 	$(BIN)/python benchmarks/bench_data.py
 	$(BIN)/python benchmarks/bench_train.py
 	$(BIN)/python benchmarks/bench_safety.py
+
+# The knowledge base's figures in README.md and docs/knowledge_base.md, from metrics/kb.json and
+# benchmarks/results/kb.json (tests/test_kb_docs.py fails when they drift).
+docs: $(STAMP)
+	$(BIN)/python tools/kb_figures.py
 
 lint: $(STAMP)
 	$(BIN)/ruff check src stages tests benchmarks

@@ -226,7 +226,12 @@ def speculative_decoding(model_dir: Path, clean_dir: Path, documents: int, new_t
     model, tokenizer = TissLM.from_pretrained(model_dir).eval(), load_tokenizer(model_dir)
     val = read_split(clean_dir, load_params().tokenize.val_fraction)["val"]
     prompts = [ids[:64] for ids in (tokenizer.encode(text).ids for text in val) if len(ids) >= 64][:documents]
-    out: dict = {"model": "/".join(model_dir.resolve().parts[-2:]), "documents": len(prompts), "prompt_tokens": 64, "new_tokens": new_tokens}
+    out: dict = {
+        "model": "/".join(model_dir.resolve().parts[-2:]),
+        "documents": len(prompts),
+        "prompt_tokens": 64,
+        "new_tokens": new_tokens,
+    }
     engines = {
         "tisslm_compiled": lambda slots: decoder_for(model, slots, compile=True),
         "llama_cpp_F16": lambda slots: LlamaCppDecoder.for_model(model, tokenizer, slots),

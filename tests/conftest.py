@@ -30,6 +30,17 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
     return model.to(dtype).eval()
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _audit_key_file(tmp_path_factory):
+    """Audit logs sign their heads with a key file: the tests' own, never the user's ~/.config one
+    (servers and CLIs the tests start inherit it through the environment)."""
+    import os
+
+    if "TISSLM_AUDIT_KEY_FILE" not in os.environ and "TISSLM_AUDIT_KEY" not in os.environ:
+        os.environ["TISSLM_AUDIT_KEY_FILE"] = str(tmp_path_factory.mktemp("audit-key") / "audit.key")
+    yield
+
+
 @pytest.fixture
 def tiny_model() -> TissLM:
     return make_model()

@@ -15,7 +15,7 @@ import pytest
 from serving import ServerProcess, save_tiny_model
 
 from tisslm.core.errors import TissLMError
-from tisslm.safety.audit import GENESIS, AuditLog, record_hash, verify
+from tisslm.safety.audit import GENESIS, AuditLog, audit_key, head_path, record_hash, signed_head, verify
 
 
 def write_log(path: Path, count: int = 5, store_text: bool = False) -> list[dict]:
@@ -226,3 +226,98 @@ def test_the_server_records_each_request_and_a_restart_continues(tmp_path):
     (tmp_path / "removed.jsonl").write_text("".join(rows[:1] + rows[2:]))
     removed = audit_verify(tmp_path / "removed.jsonl")
     assert removed.returncode == 1 and "line 2" in removed.stderr and "seq 2 was expected" in removed.stderr
+
+
+# ---- the head: truncation from the end ----
+
+
+def test_records_cut_from_the_end_are_detected(tmp_path):
+    """The chain alone passes a log cut short; its signed head does not."""
+    path = tmp_path / "a.jsonl"
+    write_log(path)
+    rows = lines(path)
+    path.write_text("".join(rows[:3]))
+    result = verify(path)
+    assert (result.ok, result.problem, result.records, result.seq) == (False, "truncated", 3, 4)
+    assert "2 record(s) cut from the end" in result.message
+    path.write_text("")  # every record gone, the head left
+    assert verify(path).problem == "truncated"
+    with pytest.raises(TissLMError, match="cut from the end"):
+        AuditLog(path)  # a server would not continue it either
+
+
+def test_a_consistent_truncation_without_the_key_is_caught_by_the_signature(tmp_path):
+    """The attacker cuts the log and rewrites its head to match, with every field right but the MAC."""
+    path = tmp_path / "a.jsonl"
+    write_log(path)
+    rows = lines(path)
+    path.write_text("".join(rows[:3]))
+    head = json.loads(head_path(path).read_text())
+    third = json.loads(rows[2])
+    head |= {"seq": 3, "hash": third["hash"]}
+    head_path(path).write_text(json.dumps(head))
+    assert (verify(path).ok, verify(path).problem) == (False, "head_forged")
+    # Signed with a key of their own: refused by its key id, and by its MAC if they copy ours.
+    forged = signed_head(b"attacker's key", 3, third["hash"], head["first"])
+    head_path(path).write_text(json.dumps(forged))
+    assert verify(path).problem == "head_forged" and "another key" in verify(path).message
+    forged["key_id"] = head["key_id"]
+    head_path(path).write_text(json.dumps(forged))
+    assert verify(path).problem == "head_forged" and "signature does not match" in verify(path).message
+    # With the key (its holder), the same cut verifies: what the head cannot catch, said in docs/safety.md.
+    head_path(path).write_text(json.dumps(signed_head(audit_key(), 3, third["hash"], head["first"])))
+    assert verify(path).ok
+
+
+def test_a_tampered_missing_or_stale_head_fails(tmp_path):
+    path = tmp_path / "a.jsonl"
+    write_log(path)
+    good = head_path(path).read_text()
+    head = json.loads(good)
+    for change in ({"seq": 9}, {"hash": "0" * 64}, {"first": "f" * 64}, {"mac": "0" * 64}):
+        head_path(path).write_text(json.dumps(head | change))
+        assert (verify(path).ok, verify(path).problem) == (False, "head_forged"), change
+    head_path(path).write_text("not json")
+    assert verify(path).problem == "head_garbled"
+    head_path(path).unlink()
+    assert verify(path).problem == "head_missing"
+    with pytest.raises(TissLMError, match="no head file"):
+        AuditLog(path)
+    head_path(path).write_text(good)
+    assert verify(path).ok
+    # Records chained on without the key: the chain holds, the head has not seen them.
+    rows = lines(path)
+    extra = {"route": "/v1/completions", "seq": 6, "prev": json.loads(rows[-1])["hash"]}
+    extra["hash"] = record_hash(extra)
+    path.write_text("".join(rows) + json.dumps(extra) + "\n")
+    assert (verify(path).ok, verify(path).problem, verify(path).seq) == (False, "head_behind", 6)
+    # A head copied from another log with as many records is not this log's.
+    other = AuditLog(tmp_path / "b.jsonl")
+    for i in range(5):
+        other.append({"route": "/v1/models", "n": i})
+    other.close()
+    other = tmp_path / "b.jsonl"
+    path.write_text("".join(rows))
+    head_path(path).write_text(head_path(other).read_text())
+    assert verify(path).problem == "head_mismatch"
+
+
+def test_the_key_comes_from_the_environment_or_a_private_key_file(tmp_path, monkeypatch):
+    monkeypatch.setenv("TISSLM_AUDIT_KEY_FILE", str(tmp_path / "keys" / "audit.key"))
+    path = tmp_path / "a.jsonl"
+    write_log(path)
+    key_file = tmp_path / "keys" / "audit.key"
+    assert key_file.stat().st_mode & 0o777 == 0o600 and len(key_file.read_text().strip()) == 64
+    assert verify(path).ok
+    assert not verify(path, key=b"another key").ok
+    monkeypatch.setenv("TISSLM_AUDIT_KEY", "from the environment")
+    assert verify(path).problem == "head_forged"  # the environment's key wins over the file
+    monkeypatch.delenv("TISSLM_AUDIT_KEY")
+    key_file.chmod(0o644)
+    with pytest.raises(TissLMError, match="chmod 600"):
+        verify(path)
+    key_file.unlink()
+    result = verify(path)
+    assert (result.ok, result.problem) == (False, "no_key")  # fails closed without the key
+    cli = audit_verify(path)
+    assert cli.returncode == 1 and "no audit key" in cli.stderr

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 
@@ -159,3 +160,167 @@ def test_ui_serves_the_mlflow_store_of_the_project(tmp_path):
     finally:
         ui.terminate()
         ui.wait(timeout=30)
+
+
+# ---- startup, help, stderr, progress, structure (issue 24) ----------------------------------------
+
+# Modules a command must not import unless it runs what needs them (the timings are in benchmarks/bench_cli.py).
+HEAVY = ("torch", "rich", "sklearn", "presidio_analyzer", "transformers", "httpx", "numpy")
+
+
+def imported(*args: str, cwd=None, stdin: str | None = None) -> tuple[subprocess.CompletedProcess, set[str]]:
+    """Run `tisslm ARGS` under `python -X importtime`; the result and the names of every module it imported."""
+    result = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "tisslm.cli", *args],
+        input=stdin, capture_output=True, text=True, cwd=cwd, timeout=120,
+    )  # fmt: skip
+    lines = [line for line in result.stderr.splitlines() if line.startswith("import time:")]
+    return result, {line.rsplit("|", 1)[1].strip() for line in lines}
+
+
+def test_help_and_tiss_check_import_neither_torch_nor_rich(tmp_path):
+    result, modules = imported("--help")
+    assert result.returncode == 0 and "Usage: " in result.stdout
+    assert sorted(modules.intersection(HEAVY)) == []
+    script = REPO / "examples" / "tiss" / "hello.tiss"
+    result, modules = imported("tiss", "check", str(script), cwd=tmp_path)
+    assert result.returncode == 0 and ": ok (" in result.stdout
+    assert sorted(modules.intersection(HEAVY)) == []
+
+
+def test_the_package_root_loads_its_public_names_on_first_use():
+    code = (
+        "import sys, tisslm, tisslm.core.config\n"
+        "assert 'torch' not in sys.modules, 'import tisslm imported torch'\n"
+        "from tisslm import ModelConfig, TissLM, generate, load_params\n"
+        "from tisslm.core.model import ModelConfig as M\n"
+        "from tisslm.core.sampling import SamplingParams as S\n"
+        "assert M is ModelConfig and S is tisslm.core.config.SamplingParams and 'torch' in sys.modules\n"
+        "assert sorted(tisslm.__all__) == ['ModelConfig', 'TissLM', 'generate', 'load_params']\n"
+    )
+    result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
+    assert result.returncode == 0, result.stderr
+
+
+def command_paths():
+    """Every command and group of the app, as argv prefixes: [], ["generate"], ["kb", "search"], ..."""
+    import typer.main
+
+    from tisslm.cli import app
+
+    def walk(command, path):
+        yield path
+        for name, sub in sorted(getattr(command, "commands", {}).items()):
+            yield from walk(sub, [*path, name])
+
+    return list(walk(typer.main.get_command(app), []))
+
+
+@pytest.mark.parametrize("path", command_paths(), ids=lambda path: " ".join(path) or "tisslm")
+def test_help_is_whole_plain_text(path):
+    """No `[params: ...]` eaten as markup (leaving "Tokens to add ."), no `<bool>` on flags, nothing
+    cut with an ellipsis at 80 columns, no line past them."""
+    from typer.testing import CliRunner
+
+    from tisslm.cli import app
+
+    result = CliRunner().invoke(app, [*path, "--help"], terminal_width=80)
+    assert result.exit_code == 0, result.output
+    text = result.output
+    assert re.search(r" [.,;](\s|$)", text, re.MULTILINE) is None  # punctuation after a vanished `[...]`
+    assert "<bool>" not in text and "…" not in text and "╭" not in text
+    assert max(len(line) for line in text.splitlines()) <= 80
+
+
+def test_help_keeps_the_params_keys_and_the_whole_of_long_values():
+    from typer.testing import CliRunner
+
+    from tisslm.cli import app
+
+    runner = CliRunner()
+    generate = " ".join(runner.invoke(app, ["generate", "--help"], terminal_width=80).output.split())
+    assert "Tokens to add [params: generate.max_new_tokens]." in generate
+    assert "0 is greedy [params: generate.temperature]." in generate
+    assert "--no-cache Recompute" in generate  # a flag takes no value
+    serve = " ".join(runner.invoke(app, ["serve", "--help"], terminal_width=80).output.split())
+    assert "models:/tisslm@champion." in serve and "finish_reason content_filter." in serve
+
+
+def test_every_group_lives_in_its_layer_and_cli_only_mounts_it():
+    import typer.main
+
+    from tisslm import cli
+
+    commands = typer.main.get_command(cli.app).commands
+    homes = {name: commands[name].callback.__module__ for name in ("serve", "chat", "attention")}
+    assert homes == dict.fromkeys(("serve", "chat", "attention"), "tisslm.serve.commands")
+    source = (REPO / "src" / "tisslm" / "cli.py").read_text()
+    for needle in ("DEFAULT_PARAMS", "ContentFilter(", "Watermark(", "watermark_key", "def serve(", "def chat("):
+        assert needle not in source, needle
+
+
+def test_project_params_reads_params_yaml_of_the_working_directory(tmp_path, monkeypatch):
+    from tisslm.core.config import Params, project_params
+
+    monkeypatch.chdir(tmp_path)
+    assert project_params() == Params()
+    (tmp_path / "params.yaml").write_text("generate:\n  top_k: 7\n")
+    assert project_params().generate.top_k == 7
+    assert project_params(overrides=["generate.top_k=3"]).generate.top_k == 3
+    other = tmp_path / "other.yaml"
+    other.write_text("generate:\n  top_k: 9\n")
+    assert project_params(other).generate.top_k == 9
+
+
+def test_generate_shows_progress_on_stderr_and_keeps_stdout(tmp_path):
+    model_dir = tmp_path / "m"
+    small = ["--set", "model.d_model=32", "--set", "model.n_layers=1", "--set", "model.d_ff=64"]
+    assert tisslm("init-model", "--out", str(model_dir), *small).returncode == 0
+    args = ["generate", "--model", str(model_dir), "--prompt", "def ", "--prompt", "x", "--max-new-tokens", "12"]
+    plain = tisslm(*args, "--seed", "3", "--temperature", "1", "--top-k", "40")
+    assert plain.returncode == 0 and plain.stderr == ""  # stderr not a terminal: no bar
+    shown = tisslm(*args, "--seed", "3", "--temperature", "1", "--top-k", "40", "--progress")
+    assert shown.returncode == 0, shown.stderr
+    assert shown.stdout == plain.stdout
+    assert "generating" in shown.stderr and "tok/s" in shown.stderr and "100%" in shown.stderr
+    greedy = tisslm(*args, "--temperature", "0", "--lookahead", "3", "--progress")
+    assert greedy.returncode == 0 and "100%" in greedy.stderr  # speculative decoding counts accepted drafts
+
+
+def test_generate_on_a_tiny_model_writes_nothing_to_stderr(tmp_path):
+    """Not even from an int8 model, whose torchao import logs kernels for absent GPUs and torch's
+    pytree deprecation notices (the library itself still logs them; the CLI drops them)."""
+    from tisslm.core.model import TissLM
+    from tisslm.core.tokenizer import load_tokenizer
+    from tisslm.release.quantize import quantize_model, save_quantized
+
+    model_dir = tmp_path / "m"
+    assert tisslm("init-model", "--out", str(model_dir), "--set", "model.n_layers=1").returncode == 0
+    int8 = tmp_path / "int8"
+    lm = TissLM.from_pretrained(model_dir)
+    save_quantized(quantize_model(lm, "int8_weight_only"), "int8_weight_only", int8, load_tokenizer(model_dir))
+    for directory in (model_dir, int8):
+        result = tisslm("generate", "--model", str(directory), "--prompt", "def ", "--max-new-tokens", "8")
+        assert result.returncode == 0 and result.stdout.startswith("def ")
+        assert result.stderr == "", directory.name
+
+
+def test_loading_a_model_skips_its_random_init_and_torch_dynamo(tmp_path):
+    """from_pretrained builds on the target device with the random fills skipped (not on the meta
+    device, whose ops import torch._dynamo: 0.6 s of every command that loads a model)."""
+    model_dir = tmp_path / "m"
+    assert tisslm("init-model", "--out", str(model_dir), "--set", "model.n_layers=1").returncode == 0
+    result, modules = imported("info", "--model", str(model_dir), "--json")
+    assert result.returncode == 0, result.stderr
+    assert "torch" in modules and "torch._dynamo" not in modules
+
+    import torch
+    from safetensors.torch import load_file
+
+    from tisslm.core.model import TissLM
+
+    loaded = TissLM.from_pretrained(model_dir)
+    assert all(torch.equal(loaded.state_dict()[k], v) for k, v in load_file(model_dir / "model.safetensors").items())
+    assert loaded.lm_head.weight is loaded.tok_emb.weight
+    fresh = TissLM(loaded.config)  # a new model still gets its random init
+    assert 0.015 < float(fresh.tok_emb.weight.detach().std()) < 0.025

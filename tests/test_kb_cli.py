@@ -66,3 +66,18 @@ def test_build_needs_exactly_one_source(tmp_path):
     assert isinstance(result.exception, TissLMError) and "--val-fraction applies to --clean only" in str(
         result.exception
     )
+
+
+def test_search_imports_neither_torch_nor_the_build_stack(tmp_path):
+    """`kb search` loads the index and its embedder only: not torch, not the build's anonymiser."""
+    from test_cli import imported
+
+    src = tmp_path / "src"
+    src.mkdir()
+    (src / "tariffs.py").write_text('def customs_duty(value, rate):\n    """Duty owed."""\n    return value * rate\n')
+    out = tmp_path / "kb"
+    assert kb("build", "--dir", str(src), "--out", str(out)).returncode == 0
+    for mode in ("bm25", "fused"):
+        result, modules = imported("kb", "search", "--kb", str(out), "--mode", mode, "customs duty")
+        assert result.returncode == 0 and "tariffs.py:1-3" in result.stdout, result.stderr
+        assert sorted(modules & {"torch", "detect_secrets", "tisslm.kb.build", "tisslm.data.anonymize"}) == [], mode

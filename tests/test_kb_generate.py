@@ -11,6 +11,7 @@ from tisslm.core.generate import complete
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import byte_level_tokenizer
 from tisslm.kb import KnowledgeBase, build_index
+from tisslm.kb.build import record_grounding
 from tisslm.kb.context import with_context
 
 
@@ -20,6 +21,9 @@ def test_generate_with_a_knowledge_base_grounds_the_prompt_and_cites_sources(tmp
     (corpus / "checksums.py").write_text('def adler_checksum(data):\n    """Adler-32 of data."""\n    return 1\n')
     (corpus / "colors.py").write_text('def mix_paint(a, b):\n    """Blend two colours."""\n    return a\n')
     build_index(tmp_path / "kb", directory=corpus, include=["**/*.py"], progress=False)
+    # The pipeline measured grounding in this index as worse than none: generate says so.
+    worse = {"bits_per_byte_without": 1.25, "bits_per_byte_with_context": 1.5, "documents": 2, "window": 64}
+    record_grounding(tmp_path / "kb", worse)
     model_dir = tmp_path / "model"
     make_model(vocab_size=257, max_seq_len=512).save_pretrained(model_dir, tokenizer=byte_level_tokenizer())
 
@@ -31,6 +35,8 @@ def test_generate_with_a_knowledge_base_grounds_the_prompt_and_cites_sources(tmp
     )  # fmt: skip
     assert result.returncode == 0, result.stderr
     assert "checksums.py:1-3 checksums.adler_checksum" in result.stderr
+    assert "warning: grounding with this knowledge base made the model worse" in result.stderr
+    assert "1.5000 with retrieved context vs 1.2500 without" in result.stderr
     # The continuation is the one of the grounded text, not of the bare prompt.
     tokenizer = byte_level_tokenizer()
     with KnowledgeBase.open(tmp_path / "kb") as kb:

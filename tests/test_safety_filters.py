@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import string
+
 import pytest
 
 from tisslm.core.config import ContentFilterParams, FilterPolicy
@@ -152,3 +154,74 @@ def test_guard_fails_closed_when_the_filter_rewrites_sent_text():
 def test_inactive_filter_streams_token_by_token():
     guard = OutputGuard(make_filter(toxicity="allow", pii="allow", secrets="allow", shell="allow"))
     assert guard.add("partial line") == "partial line"
+
+
+# ---- the toxicity classifier without scikit-learn (issue 24) ------------------------------------
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory):
+    from tisslm.safety import toxicity
+
+    directory = tmp_path_factory.mktemp("toxicity-cache")
+    toxicity.load(directory)  # exports through profanity_check
+    return directory
+
+
+def test_the_exported_classifier_scores_as_profanity_check_does(exported):
+    import json
+    import random
+    from importlib.resources import files
+
+    from profanity_check import predict_prob
+
+    from tisslm.safety import toxicity
+
+    classifier = toxicity.load(exported)  # from the JSON this time
+    lines = [json.loads(line)["text"] for line in files("tisslm.safety").joinpath("labelled.jsonl").open()]
+    lines += (
+        [hide_jargon(line) for line in lines] + JARGON_LINES + [ABUSE, ABUSE.upper(), "", "   ", "42", "Straße ÜBER"]
+    )
+    rng = random.Random(24)
+    words = list(classifier.vocabulary)
+    lines += [" ".join(rng.choices(words, k=rng.randint(1, 40))) for _ in range(300)]  # repeats: tf > 1
+    lines += ["".join(rng.choices(string.printable, k=rng.randint(1, 120))) for _ in range(200)]
+    ours, theirs = classifier.predict_prob(lines), predict_prob(lines)
+    assert len(ours) == len(theirs) == len(lines)
+    assert max(abs(a - b) for a, b in zip(ours, theirs, strict=True)) < 1e-12
+    assert sum(p >= 0.8 for p in theirs) > 10  # the comparison covers toxic lines too
+
+
+@pytest.mark.parametrize(
+    "damage",
+    [
+        lambda text: text[: len(text) // 2],  # truncated: not JSON
+        lambda text: "",
+        lambda text: "[]",
+        lambda text: text.replace('"idf":"', '"idf":"!', 1),  # not base64
+        lambda text: text.replace('"idf":"', '"idf":"AAAAAAAAAAA=', 1),  # a column of the wrong length
+        lambda text: text.replace('"key":"', '"key":"stale', 1),  # another release's numbers
+    ],
+)
+def test_a_damaged_or_stale_cache_is_rebuilt(exported, tmp_path, damage):
+    import json
+    import shutil
+
+    from tisslm.safety import toxicity
+
+    shutil.copy(exported / toxicity.CACHE_NAME, tmp_path / toxicity.CACHE_NAME)
+    cache = tmp_path / toxicity.CACHE_NAME
+    good = cache.read_text()
+    cache.write_text(damage(good))
+    classifier = toxicity.load(tmp_path)
+    assert classifier.predict_prob([ABUSE, "hello"]) == toxicity.load(exported).predict_prob([ABUSE, "hello"])
+    assert json.loads(cache.read_text()) == json.loads(good)  # rewritten whole
+    assert [p.name for p in tmp_path.iterdir()] == [toxicity.CACHE_NAME]  # no temporary file left behind
+
+
+def test_an_unwritable_cache_directory_still_scores(tmp_path, monkeypatch):
+    from tisslm.safety import toxicity
+
+    blocker = tmp_path / "file"
+    blocker.write_text("")  # a file where the directory should be
+    assert toxicity.load(blocker / "tisslm").predict_prob([ABUSE])[0] >= 0.8

@@ -14,7 +14,10 @@ from serving import ServerProcess, save_tiny_model
 
 from tisslm.agent.adapter import Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, read_audit, sha256
+from tisslm.agent.checks import check, check_warnings
 from tisslm.agent.interpreter import DEFAULT_TOP, ReviewDenied, ScriptFailure
+from tisslm.agent.parser import parse
+from tisslm.agent.progress import ModelProgress
 from tisslm.agent.review import Reviewer
 from tisslm.kb import Hit, build_index
 
@@ -335,3 +338,99 @@ def test_examples_run(example, tiny_model_dir, agent_kb, tmp_path, workspace):
 def test_there_are_examples_for_each_kind_of_script():
     names = {e.stem for e in EXAMPLES}
     assert {"hello", "fix_tests", "setup_and_test", "recover", "choose_review", "retrieve_and_ask"} <= names
+
+
+# ---- issue 24: --var precedence, {{LAST_RUN.FIELD}}, ASSERT's explanation, model progress ----------
+
+
+def test_a_var_given_from_outside_wins_over_the_scripts_var_and_check_warns(workspace, tmp_path):
+    text = 'VAR expected = 3\nVAR other = 1\nLOG "expected {{expected}}, other {{other}}"\n'
+    audit = AuditLog(tmp_path / "audit.jsonl", workspace)
+    engine, said = run_script(text, workspace, variables={"expected": "4"}, audit=audit)
+    audit.close()
+    assert engine.variables["expected"] == "4" and "expected 4, other 1" in said
+    (skipped,) = [e for e in read_audit(tmp_path / "audit.jsonl") if e.get("type") == "Var" and e.get("skipped")]
+    assert (skipped["name"], skipped["skipped"]) == ("expected", "given with --var")
+    script = parse("#TISS!\n" + text + 'READ "f" AS other\n')
+    found = [(w.line, w.severity, w.message) for w in check_warnings(script, ["expected", "other"])]
+    assert found[0][:2] == (2, "warning") and "--var expected=... on the command line wins" in found[0][2]
+    assert found[1][0] == 3 and found[2][0] == 5 and "replaces its value" in found[2][2]
+    assert check_warnings(script, []) == []  # no conflict without --var
+    engine, _ = run_script(text, workspace)
+    assert engine.variables["expected"] == 3  # and the script's VAR without one
+
+
+def test_last_run_and_last_prompt_fields_are_interpolated(workspace):
+    engine, said = run_script(
+        'RUN "echo \'a b\'; exit 3"\nLOG "exit {{LAST_RUN.EXIT_CODE}}, out {{ LAST_RUN.STDOUT }}"\n'
+        'RUN "printf %s {{LAST_RUN.STDOUT}}"\nPROMPT_AGENT "x" INTO y\nLOG "sure {{LAST_PROMPT.MAX_ENTROPY}}"\n'
+        'LOG "{{LAST_RUN.CODE}} {{LAST_RUN}} {{ nope nope }}"\n',
+        workspace,
+        adapter=Answers("y", entropies=(0.5, 2.0)),
+    )
+    assert "exit 3, out a b\n" in said and "sure 2.0" in said
+    assert engine.last_run.stdout == "a b\n"  # shell-quoted in RUN: one word, the newline kept
+    assert "{{LAST_RUN.CODE}} {{LAST_RUN}} {{ nope nope }}" in said  # not placeholders: printed as they are
+    with pytest.raises(ScriptFailure) as failure:
+        run_script('LOG "{{LAST_RUN.STDOUT}}"', workspace)
+    assert (failure.value.kind, failure.value.span.line) == ("no command yet", 2)
+
+
+def test_check_warns_about_placeholders_it_does_not_know():
+    script = parse(
+        '#TISS!\nLOG "{{LAST_RUN.EXIT_CODE}} {{LAST_RUN.CODE}}"\nRUN "echo {{ LAST_RUN.stdout }}"\n'
+        'ASSERT "x" == "{{a.b}}"\nWRITE "t" <<\'EOF\'\n{{literal}}\nEOF\nLOG "{{LAST_PROMPT.MEAN_ENTROPY}}"\n'
+    )
+    assert check(script) == []  # a field is no variable: not "undefined"
+    found = [(w.line, w.column, w.message) for w in check_warnings(script)]
+    assert [(line, column) for line, column, _ in found] == [(2, 1), (3, 1), (4, 15)]
+    assert "{{LAST_RUN.CODE}} is not a field of LAST_RUN: did you mean {{LAST_RUN.EXIT_CODE}}?" in found[0][2]
+    assert "did you mean {{LAST_RUN.STDOUT}}?" in found[1][2]
+    assert "unsupported placeholder {{a.b}} is printed literally" in found[2][2]
+
+
+def test_a_failed_assert_shows_its_interpolated_condition_and_the_values_it_compared(workspace):
+    with pytest.raises(ScriptFailure) as failure:
+        run_script(
+            'RUN "echo 3"\nASSERT LAST_RUN.STDOUT CONTAINS "{{expected}}"', workspace, variables={"expected": "4"}
+        )
+    assert str(failure.value) == (
+        "assertion failed: LAST_RUN.STDOUT CONTAINS \"4\" (LAST_RUN.STDOUT was '3\\n'; LAST_RUN.EXIT_CODE was 0)"
+    )
+    with pytest.raises(ScriptFailure) as failure:
+        run_script(
+            'RUN "seq 1 20000; echo oops >&2"\nVAR n = 7\nASSERT n > 8 OR LAST_RUN.STDOUT CONTAINS "x"', workspace
+        )
+    message = str(failure.value)
+    assert message.startswith(
+        'assertion failed: (n > 8) OR (LAST_RUN.STDOUT CONTAINS "x") (n was 7; LAST_RUN.STDOUT was '
+    )
+    assert "'1\\n2\\n3\\n" in message and "characters] ..." in message and "19999\\n20000\\n'" in message
+    assert "LAST_RUN.STDERR was 'oops\\n'" in message and len(message) < 800  # 108894 characters of stdout, cut
+
+
+def test_model_calls_show_progress_on_stderr_not_stdout(workspace, tiny_model_dir, capsys):
+    shown = io.StringIO()
+    _, said = run_script(
+        'PROMPT_AGENT "x" INTO y\nCHOOSE {\n OPTION "a" { LOG "took a" }\n}\n',
+        workspace,
+        adapter=Answers("y", "1"),
+        progress=ModelProgress(shown),
+        reviewer=Reviewer("ask", interactive=False),  # no reviewer: the model chooses
+    )
+    lines = shown.getvalue().splitlines()
+    assert lines[0] == "answers answering (up to 256 tokens) ..." and lines[1].startswith(
+        "answers answering: 5 tokens in"
+    )
+    assert lines[2] == "answers answering (up to 8 tokens) ..." and len(lines) == 4
+    assert "answering" not in said and "took a" in said
+    # The local model reports its tokens as they come; on a terminal a spinner counts them.
+    live = io.StringIO()
+    counted: list[int] = []
+    with ModelProgress(live, live=True)("local answering", 12) as tally:
+        reply = LocalModel(tiny_model_dir).complete(
+            "def f(", 12, seed=5, on_tokens=lambda n: (tally(n), counted.append(n))
+        )
+    assert sum(counted) == tally.count == reply.completion_tokens > 0
+    assert f"local answering: {reply.completion_tokens} tokens in" in live.getvalue()
+    assert capsys.readouterr().out == ""

@@ -142,6 +142,39 @@ def test_each_error_has_its_position(text, expected):
         assert part in message
 
 
+@pytest.mark.parametrize(
+    "text, position, message",
+    [
+        ('RUNN "x"', (2, 1), "unknown keyword 'RUNN' (did you mean RUN?)"),
+        ("ASERT 1 == 1", (2, 1), "unknown keyword 'ASERT' (did you mean ASSERT?)"),
+        ('run "x"', (2, 1), "unknown keyword 'run' (keywords are in capitals: did you mean RUN?)"),
+        ("IF LAST_RUN.EXIT_CODE = 0 THEN {\n}", (2, 23), "'=' does not compare: did you mean '=='?"),
+        ("ASSERT LAST_RUN.EXIT_CODE = 0", (2, 27), "did you mean '=='?"),
+        ("VAR ok = LAST_RUN.EXIT_CODE = 0", (2, 29), "did you mean '=='?"),
+        ("ASSERT LAST_RUN.STDOUT CONTAINS", (2, 24), "CONTAINS needs a value on its right"),
+        ('ASSERT LAST_RUN.STDOUT CONTAINS\nLOG "x"', (2, 24), "CONTAINS needs a value on its right"),
+        ("ASSERT (LAST_RUN.STDOUT MATCHES)", (2, 25), "MATCHES needs a value on its right, not ')'"),
+        ("ASSERT LAST_RUN.EXIT_CODE ==", (2, 27), "'==' needs a value on its right"),
+        ("ASSERT LAST_RUN.EXIT_CODE == 0 AND", (2, 32), "AND needs a value on its right"),
+        ("ASSERT NOT", (2, 8), "NOT needs a condition after it"),
+        ('ASSERT CONTAINS "x"', (2, 8), "CONTAINS needs a value on its left"),
+        ("VAR x =", (2, 7), "'=' needs a value on its right"),
+        ("RUN", (2, 4), 'RUN needs a "string" after it'),
+        ('READ "f" AS', (2, 12), "AS needs a name after it"),
+        ('ASSERT 1 CONTAIN "y"', (2, 10), "unexpected 'CONTAIN'; expected"),
+        ('ASSERT 1 CONTAIN "y"', (2, 10), "(did you mean CONTAINS?)"),
+        ("ASSERT LAST_RUN.STDOT == 0", (2, 17), "(did you mean STDOUT?)"),
+        ("IF 1 == 1 {\n}", (2, 11), "IF needs THEN before its block"),
+    ],
+)
+def test_syntax_errors_suggest_the_fix(text, position, message):
+    """The nearest keyword or field for a misspelt one, `==` for `=`, and the operator that lacks an operand."""
+    found = errors("#TISS!\n" + text + "\n")
+    assert len(found) == 1, found
+    (line, column, said) = found[0]
+    assert (line, column) == position and message in said, found[0]
+
+
 def test_every_error_is_reported_not_just_the_first():
     found = errors('RUN "no header"\nSTEP "a" {\n  RUNN "x"\n  LOG "ok"\n  ASSERT == 1\n}\nLOG "bad \\z"\n')
     assert [(line, col) for line, col, _ in found] == [(1, 1), (3, 3), (5, 10), (7, 10)]
@@ -150,7 +183,11 @@ def test_every_error_is_reported_not_just_the_first():
 def test_rendered_error_has_source_line_and_caret():
     with pytest.raises(TissSyntaxError) as caught:
         parse('#TISS!\nLOG "x"\n    RUNN "y"\n', "s.tiss")
-    assert str(caught.value).splitlines() == ["s.tiss:3:5: unknown keyword 'RUNN'", '        RUNN "y"', "        ^"]
+    assert str(caught.value).splitlines() == [
+        "s.tiss:3:5: unknown keyword 'RUNN' (did you mean RUN?)",
+        '        RUNN "y"',
+        "        ^",
+    ]
 
 
 def test_semantic_checks():

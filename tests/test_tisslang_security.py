@@ -24,13 +24,21 @@ from tisslm.agent.workspace import Workspace, WorkspaceRefusal
 HOSTILE_TIMEOUT_S = 2.0
 
 
+# Every hostile test runs twice: with the workspace on a path anyone may walk, and inside a 0700
+# directory (a mkdtemp() parent, as root's home is), which uid 65534 cannot enter: there a root
+# caller's sandbox reaches the workspace through the launcher's private mount namespace.
+pytestmark = pytest.mark.parametrize("workspace", ["open", "closed"], indirect=True)
+
+
 @pytest.fixture
-def workspace():
-    """A fresh workspace under /tmp (pytest's tmp_path sits below a 0700 directory that the
-    sandbox's uid could not reach)."""
-    path = Path(tempfile.mkdtemp(prefix="tiss-ws-"))
+def workspace(request):
+    """A fresh workspace under /tmp, or (param "closed") in a subdirectory of a 0700 directory there
+    (pytest's tmp_path sits below a 0700 directory too, but the same for every test)."""
+    top = Path(tempfile.mkdtemp(prefix="tiss-ws-"))  # mode 0700
+    path = top / "project" / "ws" if getattr(request, "param", "open") == "closed" else top
+    path.mkdir(parents=True, exist_ok=True)
     yield path
-    shutil.rmtree(path, ignore_errors=True)
+    shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture

@@ -7,6 +7,7 @@ import hashlib
 import hmac
 import inspect
 import io
+import itertools
 import json
 import math
 import os
@@ -24,7 +25,7 @@ from tisslm.core.config import WatermarkParams
 from tisslm.core.errors import TissLMError, run_main
 from tisslm.core.generate import generate
 from tisslm.core.tokenizer import byte_level_tokenizer
-from tisslm.safety.watermark import KEY_ENV, Watermark, entropy, token_entropies, watermark_key
+from tisslm.safety.watermark import KEY_ENV, Detection, Watermark, entropy, token_entropies, watermark_key
 
 KEY = "test-key-1"
 SECRET = "s3cret-watermark-key-9d41"  # distinctive, so that finding it in output cannot be chance
@@ -274,3 +275,47 @@ def test_cli_detect_bad_input_is_one_line_without_the_key(cli_workdir, capfd, co
     assert status == 2 and out == ""
     assert err.startswith("error: ") and message in err and err.count("\n") == 1
     assert SECRET not in err
+
+
+def test_a_looping_sample_reports_its_repeats_and_scores_each_pair_once():
+    """A degenerate sample (one short loop, all green) carries only its distinct pairs' evidence:
+    repeats are counted in `repeated`, not in the z-test, and counting them would inflate z."""
+    watermark = Watermark(KEY, PARAMS, 100)
+    ids = walk(watermark, 10, 0)  # 10 distinct green pairs
+    loop = ids * 20
+    found = watermark.detect(loop)
+    distinct = len(set(itertools.pairwise(loop)))
+    assert (found.tokens_scored, found.repeated) == (distinct, len(loop) - 1 - distinct)
+    assert found.distinct_share == pytest.approx(distinct / (len(loop) - 1)) and found.distinct_share < 0.1
+    assert found.z <= math.sqrt(distinct * 0.75 / 0.25) + 1e-9  # the most T distinct pairs can say
+    counted = watermark.detect(loop, count_repeats=True)
+    assert counted.tokens_scored == len(loop) - 1 and counted.z > 2 * found.z
+
+
+def test_the_stage_measures_repetitive_samples_apart(byte_model, tmp_path):
+    """watermark_metrics reports detection on looping samples apart from the others, and what
+    counting repeats would have given, on a real (tiny) model's samples."""
+    from tisslm.core.config import SafetyParams
+    from tisslm.core.sampling import SamplingParams
+    from tisslm.safety.measure import repetition_report, watermark_metrics
+
+    safety = SafetyParams(watermark_lengths=[20, 60], watermark_samples=3)
+    human = {"val": ["def add(a, b):\n    return a + b\n" * 3, "x = 1\n" * 40]}
+    report = watermark_metrics(
+        byte_model, TOKENIZER, safety, KEY, SamplingParams(temperature=1.0, top_k=None, top_p=None),
+        human, tmp_path / "z.png",
+    )  # fmt: skip
+    split = report["repetition"]
+    assert split["repetitive"]["samples"] + split["others"]["samples"] == 3
+    assert set(report["max_z_counting_repeats"]) == {"plain_samples", "val"}
+    # `x = 1` forty times: its few distinct pairs scored once; counting repeats inflates z.
+    assert report["max_z_counting_repeats"]["val"] >= report["max_z"]["val"]
+    assert (tmp_path / "z.png").stat().st_size > 0
+    looping = Detection(10, 9, 5.0, 1e-7, True, repeated=90)
+    other = Detection(100, 60, 8.0, 1e-15, True, repeated=5)
+    missed = Detection(12, 5, 1.2, 0.1, False, repeated=150)
+    found = repetition_report([looping, other, missed, None], [other, other, missed, None])
+    assert found["repetitive"]["samples"] == 2 and found["repetitive"]["detected"] == 0.5
+    assert found["others"] == {
+        "samples": 1, "detected": 1.0, "mean_z": 8.0, "mean_z_counting_repeats": 8.0, "mean_distinct_pairs": 100,
+    }  # fmt: skip

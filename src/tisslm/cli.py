@@ -7,53 +7,68 @@ stderr with exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
+import logging
 import os
 import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
 from pathlib import Path
-from typing import Annotated
+from typing import TYPE_CHECKING, Annotated
 
-import torch
 import typer
 
 from tisslm.agent.commands import app as tiss_app
-from tisslm.core.config import DEFAULT_PARAMS, Params, load_params
+from tisslm.core.config import project_params
 from tisslm.core.errors import TissLMError, run_main
-from tisslm.core.generate import complete
-from tisslm.core.model import TissLM
-from tisslm.core.tokenizer import byte_level_tokenizer, load_tokenizer
 from tisslm.kb.commands import app as kb_app
 from tisslm.safety.commands import app as audit_app
 from tisslm.safety.commands import safety_app, watermark_app
-from tisslm.safety.filters import ContentFilter, Verdict
-from tisslm.safety.watermark import Watermark, watermark_key
+from tisslm.serve import commands as serve_commands
+from tisslm.serve.commands import ModelDir, ParamsFile, load_model
 
+if TYPE_CHECKING:
+    from tisslm.safety.filters import Verdict
+
+# Startup: this module and the command modules it mounts import only typer and the params schema;
+# each command imports torch, the model, the filter's classifier, ... when it runs. Help is plain
+# click text (rich_markup_mode=None): `[params: key]` stays as written, flags show no `<bool>`,
+# and nothing imports rich.
 app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
+    context_settings={"max_content_width": 100},
     help="TissLM: train, evaluate, quantize, export and serve a small language model.",
 )
 
-ModelDir = Annotated[
-    Path, typer.Option("--model", help="Model directory (config.json, model.safetensors, tokenizer.json).")
-]
-ParamsFile = Annotated[
-    Path | None, typer.Option("--params", help="params.yaml to read (default: ./params.yaml if present).")
-]
 Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a parameter: key.sub=value (repeatable).")]
 
+# What libraries log at import that a user can neither act on nor silence: torchao's kernels built
+# for GPUs this machine lacks, and torch's deprecation notice about torchao registering its enums.
+LIBRARY_NOISE = {
+    "torchao": ("Failed to load ",),
+    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+}
 
-def _params(path: Path | None, overrides: list[str]) -> Params:
-    if path is None and DEFAULT_PARAMS.is_file():
-        path = DEFAULT_PARAMS
-    return load_params(path, overrides)
+
+class _DropMessages(logging.Filter):
+    def __init__(self, fragments: tuple[str, ...]):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        message = record.getMessage()
+        return not any(fragment in message for fragment in self.fragments)
 
 
-def _load_model(directory: Path) -> TissLM:
-    """A model directory as the stages write them: full precision (models/model) or int8 (models/quantized/*)."""
-    from tisslm.release.quantize import RECIPE_FILE, load_quantized
-
-    return load_quantized(directory) if (directory / RECIPE_FILE).is_file() else TissLM.from_pretrained(directory)
+def quiet_library_logs() -> None:
+    """Drop the import-time messages of LIBRARY_NOISE, by logger and message, and nothing else: the
+    loggers stay as they are, and configuring them imports nothing."""
+    for name, fragments in LIBRARY_NOISE.items():
+        logger = logging.getLogger(name)
+        if not any(isinstance(f, _DropMessages) for f in logger.filters):
+            logger.addFilter(_DropMessages(fragments))
 
 
 @app.command()
@@ -88,45 +103,74 @@ def generate(
             "the key is TISSLM_WATERMARK_KEY, else safety.watermark.key.",
         ),
     ] = None,
+    progress: Annotated[
+        bool | None,
+        typer.Option(
+            "--progress/--no-progress",
+            help="Show a progress bar of the tokens generated, on stderr [default: when stderr is a terminal].",
+        ),
+    ] = None,
     params: ParamsFile = None,
 ) -> None:
     """Continue one or more prompts and print prompt + continuation.
 
     With --kb, chunks retrieved for each prompt go before it (most relevant last) within the
     model's context, and their sources are listed on stderr. With --watermark, `tisslm watermark
-    detect` can later tell the continuation came from a model holding the key."""
+    detect` can later tell the continuation came from a model holding the key. On a terminal, a
+    progress bar of the tokens generated (and their rate) shows on stderr; stdout holds only the
+    text."""
+    from tisslm.core.generate import complete
+    from tisslm.core.tokenizer import load_tokenizer
+    from tisslm.release.llamacpp import decode_engine
+    from tisslm.safety.filters import ContentFilter
+    from tisslm.safety.watermark import Watermark
+
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    config = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
+    config = project_params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
     settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
-    lm, tokenizer = _load_model(model), load_tokenizer(model)
+    lm, tokenizer = load_model(model), load_tokenizer(model)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
     )
-    marks = config.safety.watermark
-    use_watermark = marks.enabled if watermark is None else watermark
-    processor = Watermark(watermark_key(marks), marks, tokenizer.get_vocab_size()) if use_watermark else None
-    from tisslm.release.llamacpp import decode_engine
-
+    processor = Watermark.from_params(config, tokenizer.get_vocab_size(), enabled=watermark)
     decoder = decode_engine(backend, lm, tokenizer, len(inputs))
-    completions = complete(
-        lm,
-        tokenizer,
-        inputs,
-        settings,
-        processor,
-        use_cache=not no_cache,
-        compile=compile,
-        lookahead=lookahead,
-        decoder=decoder,
-    )
-    content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
+    with _token_progress(settings.max_new_tokens * len(inputs), progress) as on_tokens:
+        completions = complete(
+            lm,
+            tokenizer,
+            inputs,
+            settings,
+            processor,
+            use_cache=not no_cache,
+            compile=compile,
+            lookahead=lookahead,
+            decoder=decoder,
+            on_tokens=on_tokens,
+        )
+    content_filter = ContentFilter.from_params(config)
     for i, (text, completion) in enumerate(zip(texts, completions, strict=True)):
         if i:
             typer.echo("-" * 40)
         verdict = content_filter.apply(completion)
         typer.echo(text + verdict.text)
         _report_filter(verdict)
+
+
+@contextmanager
+def _token_progress(total: int, show: bool | None) -> Iterator[Callable[[int], None] | None]:
+    """A tqdm bar on stderr counting generated tokens (None: only when stderr is a terminal); yields
+    its update hook, or None when hidden. A batch whose rows all stop early ends the bar where it is."""
+    if not (sys.stderr.isatty() if show is None else show) or total == 0:
+        yield None
+        return
+    from tqdm import tqdm
+
+    with tqdm(total=total, desc="generating", unit="tok", file=sys.stderr, dynamic_ncols=True) as bar:
+        yield bar.update
+        if bar.n < total:  # stopped at <|endoftext|>: the bar says how many came, at 100%
+            bar.total = bar.n
+            bar.refresh()
 
 
 def _report_filter(verdict: Verdict) -> None:
@@ -145,6 +189,8 @@ def _grounded(kb_dir: Path, k: int, texts: list[str], tokenizer, budget_tokens: 
 
     grounded = []
     with KnowledgeBase.open(kb_dir) as kb:
+        if warning := kb.grounding_warning():  # the pipeline measured grounding as worse than none
+            typer.echo(f"warning: {warning}", err=True)
         for number, text in enumerate(texts, start=1):
             result = with_context(text, kb.search(text, k=k), tokenizer, budget_tokens)
             typer.echo(f"sources of prompt {number}:" + ("" if result.sources else " none"), err=True)
@@ -157,7 +203,9 @@ def _grounded(kb_dir: Path, k: int, texts: list[str], tokenizer, budget_tokens: 
 
 
 def _describe(model_dir: Path) -> dict:
-    lm = _load_model(model_dir)
+    from tisslm.core.tokenizer import load_tokenizer
+
+    lm = load_model(model_dir)
     files = {p.name: p.stat().st_size for p in sorted(model_dir.iterdir()) if p.is_file()}
     tokenizer = load_tokenizer(model_dir) if "tokenizer.json" in files else None
     return {
@@ -199,7 +247,12 @@ def init_model(
     seed: Annotated[int, typer.Option(help="Seed of the random initialisation.")] = 0,
 ) -> None:
     """Write a randomly initialised model with a byte-level tokenizer (for tests and demos)."""
-    config = _params(params, overrides or []).model
+    import torch
+
+    from tisslm.core.model import TissLM
+    from tisslm.core.tokenizer import byte_level_tokenizer
+
+    config = project_params(params, overrides or []).model
     torch.manual_seed(seed)
     TissLM(config).save_pretrained(out, tokenizer=byte_level_tokenizer())
     typer.echo(f"wrote {out}")
@@ -221,7 +274,7 @@ def train_command(
 
     paths = Paths(tokens=tokens, tokenizer=tokenizer, checkpoints=checkpoints, model=out, metrics=metrics)
     argv = ["-m", "tisslm.cli", *sys.argv[1:]]
-    result = launch(_params(params, overrides or []), paths, argv)
+    result = launch(project_params(params, overrides or []), paths, argv)
     if result:
         typer.echo(f"val bits/byte {result['val_bits_per_byte']:.3f}; model in {out}")
 
@@ -250,7 +303,9 @@ app.add_typer(safety_app, name="safety")
 # ---- orchestration: `pipeline run|hpo|retrain` (Prefect flows over the DVC stages) and `ui` ----
 
 pipeline_app = typer.Typer(
-    no_args_is_help=True, help="Run the DVC stages as Prefect flows, with MLflow runs and the registry's decision."
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Run the DVC stages as Prefect flows, with MLflow runs and the registry's decision.",
 )
 app.add_typer(pipeline_app, name="pipeline")
 # Offline defaults for the orchestration stack; a user's own settings win.
@@ -357,149 +412,14 @@ def ui(
     os.execv(sys.executable, command)
 
 
-# ---- serving: `serve`, `chat`, `attention` (their modules load only when one runs) ----
+# ---- serving: `serve`, `chat`, `attention` (tisslm.serve.commands; their modules load only when one runs) ----
 
-
-@app.command()
-def serve(
-    model: Annotated[str, typer.Option("--model", help="Model directory, or registered: models:/tisslm@champion.")],
-    host: Annotated[str | None, typer.Option(help="Address to listen on (params: serve.host).")] = None,
-    port: Annotated[int | None, typer.Option(help="TCP port, 0 for any free one (serve.port).")] = None,
-    name: Annotated[str | None, typer.Option("--name", help="Model id clients name (serve.model_name).")] = None,
-    max_batch: Annotated[int | None, typer.Option(help="Sequences decoded together (serve.max_batch).")] = None,
-    backend: Annotated[str | None, typer.Option(help="Decode engine: torch or llama.cpp (serve.backend).")] = None,
-    compile: Annotated[
-        bool | None, typer.Option("--compile/--no-compile", help="Compile the decode step at start (serve.compile).")
-    ] = None,
-    lookahead: Annotated[
-        int | None, typer.Option(help="Tokens drafted per step for a lone greedy request (serve.lookahead).")
-    ] = None,
-    max_queue: Annotated[int | None, typer.Option(help="Requests that may wait (serve.max_queue).")] = None,
-    max_prompt_tokens: Annotated[int | None, typer.Option(help="Longest prompt (serve.max_prompt_tokens).")] = None,
-    max_tokens: Annotated[int | None, typer.Option(help="Cap on max_tokens (serve.max_tokens).")] = None,
-    timeout: Annotated[float | None, typer.Option(help="Seconds per request (serve.request_timeout_s).")] = None,
-    max_body_bytes: Annotated[int | None, typer.Option(help="Request body cap (serve.max_body_bytes).")] = None,
-    kb: Annotated[
-        Path | None,
-        typer.Option("--kb", help="Knowledge base (tisslm kb build): POST /v1/retrieve, grounded completions."),
-    ] = None,
-    api_key: Annotated[
-        list[str] | None,
-        typer.Option("--api-key", help="Require `Authorization: Bearer KEY` on /v1/ routes (repeatable)."),
-    ] = None,
-    api_keys_file: Annotated[
-        Path | None, typer.Option("--api-keys-file", help="API keys, one per line (# comments).")
-    ] = None,
-    audit_log: Annotated[
-        Path | None, typer.Option("--audit-log", help="Append a hash-chained record of each /v1/ request (JSONL).")
-    ] = None,
-    audit_text: Annotated[
-        bool, typer.Option("--audit-text", help="Store the prompt and output text in the audit log, not only hashes.")
-    ] = False,
-    no_filter: Annotated[
-        bool, typer.Option("--no-filter", help="Serve without the content filter (safety.filters.policy).")
-    ] = False,
-    watermark: Annotated[
-        bool | None,
-        typer.Option(
-            "--watermark/--no-watermark",
-            help="Watermark every sampled token [safety.watermark.enabled]; key: TISSLM_WATERMARK_KEY, else params.",
-        ),
-    ] = None,
-    params: ParamsFile = None,
-) -> None:
-    """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
-
-    Defaults in parentheses are keys of params.yaml. With --kb, a completion or chat request may
-    ask for `retrieve` to have its prompt grounded in the knowledge base, and cite its sources.
-    With --api-key or --api-keys-file, /v1/ routes answer 401 without a key (/health, /metrics, the
-    page and /docs stay open; the page asks for the key). With --audit-log, each /v1/ request is
-    recorded (hashes, not text, unless --audit-text); `tisslm audit verify FILE` checks the chain.
-    Prompts and outputs go through the content filter of safety.filters.policy unless --no-filter:
-    a blocked prompt is refused (400), a blocked output ends with finish_reason content_filter.
-    """
-    from tisslm.core.config import ServeParams
-    from tisslm.core.errors import parse
-    from tisslm.serve.access import read_keys_file
-    from tisslm.serve.server import serve as run_server
-
-    given = {
-        "host": host,
-        "port": port,
-        "model_name": name,
-        "max_batch": max_batch,
-        "backend": backend,
-        "compile": compile,
-        "lookahead": lookahead,
-        "max_queue": max_queue,
-        "max_prompt_tokens": max_prompt_tokens,
-        "max_tokens": max_tokens,
-        "request_timeout_s": timeout,
-        "max_body_bytes": max_body_bytes,
-    }
-    config = _params(params, [])
-    settings = parse(
-        ServeParams, config.serve.model_dump() | {k: v for k, v in given.items() if v is not None}, "tisslm serve"
-    )
-    keys = [*(api_key or []), *(read_keys_file(api_keys_file) if api_keys_file is not None else [])]
-    if audit_text and audit_log is None:
-        raise TissLMError("--audit-text needs --audit-log FILE")
-    content_filter = None if no_filter else ContentFilter(config.safety.filters, config.clean.anonymize)
-    marks = config.safety.watermark
-    key = watermark_key(marks) if (marks.enabled if watermark is None else watermark) else None
-    run_server(
-        model, settings, kb_dir=kb, api_keys=keys, audit_log=audit_log, audit_text=audit_text,
-        content_filter=content_filter, watermark=marks if key is not None else None, watermark_key=key,
-    )  # fmt: skip
-
-
-@app.command()
-def chat(
-    model: ModelDir,
-    system: Annotated[str | None, typer.Option(help="A system message opening the conversation.")] = None,
-    max_new_tokens: Annotated[int | None, typer.Option(help="Reply length cap (generate.max_new_tokens).")] = None,
-    temperature: Annotated[float | None, typer.Option(help="0 is greedy (generate.temperature).")] = None,
-    top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely (generate.top_k).")] = None,
-    top_p: Annotated[float | None, typer.Option(help="Nucleus mass (generate.top_p).")] = None,
-    seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens (generate.seed).")] = None,
-    params: ParamsFile = None,
-) -> None:
-    """Chat with a model in the terminal; replies stream token by token (/reset, /exit)."""
-    from tisslm.serve.terminal import chat_session
-
-    given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
-    config = _params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
-    settings = config.generate
-    lm = _load_model(model)
-    tokenizer = load_tokenizer(model)
-
-    def write(text: str) -> None:
-        sys.stdout.write(text)
-        sys.stdout.flush()
-
-    typer.echo(f"chatting with {model} (/reset forgets, /exit or Ctrl-D leaves)")
-    content_filter = ContentFilter(config.safety.filters, config.clean.anonymize)
-    chat_session(lm, tokenizer, settings, system, read=input, write=write, content_filter=content_filter)
-
-
-@app.command()
-def attention(
-    model: ModelDir,
-    text: Annotated[str, typer.Option(help="A short text (at most serve.attention_max_tokens tokens).")],
-    out: Annotated[Path, typer.Option("--out", help="PNG file to write.")] = Path("attn.png"),
-    params: ParamsFile = None,
-) -> None:
-    """Save the attention weights of every layer and head over a short text as a PNG grid."""
-    from tisslm.serve.attention import attention_for_text, save_attention_png
-
-    limit = _params(params, []).serve.attention_max_tokens
-    lm = _load_model(model)
-    maps = attention_for_text(lm, load_tokenizer(model), text, limit)
-    save_attention_png(maps, out, title=f"{model.name}: {len(maps.tokens)} tokens")
-    typer.echo(f"wrote {out}")
+for command in serve_commands.COMMANDS:
+    app.command()(command)
 
 
 def main() -> None:
+    quiet_library_logs()
     run_main(app)
 
 

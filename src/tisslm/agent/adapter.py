@@ -15,7 +15,7 @@ teacher-forced forward pass over prompt and answer after generating; the server 
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 from functools import cached_property
 from pathlib import Path
@@ -74,7 +74,10 @@ class LocalModel:
         tokenizer = load_tokenizer(self.directory)
         return TissLM.from_pretrained(self.directory), tokenizer, tokenizer.token_to_id(END_OF_TEXT)
 
-    def complete(self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0) -> Completion:
+    def complete(
+        self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0, on_tokens: Callable[[int], None] | None = None
+    ) -> Completion:
+        """`on_tokens(n)` is told as each n new tokens are generated (the run's progress display)."""
         from tisslm.core.generate import generate
 
         model, tokenizer, end = self._loaded
@@ -90,6 +93,7 @@ class LocalModel:
             seed=seed,
             stop_tokens=stop,
             vocab_limit=tokenizer.get_vocab_size(),
+            on_tokens=on_tokens,
         )[0]
         entropies = token_entropies(model, ids, out, tokenizer.get_vocab_size())
         return Completion(tokenizer.decode(out), len(ids), len(out), entropies)

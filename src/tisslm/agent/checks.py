@@ -2,10 +2,13 @@
 
 `tisslm tiss check` runs these after the parser, and `run` refuses a script that fails them, so
 that a typo in a variable name is reported at its line instead of an hour into a run.
+`check_warnings` finds what runs but probably not as meant (a VAR that a `--var` overrides, a
+`{{...}}` that interpolation does not know); those are printed and do not stop anything.
 """
 
 from __future__ import annotations
 
+import difflib
 import re
 from collections.abc import Iterable
 
@@ -13,7 +16,16 @@ from tisslm.agent import ast
 from tisslm.agent.parser import Diagnostic
 
 DIRECTIVES = ("persona", "output", "language")
-INTERPOLATION = re.compile(r"\{\{\s*([A-Za-z_][A-Za-z0-9_]*)\s*\}\}")
+# What `{{...}}` may hold: a variable, or a field of the latest RUN or PROMPT_AGENT.
+FIELDS = {
+    "LAST_RUN": ("EXIT_CODE", "STDOUT", "STDERR", "DURATION", "TIMED_OUT"),
+    "LAST_PROMPT": ("MEAN_ENTROPY", "MAX_ENTROPY"),
+}
+INTERPOLATION = re.compile(
+    r"\{\{\s*(?:(?P<object>LAST_RUN|LAST_PROMPT)\s*\.\s*(?P<field>EXIT_CODE|STDOUT|STDERR|DURATION|TIMED_OUT"
+    r"|MEAN_ENTROPY|MAX_ENTROPY)|(?P<name>[A-Za-z_][A-Za-z0-9_]*))\s*\}\}"
+)
+PLACEHOLDER = re.compile(r"\{\{(.*?)\}\}")  # anything that looks like one, supported or not
 DURATION = re.compile(r"(\d+(?:\.\d+)?)\s*(ms|s|m|h)?")
 UNITS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0, None: 1.0}
 BUILTINS = ("LAST_ERROR",)  # set when a CATCH block starts: the message of what failed
@@ -27,8 +39,32 @@ def parse_duration(text: str) -> float | None:
 
 
 def interpolated(text: str) -> list[str]:
-    """The variable names a string interpolates with `{{name}}`."""
-    return INTERPOLATION.findall(text)
+    """The variable names a string interpolates with `{{name}}` (not `{{LAST_RUN.FIELD}}`)."""
+    return [m["name"] for m in INTERPOLATION.finditer(text) if m["name"] and m["name"] not in FIELDS]
+
+
+def unsupported_placeholders(text: str) -> list[str]:
+    """Why each `{{...}}` in `text` that interpolation leaves as it is (it is printed literally)."""
+    problems = []
+    for found in PLACEHOLDER.finditer(text):
+        if INTERPOLATION.fullmatch(found.group()) and found.group(1).strip() not in FIELDS:
+            continue
+        inside = found.group(1).strip()
+        head, _, field = (part.strip() for part in inside.partition("."))
+        if head in FIELDS:
+            fields = FIELDS[head]
+            close = difflib.get_close_matches(field.upper(), fields, n=1)
+            hint = f"did you mean {{{{{head}.{close[0]}}}}}? " if close else ""
+            problems.append(
+                f"{found.group()} is not a field of {head}: {hint}{head} has {', '.join(fields)} "
+                "(the text is printed literally)"
+            )
+        else:
+            problems.append(
+                f"unsupported placeholder {found.group()} is printed literally: use {{{{name}}}} for a variable, "
+                "{{LAST_RUN.FIELD}} or {{LAST_PROMPT.FIELD}}"
+            )
+    return problems
 
 
 def _strings(node: ast.Node) -> Iterable[str]:
@@ -127,3 +163,39 @@ def check(script: ast.Script, given: Iterable[str] = ()) -> list[Diagnostic]:
     checker = _Checker(given)
     checker.visit(script.body)
     return checker.errors
+
+
+def _expr_strings(expr: ast.Expr) -> Iterable[tuple[str, ast.Span]]:
+    match expr:
+        case ast.Literal(value=str(text)) | ast.FileExists(path=text):
+            yield text, expr.span
+        case ast.Binary(left=left, right=right):
+            yield from _expr_strings(left)
+            yield from _expr_strings(right)
+        case ast.Not(operand=operand) | ast.IsEmpty(operand=operand):
+            yield from _expr_strings(operand)
+
+
+def check_warnings(script: ast.Script, given: Iterable[str] = ()) -> list[Diagnostic]:
+    """What runs, but probably not as meant: a VAR that a `--var` of the same name overrides (the
+    command line wins, as with make's and ansible's variables), a READ ... AS or ... INTO that
+    replaces a `--var`, and `{{...}}` placeholders that interpolation does not know (printed as is)."""
+    given = set(given)
+    out: list[Diagnostic] = []
+
+    def warn(span: ast.Span, message: str) -> None:
+        out.append(Diagnostic(span.line, span.column, message, severity="warning"))
+
+    for node in ast.walk(script):
+        match node:
+            case ast.Var(name=name) if name in given:
+                warn(node.span, f"VAR {name} is skipped: --var {name}=... on the command line wins over the script")
+            case ast.Read(name=name) | ast.PromptAgent(into=name) | ast.Retrieve(into=name) if name in given:
+                warn(node.span, f"{name} was given with --var, and this statement replaces its value when it runs")
+        strings = [(text, node.span) for text in _strings(node)]
+        if isinstance(node, ast.Assert | ast.Var | ast.If):
+            strings += list(_expr_strings(node.condition if not isinstance(node, ast.Var) else node.value))
+        for text, span in strings:
+            for problem in unsupported_placeholders(text):
+                warn(span, problem)
+    return out

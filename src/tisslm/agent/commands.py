@@ -18,15 +18,11 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tisslm.agent import ast
-from tisslm.agent.adapter import make_adapter
-from tisslm.agent.audit import AuditLog, default_audit_path, sha256
-from tisslm.agent.checks import check, interpolated
-from tisslm.agent.interpreter import DEFAULT_TOP, Engine, ScriptFailure
+from tisslm.agent.checks import check, check_warnings, interpolated
 from tisslm.agent.parser import TissSyntaxError, format_expr, parse_file
-from tisslm.agent.review import Reviewer
-from tisslm.agent.sandbox import SANDBOX_UID, Limits, make_sandbox
-from tisslm.agent.workspace import Workspace
 from tisslm.core.errors import TissLMError
+
+# `run`'s engine, sandbox and model adapter (httpx) load inside run_command: check and plan skip them.
 
 if TYPE_CHECKING:
     from tisslm.kb import KnowledgeBase
@@ -35,6 +31,7 @@ app = typer.Typer(
     add_completion=False,
     no_args_is_help=True,
     pretty_exceptions_enable=False,
+    rich_markup_mode=None,
     help="TissLang: check, plan and run agent scripts (.tiss) in a sandbox.",
 )
 
@@ -53,12 +50,14 @@ def _variables(pairs: list[str] | None) -> dict[str, str]:
 
 
 def load_checked(path: Path, given: list[str]) -> ast.Script:
-    """Parse and check a script; print every error and exit 2 if there is any."""
+    """Parse and check a script; print every error and exit 2 if there is any (warnings: printed only)."""
     try:
         script = parse_file(path)
         source = path.read_text(encoding="utf-8")
         if problems := check(script, given):
             raise TissSyntaxError(str(path), source, problems)
+        for warning in check_warnings(script, given):  # --var over VAR, unknown {{...}}: reported, not fatal
+            print(warning.render(str(path), source), file=sys.stderr)
     except TissSyntaxError as err:
         print(err.render(), file=sys.stderr)
         count = len(err.diagnostics)
@@ -111,6 +110,8 @@ def _risks(node: ast.Node, model_vars: set[str]) -> list[str]:
 
 
 def _describe(node: ast.Node) -> str:
+    from tisslm.agent.interpreter import DEFAULT_TOP
+
     match node:
         case ast.Run(command=text) | ast.Log(text=text) | ast.Pause(text=text) | ast.RequestReview(text=text):
             return text
@@ -200,11 +201,10 @@ def plan_command(
 
 def _content_filter():
     """The content filter of ./params.yaml (else the defaults), which every PROMPT_AGENT answer goes through."""
-    from tisslm.core.config import DEFAULT_PARAMS, load_params
+    from tisslm.core.config import project_params
     from tisslm.safety.filters import ContentFilter
 
-    params = load_params(DEFAULT_PARAMS if DEFAULT_PARAMS.is_file() else None)
-    return ContentFilter(params.safety.filters, params.clean.anonymize)
+    return ContentFilter.from_params(project_params())
 
 
 def _open_kb(directory: Path) -> KnowledgeBase:
@@ -235,6 +235,13 @@ def run_command(
     ] = None,
 ) -> None:
     """Run a script: RUN in the sandbox, READ/WRITE inside the workspace, every step audited."""
+    from tisslm.agent.adapter import make_adapter
+    from tisslm.agent.audit import AuditLog, default_audit_path, sha256
+    from tisslm.agent.interpreter import Engine, ScriptFailure
+    from tisslm.agent.review import Reviewer
+    from tisslm.agent.sandbox import SANDBOX_UID, Limits, make_sandbox
+    from tisslm.agent.workspace import Workspace
+
     if approve_all and deny_all:
         raise TissLMError("pass --approve-all or --deny-all, not both")
     if timeout <= 0 or command_timeout <= 0:

@@ -1,11 +1,17 @@
 """The TissLang engine: executes a checked script, statement by statement.
 
-State is the variables and LAST_RUN (the result of the latest RUN). A RUN that exits non-zero is
-data, not an error: ASSERT and IF look at it. What *is* an error — a failed ASSERT, a refused
-READ/WRITE, a RUN that cannot start or times out, a model that cannot answer, an exhausted
-budget — raises `ScriptFailure`, which a TRY sends to its CATCH (with LAST_ERROR set) and which
-otherwise halts the run with a report pointing at `FILE:LINE:COL`. A reviewer's "no" is the one
-failure a CATCH cannot swallow: a human stopping the agent must stop it.
+State is the variables and LAST_RUN (the result of the latest RUN). Variables given from outside
+(`--var`) are fixed for the run: a VAR of the same name is skipped, as make's command-line
+variables override a makefile's (`check` warns about it). A RUN that exits non-zero is data, not
+an error: ASSERT and IF look at it. What *is* an error — a failed ASSERT, a refused READ/WRITE, a
+RUN that cannot start or times out, a model that cannot answer, an exhausted budget — raises
+`ScriptFailure`, which a TRY sends to its CATCH (with LAST_ERROR set) and which otherwise halts
+the run with a report pointing at `FILE:LINE:COL`; a failed ASSERT's report shows its condition
+with the strings interpolated and the values it compared. A reviewer's "no" is the one failure a
+CATCH cannot swallow: a human stopping the agent must stop it.
+
+Strings interpolate `{{name}}`, `{{LAST_RUN.FIELD}}` and `{{LAST_PROMPT.FIELD}}`. While the model
+answers, `progress` (progress.py) shows it on stderr; stdout stays the run's transcript.
 
 Values interpolated into a RUN command are shell-quoted (`shlex.quote`), so a variable holding a
 file's content or a model's answer is always one inert word, never shell syntax.
@@ -21,6 +27,7 @@ log records both with each model call and PROMPT_AGENT.
 
 from __future__ import annotations
 
+import inspect
 import re
 import shlex
 import time
@@ -32,8 +39,9 @@ from typing import TYPE_CHECKING
 from tisslm.agent import ast
 from tisslm.agent.adapter import MAX_TOKENS, AdapterError, Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, sha256
-from tisslm.agent.checks import INTERPOLATION, parse_duration
+from tisslm.agent.checks import FIELDS, INTERPOLATION, parse_duration
 from tisslm.agent.parser import Diagnostic, format_expr
+from tisslm.agent.progress import ModelProgress
 from tisslm.agent.review import Decision, Reviewer, ReviewError
 from tisslm.agent.sandbox import Limits, RunResult, Sandbox, SandboxError, sandbox_description
 from tisslm.agent.workspace import Workspace, WorkspaceRefusal
@@ -119,6 +127,40 @@ def _entropy(reply: Completion) -> dict[str, float]:
     return {"mean_entropy": round(reply.mean_entropy, 6), "max_entropy": round(reply.max_entropy, 6)}
 
 
+def _reports_tokens(adapter) -> bool:
+    """Whether the adapter's `complete` takes `on_tokens` (the local model does; a server cannot)."""
+    try:
+        return "on_tokens" in inspect.signature(adapter.complete).parameters
+    except (TypeError, ValueError):
+        return False
+
+
+EXCERPT_CHARS = 400  # a compared value longer than this is shown as its start and its end
+
+
+def _excerpt(value: Value) -> str:
+    """A value for a failure message: numbers as they are, text quoted, long text cut in the middle
+    (the end of a command's output, where test runners put their summary, is kept longest)."""
+    if isinstance(value, bool | int | float):
+        return _text(value)
+    if len(value) <= EXCERPT_CHARS:
+        return repr(value)
+    head, tail = value[: EXCERPT_CHARS // 4], value[-(EXCERPT_CHARS * 3 // 4) :]
+    return f"{head!r} ... [{len(value) - len(head) - len(tail)} characters] ... {tail!r}"
+
+
+def _operands(node: ast.Expr) -> list[ast.Expr]:
+    """The variables and LAST_RUN / LAST_PROMPT fields an expression reads, in order."""
+    match node:
+        case ast.VarRef() | ast.LastRun() | ast.LastPrompt():
+            return [node]
+        case ast.Binary(left=left, right=right):
+            return _operands(left) + _operands(right)
+        case ast.Not(operand=operand) | ast.IsEmpty(operand=operand):
+            return _operands(operand)
+    return []
+
+
 def _truthy(value: Value) -> bool:
     if isinstance(value, str):
         return value != ""
@@ -152,13 +194,17 @@ class Engine:
         content_filter: ContentFilter | None = None,
         seed: int = 0,
         say: Callable[[str], None] = print,
+        progress: ModelProgress | None = None,
     ):
         self.script, self.workspace, self.sandbox = script, workspace, sandbox
         self.limits, self.adapter, self.audit, self.seed, self.say = limits, adapter, audit, seed, say
         self.content_filter = content_filter
+        self.progress = progress or ModelProgress()  # on stderr while the model answers: stdout is the transcript
         self.reviewer = reviewer or Reviewer()
         self.kb = kb
         self.variables: dict[str, Value] = dict(variables or {})
+        # `variables` are those given from outside (--var): they win over the script's own VAR.
+        self.fixed = frozenset(self.variables)
         self.directives: dict[str, str] = {}
         self.last_run: RunResult | None = None
         self.last_prompt: Completion | None = None  # the latest PROMPT_AGENT's answer
@@ -191,14 +237,35 @@ class Engine:
             self.audit.record(event, **fields)
 
     def interpolate(self, text: str, span: ast.Span, shell: bool = False) -> str:
+        """`text` with each `{{name}}`, `{{LAST_RUN.FIELD}}` and `{{LAST_PROMPT.FIELD}}` replaced by its
+        value (shell-quoted for RUN); any other `{{...}}` stays as it is (`check` warns about it)."""
+
         def value(found: re.Match) -> str:
-            name = found.group(1)
-            if name not in self.variables:
-                raise ScriptFailure(span, "undefined variable", f"{name!r} has no value here")
-            text = _text(self.variables[name])
+            name = found["name"]
+            if name in FIELDS:  # {{LAST_RUN}} without a field: not a placeholder
+                return found.group()
+            if name is not None:
+                if name not in self.variables:
+                    raise ScriptFailure(span, "undefined variable", f"{name!r} has no value here")
+                text = _text(self.variables[name])
+            else:
+                text = _text(self._field(found["object"], found["field"], span))
             return shlex.quote(text) if shell else text
 
         return INTERPOLATION.sub(value, text)
+
+    def _field(self, of: str, name: str, span: ast.Span) -> Value:
+        """LAST_RUN.name or LAST_PROMPT.name; a failure before the first RUN / PROMPT_AGENT."""
+        if of == "LAST_RUN":
+            run = self.last_run
+            if run is None:
+                raise ScriptFailure(span, "no command yet", f"LAST_RUN.{name} before any RUN")
+            return {"EXIT_CODE": run.exit_code, "STDOUT": run.stdout, "STDERR": run.stderr,
+                    "DURATION": run.duration, "TIMED_OUT": run.timed_out}[name]  # fmt: skip
+        reply = self.last_prompt
+        if reply is None:
+            raise ScriptFailure(span, "no prompt yet", f"LAST_PROMPT.{name} before any PROMPT_AGENT")
+        return {"MEAN_ENTROPY": reply.mean_entropy, "MAX_ENTROPY": reply.max_entropy}[name]
 
     def _left_s(self, span: ast.Span) -> float:
         left = self.budget.deadline - time.monotonic()
@@ -365,14 +432,51 @@ class Engine:
 
     def do_assert(self, node: ast.Assert):
         if not _truthy(self.evaluate(node.condition)):
-            detail = ""
-            if self.last_run is not None and "LAST_RUN" in format_expr(node.condition):
-                run = self.last_run
-                detail = f" (last run: exit {run.exit_code}; stderr: {run.stderr.strip()[-200:]!r})"
-            raise ScriptFailure(node.span, "assertion failed", format_expr(node.condition) + detail)
+            raise ScriptFailure(node.span, "assertion failed", self._explain(node.condition))
         return {"condition": format_expr(node.condition)}
 
+    def _explain(self, condition: ast.Expr) -> str:
+        """A failed condition as it was tested: its strings interpolated, then the value of each
+        variable, LAST_RUN and LAST_PROMPT field it compared (long ones shortened in the middle)."""
+        shown = format_expr(self._interpolated(condition))
+        values, seen = [], set()
+        for operand in _operands(condition):
+            label = format_expr(operand)
+            if label in seen:
+                continue
+            seen.add(label)
+            try:
+                values.append(f"{label} was {_excerpt(self.evaluate(operand))}")
+            except ScriptFailure:
+                continue
+        run = self.last_run
+        if run is not None and any(isinstance(o, ast.LastRun) for o in _operands(condition)):
+            if run.stderr.strip() and "LAST_RUN.STDERR" not in seen:
+                values.append(f"LAST_RUN.STDERR was {_excerpt(run.stderr)}")
+            if "LAST_RUN.EXIT_CODE" not in seen:
+                values.append(f"LAST_RUN.EXIT_CODE was {run.exit_code}")
+        return shown + (f" ({'; '.join(values)})" if values else "")
+
+    def _interpolated(self, node: ast.Expr) -> ast.Expr:
+        """`node` with its string literals (and FILE paths) interpolated, for showing it."""
+        try:
+            match node:
+                case ast.Literal(value=str(text)):
+                    return replace(node, value=self.interpolate(text, node.span))
+                case ast.FileExists(path=path):
+                    return replace(node, path=self.interpolate(path, node.span))
+        except ScriptFailure:
+            return node
+        match node:
+            case ast.Binary(left=left, right=right):
+                return replace(node, left=self._interpolated(left), right=self._interpolated(right))
+            case ast.Not(operand=operand) | ast.IsEmpty(operand=operand):
+                return replace(node, operand=self._interpolated(operand))
+        return node
+
     def do_var(self, node: ast.Var):
+        if node.name in self.fixed:  # the command line wins, as make's and ansible's variables do
+            return {"name": node.name, "skipped": "given with --var"}
         self.variables[node.name] = self.evaluate(node.value)
         return {"name": node.name}
 
@@ -382,7 +486,12 @@ class Engine:
             raise AdapterError(f"API_CALLS budget of {budget.api_calls} is used up")
         if self.adapter is None:
             raise AdapterError("no model: pass --model DIR or --base-url URL")
-        reply = self.adapter.complete(prompt, max_tokens, seed=self.seed + budget.calls_used)
+        options = {"on_tokens": None} if _reports_tokens(self.adapter) else {}
+        with self.progress(f"{self.adapter.name} answering", max_tokens) as tally:
+            if options:
+                options["on_tokens"] = tally
+            reply = self.adapter.complete(prompt, max_tokens, seed=self.seed + budget.calls_used, **options)
+            tally.count = reply.completion_tokens
         budget.calls_used += 1
         budget.tokens_used += reply.prompt_tokens + reply.completion_tokens
         decisions = []
@@ -489,16 +598,9 @@ class Engine:
                     raise ScriptFailure(node.span, "undefined variable", f"{name!r} has no value here")
                 return self.variables[name]
             case ast.LastRun(field=name):
-                run = self.last_run
-                if run is None:
-                    raise ScriptFailure(node.span, "no command yet", f"LAST_RUN.{name} before any RUN")
-                return {"EXIT_CODE": run.exit_code, "STDOUT": run.stdout, "STDERR": run.stderr,
-                        "DURATION": run.duration, "TIMED_OUT": run.timed_out}[name]  # fmt: skip
+                return self._field("LAST_RUN", name, node.span)
             case ast.LastPrompt(field=name):
-                reply = self.last_prompt
-                if reply is None:
-                    raise ScriptFailure(node.span, "no prompt yet", f"LAST_PROMPT.{name} before any PROMPT_AGENT")
-                return {"MEAN_ENTROPY": reply.mean_entropy, "MAX_ENTROPY": reply.max_entropy}[name]
+                return self._field("LAST_PROMPT", name, node.span)
             case ast.FileExists(path=path):
                 return self.workspace.exists(self.interpolate(path, node.span))
             case ast.Not(operand=operand):

@@ -15,6 +15,7 @@ Parsing happens in three passes:
 
 from __future__ import annotations
 
+import difflib
 import re
 from dataclasses import dataclass
 from functools import cache
@@ -40,12 +41,14 @@ class Diagnostic:
     line: int
     column: int
     message: str
+    severity: str = "error"  # or "warning": printed with that prefix, and not a reason to stop
 
     def render(self, filename: str, source: str) -> str:
         lines = source.split("\n")
         text = lines[self.line - 1].rstrip("\r") if 0 < self.line <= len(lines) else ""
         caret = "".join(c if c == "\t" else " " for c in text[: self.column - 1]) + "^"
-        return f"{filename}:{self.line}:{self.column}: {self.message}\n    {text}\n    {caret}"
+        prefix = "warning: " if self.severity == "warning" else ""
+        return f"{filename}:{self.line}:{self.column}: {prefix}{self.message}\n    {text}\n    {caret}"
 
 
 class TissSyntaxError(TissLMError):
@@ -145,6 +148,17 @@ _FRIENDLY = {
 }
 
 
+STATEMENTS = ("TASK", "SETUP", "STEP", "IF", "ELSE", "TRY", "CATCH", "PARALLEL", "CHOOSE", "OPTION",
+              "ESTIMATE_COST", "RUN", "WRITE", "READ", "ASSERT", "VAR", "PROMPT_AGENT", "RETRIEVE", "SET_BUDGET",
+              "LOG", "PAUSE", "REQUEST_REVIEW")  # fmt: skip
+OPERATORS = ("CONTAINS", "MATCHES", "IS_EMPTY", "AND", "OR", "NOT", "THEN", "EXISTS", "AS", "INTO", "TOP")
+BINARY = {"CONTAINS", "MATCHES", "COMPARE", "AND", "OR", "NOT", "EQUAL"}  # want a value on their right
+FIELD_NAMES = {
+    "FIELD": ("EXIT_CODE", "STDOUT", "STDERR", "DURATION", "TIMED_OUT"),
+    "PROMPT_FIELD": ("MEAN_ENTROPY", "MAX_ENTROPY"),
+}
+
+
 def _describe(token: Token) -> str:
     if token.type == "$END":
         return "end of file"
@@ -153,19 +167,71 @@ def _describe(token: Token) -> str:
     return repr(str(token))
 
 
+def _suggest(word: str, candidates) -> str:
+    """` (did you mean X?)` for the candidate nearest `word`, or nothing."""
+    if word.upper() in candidates and word != word.upper():
+        return f" (keywords are in capitals: did you mean {word.upper()}?)"
+    close = difflib.get_close_matches(word.upper(), list(candidates), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]}?)" if close else ""
+
+
+def _expected(names) -> str:
+    expected = sorted(_FRIENDLY.get(name, name) for name in names if not name.startswith("__"))
+    if "RUN" in names:
+        return "a command or block (RUN, WRITE, STEP, IF, ...)"
+    return ", ".join(expected) or "something else"
+
+
 def _message(err: UnexpectedInput) -> str:
     if isinstance(err, UnexpectedToken):
-        expected = sorted(_FRIENDLY.get(name, name) for name in err.expected if not name.startswith("__"))
-        if len(expected) > 8:
-            wanted = "a command or block (RUN, WRITE, STEP, IF, ...)"
-        else:
-            wanted = ", ".join(expected) or "something else"
-        return f"unexpected {_describe(err.token)}; expected {wanted}"
+        token, expected = err.token, set(err.expected)
+        history = [t for t in (getattr(err, "token_history", None) or []) if t is not None]
+        previous = history[-1] if history else None
+        if token.type == "EQUAL" and "COMPARE" in expected:
+            return "'=' does not compare: did you mean '=='?"
+        if token.type in ("_NL", "$END", "RPAR", "RBRACE") and previous is not None:
+            operator = str(previous) if str(previous).isalpha() else repr(str(previous))
+            if previous.type in BINARY:
+                needs = "a condition after it" if previous.type == "NOT" else "a value on its right"
+                found = "" if token.type in ("_NL", "$END") else f", not {_describe(token)}"
+                return f"{operator} needs {needs}{found}"
+            if token.type in ("_NL", "$END") and str(previous).isupper() and previous.type == str(previous):
+                return f"{previous} needs {_expected(expected)} after it"
+        if previous is not None and previous.type == "NAME" and str(previous) in BINARY - {"NOT"}:
+            return f"{previous} needs a value on its left"  # `ASSERT CONTAINS "x"`: read as a variable
+        if token.type == "LBRACE" and "THEN" in expected:
+            return "IF needs THEN before its block: IF condition THEN { ... }"
+        hint = ""
+        if token.type == "NAME":
+            if "RUN" in expected:
+                return f"unknown keyword {str(token)!r}{_suggest(str(token), STATEMENTS)}"
+            fields = [value for name in expected & FIELD_NAMES.keys() for value in FIELD_NAMES[name]]
+            hint = _suggest(str(token), fields or [n for n in OPERATORS if n in expected])
+        return f"unexpected {_describe(token)}; expected {_expected(expected)}{hint}"
     if isinstance(err, UnexpectedCharacters):
         if err.char == '"':
             return 'unterminated string (a string ends with " on the same line)'
+        if err.char == "=" and "COMPARE" in err.allowed:
+            return "'=' does not compare: did you mean '=='?"
         return f"unexpected character {err.char!r}"
     return str(err).splitlines()[0]
+
+
+def _position(err: UnexpectedInput) -> tuple[int, int]:
+    """Where to point: at an operator left without its operand, else at the unexpected input."""
+    if isinstance(err, UnexpectedToken):
+        history = [t for t in (getattr(err, "token_history", None) or []) if t is not None]
+        previous = history[-1] if history else None
+        if (
+            previous is not None
+            and previous.line == err.line
+            and (
+                (previous.type in BINARY and err.token.type in ("_NL", "$END", "RPAR", "RBRACE"))
+                or (previous.type == "NAME" and str(previous) in BINARY)
+            )
+        ):
+            return previous.line, previous.column
+    return err.line, err.column
 
 
 def _braces(code: str) -> int:
@@ -189,25 +255,28 @@ def _unclosed_brace(lines: list[str]) -> tuple[int, int] | None:
 def _inside_word(text: str, line: int, column: int) -> Diagnostic | None:
     """`RUNN "x"` lexes as RUN then a stray N: name the whole word instead of its last letter."""
     start = column - 1
+    if start >= len(text) or not (text[start].isalnum() or text[start] == "_"):
+        return None  # the error is after a word (a missing operand), not inside one
     while start > 0 and (text[start - 1].isalnum() or text[start - 1] == "_"):
         start -= 1
     if start == column - 1:
         return None
     word = re.match(r"\w*", text[start:]).group()
-    return Diagnostic(line, start + 1, f"unknown keyword {word!r}")
+    first = not code_of(text)[:start].strip()
+    return Diagnostic(line, start + 1, f"unknown keyword {word!r}{_suggest(word, STATEMENTS if first else OPERATORS)}")
 
 
 def _parse_tree(lines: list[str], errors: list[Diagnostic]) -> Tree | None:
     seen: set[tuple[int, int]] = set()
     for _ in range(MAX_PASSES):
         try:
-            return _lark().parse("\n".join(lines))
+            return _lark().parse("\n".join(lines).rstrip("\n") + "\n")  # a last line without newline still ends in one
         except UnexpectedInput as err:
             at_end = isinstance(err, UnexpectedToken) and err.token.type == "$END"
             if at_end and (opened := _unclosed_brace(lines)):
                 errors.append(Diagnostic(*opened, "this block is never closed: add a '}'"))
                 return None
-            line, column = (err.line, err.column) if err.line > 0 else (len(lines), 1)
+            line, column = _position(err) if err.line > 0 else (len(lines), 1)
             if (line, column) in seen or at_end:
                 errors.append(Diagnostic(line, column, _message(err)))
                 return None

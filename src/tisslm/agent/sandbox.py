@@ -13,6 +13,17 @@ A RUN command may have been written by a model, so the sandbox assumes it is hos
   /etc/shadow and /root. So when the engine runs as root, bwrap itself is started as uid/gid 65534
   (Popen's user/group), which owns nothing on the host; the workspace is handed to that uid
   (workspace.py). A non-root caller runs bwrap as itself, the usual unprivileged bubblewrap setup.
+- uid 65534 must be able to walk the workspace's path, since bwrap (running as that uid) resolves
+  its bind source by path, `--bind-fd` included. A root caller's workspace often lies below a
+  directory only root may enter (a `mkdtemp()` parent, /root). Then the engine starts bwrap through
+  a small launcher (`LAUNCHER`) that, still as root, enters a private mount namespace of its own,
+  covers the topmost directory that uid 65534 cannot enter with an empty tmpfs (mode 0755),
+  recreates the path below it and bind-mounts the workspace (opened as a directory fd before the
+  tmpfs hides it) back at the same path, then drops to uid/gid 65534 with no supplementary groups
+  and execs prlimit + bwrap exactly as before. The host's mounts are untouched (the namespace is
+  private and dies with the command); the sandbox sees the workspace at its real path, and nothing
+  else of the hidden directory. Without CAP_SYS_ADMIN (a container without it) the launcher fails
+  closed with a message naming the directory and the fix.
 - rlimits (CPU seconds, address space, processes, file size, open files) are set by `prlimit` on
   the bwrap process and inherited by everything inside. Process counts are charged per user
   namespace, so a fork bomb meets its limit inside the sandbox and nowhere else.
@@ -34,7 +45,9 @@ import os
 import selectors
 import shutil
 import signal
+import stat
 import subprocess
+import sys
 import time
 from dataclasses import asdict, dataclass
 from pathlib import Path
@@ -45,6 +58,38 @@ SANDBOX_UID = 65534  # nobody/nogroup: owns nothing on the host
 SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HIDDEN = ("/home", "/root", "/run")  # replaced by empty tmpfs inside the sandbox
 POLL_S = 0.1  # how often the output loop looks at the process while no output arrives
+
+# Run as root by `python -I -S -c LAUNCHER WORKSPACE HIDE UID ARGV...`: gives uid UID a path to
+# WORKSPACE in a private mount namespace (HIDE: the topmost directory on the way that UID cannot
+# enter), drops to UID and execs ARGV. See the module's docstring. Exit status 126 on failure.
+LAUNCHER = r"""
+import ctypes, os, sys
+workspace, hide, uid, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+libc = ctypes.CDLL(None, use_errno=True)
+def must(result, what):
+    if result != 0:
+        error = os.strerror(ctypes.get_errno())
+        sys.stderr.write(f"tiss sandbox launcher: {what}: {error}; {hide} is closed to uid {uid}: "
+                         f"chmod o+x {hide}, or use a workspace outside it\n")
+        sys.exit(126)
+must(libc.unshare(0x00020000), "cannot make a private mount namespace (needs CAP_SYS_ADMIN)")
+must(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "cannot make the mounts private")
+try:
+    fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+except OSError as err:
+    sys.exit(f"tiss sandbox launcher: cannot open the workspace {workspace}: {err.strerror}")
+must(libc.mount(b"tmpfs", hide.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0755,size=1m"),
+     f"cannot cover {hide}")
+os.makedirs(workspace, mode=0o755, exist_ok=True)  # on the new tmpfs, root's: nothing to race with
+must(libc.mount(f"/proc/self/fd/{fd}".encode(), workspace.encode(), None, MS_BIND | MS_REC, None),
+     f"cannot bind {workspace}")
+os.close(fd)
+os.setgroups([])
+os.setresgid(uid, uid, uid)
+os.setresuid(uid, uid, uid)
+os.execv(argv[0], argv)  # an absolute path: nothing may be imported now (the interpreter may be in /root)
+"""
 
 
 class SandboxError(TissLMError):
@@ -91,6 +136,10 @@ class Sandbox:
     def popen_options(self) -> dict:
         return {}
 
+    def launch(self, argv: list[str]) -> list[str]:
+        """The argv that starts `argv` (the prlimit + sandbox command line)."""
+        return argv
+
     def run(self, command: str, limits: Limits) -> RunResult:
         prlimit = [
             "prlimit",
@@ -102,7 +151,7 @@ class Sandbox:
             "--",
         ]
         status_read, status_write = os.pipe()
-        argv = prlimit + self.command_line(command, status_write)
+        argv = self.launch(prlimit + self.command_line(command, status_write))
         start = time.monotonic()
         try:
             proc = subprocess.Popen(
@@ -139,8 +188,29 @@ class Sandbox:
         )
 
 
+def closed_ancestor(path: Path, uid: int = SANDBOX_UID, gid: int = SANDBOX_UID) -> Path | None:
+    """The topmost directory on the way to `path` (itself included) that `uid`/`gid`, without
+    supplementary groups, may not enter (no search permission by its mode bits); None if none."""
+    for directory in (*reversed(path.parents), path):
+        info = directory.stat()
+        if info.st_uid == uid:
+            bit = stat.S_IXUSR
+        elif info.st_gid == gid:
+            bit = stat.S_IXGRP
+        else:
+            bit = stat.S_IXOTH
+        if not info.st_mode & bit:
+            return directory
+    return None
+
+
 class Bubblewrap(Sandbox):
     profile = "bwrap"
+
+    def __init__(self, workspace: Path):
+        super().__init__(workspace)
+        # Where a root caller's sandbox uid could not reach the workspace, the launcher makes a way.
+        self.hidden = closed_ancestor(self.workspace) if os.geteuid() == 0 else None
 
     def command_line(self, command: str, status_fd: int) -> list[str]:
         ws = str(self.workspace)
@@ -173,9 +243,16 @@ class Bubblewrap(Sandbox):
         ]  # fmt: skip
 
     def popen_options(self) -> dict:
-        if os.geteuid() == 0:
+        if os.geteuid() == 0 and self.hidden is None:  # else the launcher drops to SANDBOX_UID itself
             return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
         return {}
+
+    def launch(self, argv: list[str]) -> list[str]:
+        if self.hidden is None:
+            return argv
+        ws, hidden = str(self.workspace), str(self.hidden)
+        program = shutil.which(argv[0]) or argv[0]
+        return [sys.executable, "-I", "-S", "-c", LAUNCHER, ws, hidden, str(SANDBOX_UID), program, *argv[1:]]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:
@@ -237,8 +314,18 @@ def make_sandbox(profile: str, workspace: Path) -> Sandbox:
     sandbox = Bubblewrap(workspace)
     probe = sandbox.run("true", Limits(timeout_s=30))
     if probe.exit_code != 0:
-        raise SandboxError(f"the bubblewrap sandbox does not work here: {probe.stderr.strip()}")
+        raise SandboxError(f"the bubblewrap sandbox does not work here: {probe.stderr.strip()}{_hint(probe.stderr)}")
     return sandbox
+
+
+def _hint(stderr: str) -> str:
+    """What to do about a probe failure whose cause is known."""
+    if "Can't find source path" in stderr and "Permission denied" in stderr and os.geteuid() == 0:
+        return (
+            f" (bwrap runs as uid {SANDBOX_UID} when started by root, and that uid cannot reach the "
+            "workspace: put it under a directory every user may enter, or chmod o+x the directory that is closed)"
+        )
+    return ""
 
 
 def sandbox_description(sandbox: Sandbox, limits: Limits) -> dict:

@@ -15,10 +15,55 @@ import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveInt, Tag, model_validator
 
 from tisslm.core.errors import ConfigError, parse
-from tisslm.core.model import ModelConfig
-from tisslm.core.sampling import SamplingParams
 
 DEFAULT_PARAMS = Path("params.yaml")
+
+
+# The model's and the sampler's settings live here, not beside the code that uses them, so that
+# reading params.yaml (every command, every stage) never imports torch. `tisslm.core.model` and
+# `tisslm.core.sampling` re-export them.
+class ModelConfig(BaseModel):
+    """Architecture hyper-parameters; the `model` section of params.yaml and a model's config.json."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+    vocab_size: PositiveInt = 8192  # rows of the embedding; may exceed the tokenizer's vocabulary
+    d_model: PositiveInt = 128  # width of the residual stream
+    n_layers: PositiveInt = 6  # number of transformer blocks
+    n_heads: PositiveInt = 4  # query heads; head_dim = d_model // n_heads
+    n_kv_heads: PositiveInt = 2  # key/value heads shared by groups of query heads (1 = MQA)
+    d_ff: PositiveInt = 384  # hidden width of the SwiGLU feed-forward
+    max_seq_len: PositiveInt = 512  # longest context: sizes the RoPE tables and the KV cache
+    rope_theta: float = Field(10000.0, gt=0)  # RoPE base; larger stretches the longest wavelength
+    norm_eps: float = Field(1e-5, gt=0)  # added to the mean square in RMSNorm
+    dropout: float = Field(0.0, ge=0, lt=1)  # on embeddings, attention weights and residual branches
+    tie_embeddings: bool = True  # share the embedding matrix with the output head
+
+    @model_validator(mode="after")
+    def _check_shapes(self) -> ModelConfig:
+        if self.d_model % self.n_heads:
+            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
+        if self.n_heads % self.n_kv_heads:
+            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
+        if self.head_dim % 2:
+            raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
+        return self
+
+    @property
+    def head_dim(self) -> int:
+        return self.d_model // self.n_heads
+
+
+class SamplingParams(BaseModel):
+    """How the next token is drawn; params.yaml's `generate` section holds the defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    max_new_tokens: NonNegativeInt = 128  # tokens to add after the prompt
+    temperature: float = Field(0.8, ge=0)  # softmax temperature; 0 is greedy
+    top_k: PositiveInt | None = 50  # sample among the k most likely tokens (None: all)
+    top_p: float | None = Field(0.95, gt=0, le=1)  # nucleus mass (None or 1: no nucleus cut)
+    seed: int | None = None  # fixes the sampled tokens; None draws fresh randomness
 
 
 class _Section(BaseModel):
@@ -195,12 +240,36 @@ class QuantizeParams(_Section):
     goals: QuantizeGoals = QuantizeGoals()  # what a scheme must reach to count as worth it (reported, not enforced)
 
 
+class KnowledgeBaseFieldWeights(_Section):
+    """bm25() weight of each full-text field of a chunk (tisslm.kb.store.FIELDS)."""
+
+    name: float = Field(4.0, ge=0)  # qualified name + its identifiers' words
+    signature: float = Field(2.0, ge=0)  # a def's or class's header lines
+    doc: float = Field(2.0, ge=0)  # its docstring
+    text: float = Field(1.0, ge=0)  # the whole chunk
+    terms: float = Field(0.25, ge=0)  # the words of the text's compound identifiers
+
+
+class KnowledgeBaseRanking(_Section):
+    """How searches of the index rank chunks (stored in the index: the server, CLI and TissLang use it)."""
+
+    split_identifiers: bool = True  # query identifiers also search their words; the terms field counts
+    field_weights: KnowledgeBaseFieldWeights = KnowledgeBaseFieldWeights()
+    file_weight: float = Field(0.3, ge=0)  # a chunk's score + this x its file's score (0: no aggregation)
+    test_weight: float = Field(0.3, ge=0, le=1)  # test files' chunk scores x this (0: left out)
+    deprecated_weight: float = Field(0.5, ge=0, le=1)  # deprecated modules' chunk scores x this
+    dense_weight: float = Field(0.25, ge=0)  # fused mode: the dense ranking's weight against the lexical one's
+
+
 class KnowledgeBaseParams(_Section):
-    """The knowledge_base stage: what it measures after indexing the train split of data/clean."""
+    """The knowledge_base stage: what it indexes from the train split of data/clean, how the index
+    ranks, and what it measures."""
 
     k: PositiveInt = 8  # chunks retrieved per held-out document for the context-gain figure
     mode: Literal["fused", "bm25", "dense"] = "fused"  # ranking used for that retrieval
     context_documents: PositiveInt = 16  # val documents scored with and without retrieved context
+    index_tests: bool = True  # index test files (down-weighted by ranking.test_weight); false leaves them out
+    ranking: KnowledgeBaseRanking = KnowledgeBaseRanking()
 
 
 class BiasHubSource(_Section):
@@ -307,6 +376,15 @@ class WatermarkParams(_Section):
     z_threshold: float = Field(4.0, gt=0)  # detection: z-scores at or above this say "watermarked"
 
 
+class SafetyGoals(_Section):
+    """What the safety stage's measurements should reach (reported in metrics/safety.json, not enforced)."""
+
+    filter_f1: float = Field(0.9, ge=0, le=1)  # at least: the filter's F1 over the labelled set (harmful or not)
+    filter_false_positive_rate: float = Field(0.02, ge=0, le=1)  # at most, on benign code that looks alarming
+    watermark_detection: float = Field(0.95, ge=0, le=1)  # at least, at the longest of watermark_lengths
+    watermark_false_positive_rate: float = Field(0.01, ge=0, le=1)  # at most, on human-written code and plain samples
+
+
 class SafetyParams(_Section):
     """Safety on what leaves the system: the content filter, the watermark, and what the safety stage measures."""
 
@@ -315,6 +393,7 @@ class SafetyParams(_Section):
     watermark_lengths: list[PositiveInt] = [50, 100, 200]  # generated tokens at which detection is measured
     watermark_samples: PositiveInt = 40  # generations per length (watermarked, and plain for the quality cost)
     red_team_max_tokens: PositiveInt = 48  # tokens the server generates per red-team prompt
+    goals: SafetyGoals = SafetyGoals()  # what the measurements should reach (reported, not enforced)
 
 
 class ServeParams(_Section):
@@ -416,3 +495,11 @@ def load_params(path: str | Path | None = DEFAULT_PARAMS, overrides: Sequence[st
     for override in overrides:
         _apply_override(data, override)
     return parse(Params, data, source)
+
+
+def project_params(path: str | Path | None = None, overrides: Sequence[str] = ()) -> Params:
+    """The params a command runs with: `path` if given, else ./params.yaml when there is one, else
+    the defaults; `key.sub=value` overrides applied. The one place that rule is written."""
+    if path is None and DEFAULT_PARAMS.is_file():
+        path = DEFAULT_PARAMS
+    return load_params(path, overrides)

@@ -13,7 +13,7 @@ model's own next token, so the output is plain greedy's, in fewer forwards when 
 from __future__ import annotations
 
 import weakref
-from collections.abc import Iterable, Sequence
+from collections.abc import Callable, Iterable, Sequence
 
 import torch
 from tokenizers import Tokenizer
@@ -54,6 +54,7 @@ def generate(
     compile: bool = False,
     lookahead: int = 0,
     decoder: DecodeEngine | None = None,
+    on_tokens: Callable[[int], None] | None = None,
 ) -> list[list[int]]:
     """Continue each prompt (a list of token ids); return the new tokens of each, stop token excluded.
 
@@ -63,7 +64,8 @@ def generate(
     each row's previous token, the prompt's last at the first step. `compile` decodes through the
     compiled step (see `tisslm.core.decode`); `lookahead` > 0 drafts that many tokens per step by
     prompt lookup (greedy only; see the module's docstring). `decoder` decodes with another engine
-    (llama.cpp's, say) of at least as many slots as there are prompts.
+    (llama.cpp's, say) of at least as many slots as there are prompts. `on_tokens(n)` is told each
+    time n more tokens (summed over the rows) have been generated: a progress bar's hook.
     """
     # The bounds live in one place, the schema of params.yaml's `generate` section.
     settings = {"temperature": temperature, "top_k": top_k, "top_p": top_p, "max_new_tokens": max_new_tokens}
@@ -90,7 +92,10 @@ def generate(
             logits[:, vocab_limit:] = float("-inf")
         if logits_processor is not None:
             logits = logits_processor(logits, previous)
-        return sample_next(logits, temperature, top_k, top_p, generator)
+        tokens = sample_next(logits, temperature, top_k, top_p, generator)
+        if on_tokens is not None:
+            on_tokens(len(tokens))
+        return tokens
 
     was_training = model.training
     model.eval()
@@ -105,7 +110,8 @@ def generate(
                 raise TissLMError(f"the decoder has {decoder.slots} slots for {rows} rows")
             if lookahead:
                 outputs = [
-                    _speculate(decoder, list(p), max_new_tokens, lookahead, pick, stop, vocab_limit) for p in prompts
+                    _speculate(decoder, list(p), max_new_tokens, lookahead, pick, stop, vocab_limit, on_tokens)
+                    for p in prompts
                 ]
             else:
                 outputs = _decode(decoder, prompts, max_new_tokens, pick, stop)
@@ -166,7 +172,7 @@ def _recompute(
 
 
 def _speculate(
-    decoder: DecodeEngine, prompt: list[int], max_new_tokens: int, lookahead: int, pick, stop, vocab_limit
+    decoder: DecodeEngine, prompt: list[int], max_new_tokens: int, lookahead: int, pick, stop, vocab_limit, on_tokens
 ) -> list[int]:
     """Greedy decoding of one prompt in slot 0, up to `lookahead` drafted tokens checked per forward."""
     logits = decoder.prefill(0, prompt)  # (1, V)
@@ -184,6 +190,8 @@ def _speculate(
             continue
         accepted, logits = decoder.verify_draft(0, token, draft, vocab_limit)
         generated.extend(accepted)
+        if on_tokens is not None and accepted:
+            on_tokens(len(accepted))
         if stop.intersection(accepted):
             break
         previous = torch.tensor([generated[-1]], device=decoder.device)

@@ -19,12 +19,13 @@ from pathlib import Path
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
-from pydantic import BaseModel, ConfigDict, Field, PositiveInt, model_validator
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 from tokenizers import Tokenizer
+from torch.overrides import TorchFunctionMode
 
 from tisslm.core.cache import Cache
+from tisslm.core.config import ModelConfig  # the schema lives with params.yaml's; re-exported here
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.io import atomic_dir
 from tisslm.core.loss import linear_cross_entropy, loss_chunk_rows
@@ -32,38 +33,6 @@ from tisslm.core.loss import linear_cross_entropy, loss_chunk_rows
 CONFIG_FILE = "config.json"
 WEIGHTS_FILE = "model.safetensors"
 TOKENIZER_FILE = "tokenizer.json"
-
-
-class ModelConfig(BaseModel):
-    """Architecture hyper-parameters; the `model` section of params.yaml and a model's config.json."""
-
-    model_config = ConfigDict(extra="forbid", frozen=True)
-
-    vocab_size: PositiveInt = 8192  # rows of the embedding; may exceed the tokenizer's vocabulary
-    d_model: PositiveInt = 128  # width of the residual stream
-    n_layers: PositiveInt = 6  # number of transformer blocks
-    n_heads: PositiveInt = 4  # query heads; head_dim = d_model // n_heads
-    n_kv_heads: PositiveInt = 2  # key/value heads shared by groups of query heads (1 = MQA)
-    d_ff: PositiveInt = 384  # hidden width of the SwiGLU feed-forward
-    max_seq_len: PositiveInt = 512  # longest context: sizes the RoPE tables and the KV cache
-    rope_theta: float = Field(10000.0, gt=0)  # RoPE base; larger stretches the longest wavelength
-    norm_eps: float = Field(1e-5, gt=0)  # added to the mean square in RMSNorm
-    dropout: float = Field(0.0, ge=0, lt=1)  # on embeddings, attention weights and residual branches
-    tie_embeddings: bool = True  # share the embedding matrix with the output head
-
-    @model_validator(mode="after")
-    def _check_shapes(self) -> ModelConfig:
-        if self.d_model % self.n_heads:
-            raise ValueError(f"n_heads={self.n_heads} must divide d_model={self.d_model}")
-        if self.n_heads % self.n_kv_heads:
-            raise ValueError(f"n_kv_heads={self.n_kv_heads} must divide n_heads={self.n_heads}")
-        if self.head_dim % 2:
-            raise ValueError(f"head_dim=d_model/n_heads={self.head_dim} must be even for RoPE")
-        return self
-
-    @property
-    def head_dim(self) -> int:
-        return self.d_model // self.n_heads
 
 
 class RMSNorm(nn.Module):
@@ -165,6 +134,23 @@ class Block(nn.Module):
     def forward(self, x, cos, sin, mask, cache):
         x = x + self.attn(self.attn_norm(x), cos, sin, mask, cache)
         return x + self.ffn(self.ffn_norm(x))
+
+
+# nn.init's random fills, and the Tensor methods they call, by name.
+_INIT_FILLS = frozenset({"normal_", "uniform_", "trunc_normal_", "kaiming_uniform_", "kaiming_normal_",
+                         "xavier_uniform_", "xavier_normal_"})  # fmt: skip
+
+
+class _SkipInit(TorchFunctionMode):
+    """While active (in this thread only), the random init of new layers does nothing: their storage
+    stays as allocated, for weights that are about to be loaded. Building on the meta device would
+    skip the work too, but torch runs meta ops through torch._dynamo, which imports in 0.6 s."""
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = kwargs or {}
+        if getattr(func, "__name__", None) in _INIT_FILLS:
+            return kwargs["tensor"] if "tensor" in kwargs else args[0]  # nn.init.f(tensor=...), or Tensor.f(self)
+        return func(*args, **kwargs)
 
 
 class TissLM(nn.Module):
@@ -271,9 +257,8 @@ class TissLM(nn.Module):
             state = load_file(weights_path, device=str(device))
         except (SafetensorError, OSError) as err:
             raise TissLMError(f"{weights_path}: unreadable safetensors file ({err})") from None
-        with torch.device("meta"):
+        with _SkipInit(), torch.device(device):
             model = cls(config)
-        model = model.to_empty(device=device)
         cos, sin = rope_tables(config.head_dim, config.max_seq_len, config.rope_theta)
         model.rope_cos.copy_(cos)
         model.rope_sin.copy_(sin)

@@ -1,7 +1,9 @@
 """How the next token is drawn from a row of logits: greedy, temperature, top-k and nucleus.
 
 `SamplingParams` states the settings and their bounds once; params.yaml's `generate` section,
-the server's requests and `generate()` all validate through it.
+the server's requests and `generate()` all validate through it. `PenalizedSampling` adds OpenAI's
+frequency and presence penalties, which the server applies (`apply_penalties`) to each row that
+asks for them, over the tokens that row has generated so far.
 """
 
 from __future__ import annotations
@@ -9,19 +11,39 @@ from __future__ import annotations
 from collections.abc import Callable
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, NonNegativeInt, PositiveInt
+from pydantic import Field
+
+from tisslm.core.config import SamplingParams  # with the rest of params.yaml's schema: reading params skips torch
+
+MAX_PENALTY = 2.0  # OpenAI's bounds for frequency_penalty and presence_penalty: -2 to 2
 
 
-class SamplingParams(BaseModel):
-    """How the next token is drawn; params.yaml's `generate` section holds the defaults."""
+class PenalizedSampling(SamplingParams):
+    """SamplingParams with OpenAI's repetition penalties (what the server's requests may ask).
 
-    model_config = ConfigDict(extra="forbid")
+    A token already generated `c` times has its logit lowered by
+    `c * frequency_penalty + (c > 0) * presence_penalty` before temperature, top-k and top-p;
+    negative values favour repeats. 0 and 0 (the defaults) change nothing.
+    """
 
-    max_new_tokens: NonNegativeInt = 128  # tokens to add after the prompt
-    temperature: float = Field(0.8, ge=0)  # softmax temperature; 0 is greedy
-    top_k: PositiveInt | None = 50  # sample among the k most likely tokens (None: all)
-    top_p: float | None = Field(0.95, gt=0, le=1)  # nucleus mass (None or 1: no nucleus cut)
-    seed: int | None = None  # fixes the sampled tokens; None draws fresh randomness
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)
+
+    @property
+    def penalized(self) -> bool:
+        return self.frequency_penalty != 0 or self.presence_penalty != 0
+
+
+def apply_penalties(
+    logits: torch.Tensor, counts: torch.Tensor, frequency_penalty: float, presence_penalty: float
+) -> torch.Tensor:
+    """logits (..., V) less counts (..., V) * frequency_penalty and (counts > 0) * presence_penalty.
+
+    `counts[t]` is how many times token t was generated so far (OpenAI's definition: the prompt
+    is not counted); returns a new tensor in the logits' dtype.
+    """
+    counts = counts.to(logits.dtype)
+    return logits - counts * frequency_penalty - (counts > 0).to(logits.dtype) * presence_penalty
 
 
 def filter_logits(logits: torch.Tensor, top_k: int | None = None, top_p: float | None = None) -> torch.Tensor:

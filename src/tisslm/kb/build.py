@@ -10,6 +10,7 @@ embedding model makes every document "updated", since old and new chunks or vect
 from __future__ import annotations
 
 import hashlib
+import json
 import time
 from collections import Counter
 from collections.abc import Iterable, Iterator, Sequence
@@ -25,8 +26,17 @@ from tisslm.core.errors import TissLMError
 from tisslm.data.anonymize import anonymize
 from tisslm.kb import embed
 from tisslm.kb.chunk import CHUNKER_VERSION, Chunk, chunk_document
+from tisslm.kb.index import Ranking
 from tisslm.kb.sources import Document, clean_documents, directory_documents, file_documents
-from tisslm.kb.store import identifier_terms, index_path, open_for_writing, refresh_term_df
+from tisslm.kb.store import (
+    identifier_terms,
+    index_path,
+    is_deprecated_module,
+    is_test_path,
+    open_for_writing,
+    refresh_term_df,
+    with_identifier_words,
+)
 
 DEFAULT_INCLUDE = ("**/*.py", "**/*.md", "**/*.rst", "**/*.txt")
 EXAMPLES_PER_REASON = 5
@@ -65,7 +75,10 @@ def _anonymized_chunks(document: Document, params: AnonymizeParams, redactions: 
     for chunk in chunk_document(document.path, document.text):
         text, counts = anonymize(chunk.text, params)
         redactions.update(counts)
-        chunks.append(replace(chunk, text=text))
+        # The signature and docstring are parts of the text: anonymized too, not counted twice.
+        signature = anonymize(chunk.signature, params)[0] if chunk.signature else ""
+        doc = anonymize(chunk.doc, params)[0] if chunk.doc else ""
+        chunks.append(replace(chunk, text=text, signature=signature, doc=doc))
     return chunks
 
 
@@ -96,12 +109,21 @@ def _write(conn, prepared: list[Prepared], removed: Iterable[str], meta: dict[st
         for p in prepared:
             doc = p.document
             conn.execute(
-                "INSERT INTO documents VALUES (?, ?, ?, ?, ?)",
-                (doc.key, doc.path, p.sha256, len(doc.text.encode("utf-8")), len(p.chunks)),
+                "INSERT INTO documents VALUES (?, ?, ?, ?, ?, ?)",
+                (
+                    doc.key,
+                    doc.path,
+                    p.sha256,
+                    len(doc.text.encode("utf-8")),
+                    len(p.chunks),
+                    int(is_deprecated_module(doc.path, doc.text)),
+                ),
             )
+            is_test = int(is_test_path(doc.path))
             conn.executemany(
-                "INSERT INTO chunks (document, path, name, kind, start_line, end_line, sha256, text, terms, vector)"
-                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                "INSERT INTO chunks (document, path, name, kind, start_line, end_line, sha256, text, signature, doc,"
+                " is_test, name_terms, signature_terms, doc_terms, terms, vector)"
+                " VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 [
                     (
                         doc.key,
@@ -112,7 +134,13 @@ def _write(conn, prepared: list[Prepared], removed: Iterable[str], meta: dict[st
                         c.end_line,
                         c.sha256,
                         c.text,
-                        identifier_terms(f"{c.name} {c.text}"),
+                        c.signature,
+                        c.doc,
+                        is_test,
+                        with_identifier_words(c.name),
+                        with_identifier_words(c.signature),
+                        with_identifier_words(c.doc),
+                        identifier_terms(c.text),
                         v.astype(np.float16).tobytes(),
                     )
                     for c, v in zip(p.chunks, p.vectors, strict=True)
@@ -140,6 +168,8 @@ def build_index(
     anonymize_params: AnonymizeParams | None = None,
     batch_chunks: int = 512,
     progress: bool = True,
+    index_tests: bool = True,
+    ranking: Ranking | None = None,
 ) -> dict:
     """Create or update the knowledge base in directory `out` from the given sources, and report.
 
@@ -149,6 +179,10 @@ def build_index(
     the documents the sources offer now. Returns documents and chunks in the index, the counts
     added / updated / removed / unchanged, chunks embedded, skipped files by reason, redactions by
     type, the bytes read for changed documents, and seconds.
+
+    `index_tests=False` leaves test files (store.is_test_path) out, skipped as "test"; indexed, a
+    search down-weights them (Ranking.test_weight). `ranking` is stored in the index as the ranking
+    its searches use by default (None keeps the one stored, or index.DEFAULT_RANKING).
     """
     started = time.perf_counter()
     params = anonymize_params or AnonymizeParams()
@@ -168,6 +202,8 @@ def build_index(
         documents = _sources(directory, include, exclude, clean, val_fraction, files, max_file_bytes)
         for doc in tqdm(documents, desc="kb read", unit=" docs", disable=not progress):
             skip = doc.skip or ("duplicate" if doc.key in seen else None)
+            if skip is None and not index_tests and is_test_path(doc.path):
+                skip = "test"
             if skip is not None:
                 skipped[skip] += 1
                 if len(examples.setdefault(skip, [])) < EXAMPLES_PER_REASON:
@@ -186,7 +222,9 @@ def build_index(
         _embed_all(prepared, batch_chunks, progress)
         built_at = datetime.now(UTC).isoformat(timespec="seconds")
         new_meta = {"chunker_version": str(CHUNKER_VERSION), "embedding_model": model, "embedding_dim": str(embed.DIM)}
-        if prepared or removed or stale:
+        if ranking is not None:
+            new_meta["ranking"] = json.dumps(ranking.to_json(), sort_keys=True)
+        if prepared or removed or stale or new_meta.get("ranking", meta.get("ranking")) != meta.get("ranking"):
             _write(conn, prepared, removed, new_meta | {"built_at": built_at})
         n_documents, n_chunks = conn.execute("SELECT COUNT(*), COALESCE(SUM(n_chunks), 0) FROM documents").fetchone()
     finally:
@@ -206,3 +244,16 @@ def build_index(
         "redactions": dict(sorted(redactions.items())),
         "seconds": round(time.perf_counter() - started, 3),
     }
+
+
+def record_grounding(out: Path, gain: dict) -> None:
+    """Store in the index the context-gain figures (evaluate.context_gain) measured on it, so that
+    whoever opens it can tell whether grounding helped (KnowledgeBase.grounding_warning)."""
+    keys = ("bits_per_byte_without", "bits_per_byte_with_context", "documents", "window")
+    conn, _ = open_for_writing(Path(out))
+    try:
+        conn.execute("BEGIN IMMEDIATE")
+        conn.execute("INSERT OR REPLACE INTO meta VALUES ('grounding', ?)", (json.dumps({k: gain[k] for k in keys}),))
+        conn.execute("COMMIT")
+    finally:
+        conn.close()

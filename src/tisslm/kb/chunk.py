@@ -17,7 +17,8 @@ from dataclasses import dataclass
 from pathlib import PurePosixPath
 
 # Bumped whenever the chunking changes, so that re-indexing re-chunks every document.
-CHUNKER_VERSION = 1
+# 2: chunks carry their definition's signature and docstring (searched as fields of their own).
+CHUNKER_VERSION = 2
 # Prose chunks grow paragraph by paragraph up to about this many characters (within one section).
 PROSE_CHUNK_CHARS = 1500
 
@@ -36,6 +37,8 @@ class Chunk:
     start_line: int
     end_line: int
     text: str
+    signature: str = ""  # a def's or class's header lines (decorators to the colon); "" for others
+    doc: str = ""  # its docstring (a module chunk: the module docstring); "" for others
 
     @property
     def sha256(self) -> str:
@@ -64,8 +67,23 @@ def _is_docstring(node: ast.stmt) -> bool:
     return isinstance(node, ast.Expr) and isinstance(node.value, ast.Constant) and isinstance(node.value.value, str)
 
 
+def _signature_and_doc(
+    lines: list[str], node: ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef
+) -> tuple[str, str]:
+    """The header lines of a definition (first decorator to the line before its body) and its docstring."""
+    start = _first_line(node)
+    end = max(node.lineno, node.body[0].lineno - 1) if node.body else node.lineno
+    return _lines(lines, start, end), ast.get_docstring(node, clean=True) or ""
+
+
 def _scope_chunks(
-    path: str, lines: list[str], body: list[ast.stmt], scope: str, kind: str, header: int | None
+    path: str,
+    lines: list[str],
+    body: list[ast.stmt],
+    scope: str,
+    kind: str,
+    header: int | None,
+    header_fields: tuple[str, str] = ("", ""),
 ) -> list[Chunk]:
     """Chunks of one scope (a module or a class body): each def or class is its own chunk (classes
     recursively), and each run of other statements between them one chunk named after the scope.
@@ -74,27 +92,31 @@ def _scope_chunks(
     chunks: list[Chunk] = []
     run: list[ast.stmt] = []
     run_start = header
+    # A class's header run carries the class's signature and docstring (set by the caller).
+    signature, doc = ("", "") if header is None else header_fields
 
     def flush() -> None:
-        nonlocal run, run_start
+        nonlocal run, run_start, signature, doc
         if run:
             start = run_start if run_start is not None else _first_line(run[0])
-            chunks.append(Chunk(path, scope, kind, start, run[-1].end_lineno, _lines(lines, start, run[-1].end_lineno)))
+            end = run[-1].end_lineno
+            chunks.append(Chunk(path, scope, kind, start, end, _lines(lines, start, end), signature, doc))
         elif run_start is not None:  # a class whose body starts with a method: its header line(s) alone
             end = _first_line(body[0]) - 1 if body else run_start
-            chunks.append(Chunk(path, scope, kind, run_start, max(run_start, end), _lines(lines, run_start, end)))
-        run, run_start = [], None
+            text = _lines(lines, run_start, end)
+            chunks.append(Chunk(path, scope, kind, run_start, max(run_start, end), text, signature, doc))
+        run, run_start, signature, doc = [], None, "", ""
 
     for node in body:
         if isinstance(node, ast.FunctionDef | ast.AsyncFunctionDef | ast.ClassDef):
             flush()
             name, start = f"{scope}.{node.name}", _first_line(node)
+            fields = _signature_and_doc(lines, node)
             if isinstance(node, ast.ClassDef):
-                chunks.extend(_scope_chunks(path, lines, node.body, name, "class", start))
+                chunks.extend(_scope_chunks(path, lines, node.body, name, "class", start, fields))
             else:
-                chunks.append(
-                    Chunk(path, name, "function", start, node.end_lineno, _lines(lines, start, node.end_lineno))
-                )
+                text = _lines(lines, start, node.end_lineno)
+                chunks.append(Chunk(path, name, "function", start, node.end_lineno, text, *fields))
         else:
             run.append(node)
     flush()
@@ -112,9 +134,9 @@ def chunk_python(path: str, text: str) -> list[Chunk]:
     body, chunks = tree.body, []
     if body and _is_docstring(body[0]):
         doc = body[0]
-        chunks.append(
-            Chunk(path, module, "module", doc.lineno, doc.end_lineno, _lines(lines, doc.lineno, doc.end_lineno))
-        )
+        text = _lines(lines, doc.lineno, doc.end_lineno)
+        docstring = ast.get_docstring(tree, clean=True) or ""
+        chunks.append(Chunk(path, module, "module", doc.lineno, doc.end_lineno, text, "", docstring))
         body = body[1:]
     chunks += _scope_chunks(path, lines, body, module, "code", None)
     return [c for c in chunks if c.text.strip()]

@@ -12,16 +12,21 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated
+from typing import Annotated, get_args
 
 import typer
 
-from tisslm.core.config import TokenizeParams
+from tisslm.core.config import KnowledgeBaseParams, TokenizeParams
 from tisslm.core.errors import TissLMError
-from tisslm.kb.build import DEFAULT_INCLUDE, build_index
-from tisslm.kb.index import MODES, KnowledgeBase
 
-app = typer.Typer(no_args_is_help=True, help="Knowledge base: build, search and describe a retrieval index.")
+# The retrieval stack loads inside each command: `tisslm --help` and `kb search` pay only for what they use.
+MODES = get_args(KnowledgeBaseParams.model_fields["mode"].annotation)  # the ranking modes, as params.yaml has them
+
+app = typer.Typer(
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Knowledge base: build, search and describe a retrieval index.",
+)
 
 KbDir = Annotated[Path, typer.Option("--kb", help="The knowledge base directory (what `kb build --out` wrote).")]
 AsJson = Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")]
@@ -47,6 +52,9 @@ def build_command(
             help=f"The held-out share the tokenize stage uses, not indexed [default: {TokenizeParams().val_fraction}].",
         ),
     ] = None,
+    no_tests: Annotated[
+        bool, typer.Option("--no-tests", help="Leave test files out (indexed, searches down-weight them).")
+    ] = False,
     as_json: AsJson = False,
 ) -> None:
     """Create or update an index: only documents whose text changed are re-chunked and re-embedded."""
@@ -56,9 +64,17 @@ def build_command(
         raise TissLMError("kb build: --val-fraction applies to --clean only")
     if clean is not None and (include or exclude):
         raise TissLMError("kb build: --include/--exclude apply to --dir only")
+    from tisslm.kb.build import DEFAULT_INCLUDE, build_index
+
     split = {} if val_fraction is None else {"val_fraction": val_fraction}
     report = build_index(
-        out, directory=directory, include=include or DEFAULT_INCLUDE, exclude=exclude or (), clean=clean, **split
+        out,
+        directory=directory,
+        include=include or DEFAULT_INCLUDE,
+        exclude=exclude or (),
+        clean=clean,
+        index_tests=not no_tests,
+        **split,
     )
     if as_json:
         print(json.dumps(report, indent=2))
@@ -80,6 +96,8 @@ def search_command(
     as_json: AsJson = False,
 ) -> None:
     """The best chunks for QUERY, best first."""
+    from tisslm.kb.index import KnowledgeBase
+
     with KnowledgeBase.open(kb) as base:
         hits = base.search(query, k=k, mode=mode)
     if as_json:
@@ -95,6 +113,8 @@ def search_command(
 @app.command("stats")
 def stats_command(kb: KbDir, as_json: AsJson = False) -> None:
     """What the index holds: documents, chunks, bytes, when it was built, the embedding model."""
+    from tisslm.kb.index import KnowledgeBase
+
     with KnowledgeBase.open(kb) as base:
         stats = base.stats()
     if as_json:

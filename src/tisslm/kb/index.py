@@ -2,7 +2,13 @@
 
 Lexical search finds exact identifiers and rare words; dense search finds paraphrases that share
 no word with the chunk. Reciprocal rank fusion (Cormack et al., 2009) combines the two rankings
-without calibrating their scores against each other: score(d) = sum over rankings of 1 / (60 + rank).
+without calibrating their scores against each other: score(d) = sum over rankings of w / (60 + rank),
+the dense ranking weighted down (Ranking.dense_weight), as WordLlama ranks code far worse than BM25.
+
+The lexical side is code-aware (Ranking): query identifiers split into their words, BM25 weighted
+per field (name, signature, docstring, text, identifier words), test files and deprecated modules
+down-weighted, and each chunk lifted by its file's score. Each choice is measured on its own in
+benchmarks/bench_kb.py; the index stores the ranking it was built with.
 
 Both sides are kept cheap at 1e5 chunks: BM25 leaves out query words so common that scoring the
 chunks holding them costs more than they tell (MAX_POSTINGS), and dense search ranks all vectors
@@ -15,9 +21,11 @@ index's generation counter says a build has committed since it was loaded.
 
 from __future__ import annotations
 
+import json
 import re
 import sqlite3
 import threading
+from collections import defaultdict
 from dataclasses import asdict, dataclass
 from pathlib import Path
 
@@ -25,9 +33,10 @@ import numpy as np
 
 from tisslm.core.errors import TissLMError
 from tisslm.kb import embed
-from tisslm.kb.store import COLUMN_WEIGHTS, TOKENIZE, index_path, open_for_reading, split_identifier
+from tisslm.kb.store import FIELDS, TOKENIZE, index_path, open_for_reading, split_identifier
 
 MODES = ("fused", "bm25", "dense")
+DEFAULT_MODE = "fused"
 RRF_K = 60
 FUSION_DEPTH = 100  # candidates taken from each ranking before fusing
 MAX_K = 1000
@@ -55,6 +64,72 @@ STOPWORDS = frozenset(
 
 
 @dataclass(frozen=True)
+class Ranking:
+    """How the lexical side ranks chunks (the defaults were chosen on queries.jsonl only; every
+    choice is measured on its own in benchmarks/bench_kb.py and docs/knowledge_base.md):
+
+    - split_identifiers: a query word that is a compound identifier also searches its words
+      (`JSONDecoder` -> json decoder), and the `terms` field (the text's identifiers' words) counts;
+      off, the query's words are taken as typed and `terms` is weighted 0.
+    - field_weights: bm25() weight of each FTS field, in FIELDS order (name, signature, doc, text,
+      terms): a word in a chunk's name, signature or docstring says more than one in its body.
+    - file_weight: file-level aggregation. A chunk's score becomes its own BM25 plus file_weight times
+      its file's score, the sum of the file's best FILE_TOP chunk scores among the candidates, each
+      halved after the first (so a file many chunks of which match lifts all of them); 0 turns it off.
+    - test_weight: chunks of test files (`store.is_test_path`) have their score multiplied by it:
+      1 ranks them as any code, 0 leaves them out (they stay indexed, and a weight above 0 finds them).
+    - deprecated_weight: the same for chunks of deprecated modules (a module that warns at import
+      that it is deprecated, or any module of a package whose `__init__` does: distutils, lib2to3,
+      asyncore, ...): the maintained module that does the same job is the better answer.
+    - dense_weight: in fused mode, the weight of the dense ranking's reciprocal ranks against the
+      lexical ranking's (weight 1).
+    """
+
+    split_identifiers: bool = True
+    field_weights: tuple[float, ...] = (4.0, 2.0, 2.0, 1.0, 0.25)
+    file_weight: float = 0.3
+    test_weight: float = 0.3
+    deprecated_weight: float = 0.5
+    dense_weight: float = 0.25
+    depth: int = 500  # lexical candidates scored and aggregated per query
+
+    def __post_init__(self) -> None:
+        if len(self.field_weights) != len(FIELDS) or any(w < 0 for w in self.field_weights):
+            raise TissLMError(f"kb ranking: field_weights needs {len(FIELDS)} weights >= 0 ({', '.join(FIELDS)})")
+        if not (0 <= self.test_weight <= 1 and 0 <= self.deprecated_weight <= 1):
+            raise TissLMError("kb ranking: test_weight and deprecated_weight must be in [0, 1]")
+        if self.file_weight < 0 or self.dense_weight < 0:
+            raise TissLMError("kb ranking: file_weight and dense_weight must be >= 0")
+
+    def to_json(self) -> dict:
+        return {**asdict(self), "field_weights": dict(zip(FIELDS, self.field_weights, strict=True))}
+
+    @classmethod
+    def from_json(cls, data: dict) -> Ranking:
+        """The inverse of to_json; field_weights as {field: weight} (missing fields keep their default)."""
+        data = dict(data)
+        if isinstance(data.get("field_weights"), dict):
+            given = data["field_weights"]
+            unknown = set(given) - set(FIELDS)
+            if unknown:
+                raise TissLMError(
+                    f"kb ranking: unknown field(s) {', '.join(sorted(unknown))}; fields: {', '.join(FIELDS)}"
+                )
+            defaults = dict(zip(FIELDS, cls.field_weights, strict=True))
+            data["field_weights"] = tuple(float(given.get(f, defaults[f])) for f in FIELDS)
+        elif "field_weights" in data:
+            data["field_weights"] = tuple(data["field_weights"])
+        unknown = set(data) - set(cls.__dataclass_fields__)
+        if unknown:
+            raise TissLMError(f"kb ranking: unknown setting(s) {', '.join(sorted(unknown))}")
+        return cls(**data)
+
+
+DEFAULT_RANKING = Ranking()
+FILE_TOP = 3  # chunks of a file that make its score
+
+
+@dataclass(frozen=True)
 class Hit:
     """A retrieved chunk: lines start_line..end_line (1-based, inclusive) of `path`, and its score
     (higher is better in every mode: RRF for fused, -bm25() for bm25, cosine for dense)."""
@@ -70,12 +145,13 @@ class Hit:
         return asdict(self)
 
 
-def query_words(query: str) -> list[str]:
+def query_words(query: str, split: bool = True) -> list[str]:
     """The query's words for BM25: lowercased, without stopwords, compound identifiers also split
-    into their words, at most MAX_TERMS."""
+    into their words (unless `split` is false), at most MAX_TERMS."""
     words: list[str] = []
     for word in re.findall(r"\w+", query):
-        for term in [word.lower(), *split_identifier(word)]:  # split before lowercasing: JSONDecoder
+        parts = split_identifier(word) if split else []
+        for term in [word.lower(), *parts]:  # split before lowercasing: JSONDecoder
             if term not in STOPWORDS and term not in words:
                 words.append(term)
     return words[:MAX_TERMS]
@@ -92,13 +168,40 @@ def fts_query(query: str) -> str | None:
     return match_expression(query_words(query))
 
 
-def rrf(rankings: list[list[int]], k: int = RRF_K) -> dict[int, float]:
-    """Reciprocal rank fusion of rankings of ids (best first): id -> fused score."""
+def rrf(rankings: list[list[int]], k: int = RRF_K, weights: list[float] | None = None) -> dict[int, float]:
+    """Reciprocal rank fusion of rankings of ids (best first), each weighted (default 1): id -> fused score."""
     scores: dict[int, float] = {}
-    for ranking in rankings:
+    for ranking, weight in zip(rankings, weights or [1.0] * len(rankings), strict=True):
         for rank, chunk_id in enumerate(ranking, start=1):
-            scores[chunk_id] = scores.get(chunk_id, 0.0) + 1.0 / (k + rank)
+            scores[chunk_id] = scores.get(chunk_id, 0.0) + weight / (k + rank)
     return scores
+
+
+def rank_chunks(
+    rows: list[tuple[int, float, str, int]],
+    ranking: Ranking = DEFAULT_RANKING,
+    deprecated: frozenset[str] | set[str] = frozenset(),
+) -> list[tuple[int, float]]:
+    """(chunk id, BM25 score, document, is_test) candidates -> (chunk id, score), best first: test
+    chunks' scores times `test_weight` and those of `deprecated` documents times `deprecated_weight`
+    (left out at 0), then each chunk lifted by `file_weight` times its file's score (its best
+    FILE_TOP chunk scores, each halved after the first)."""
+    scored = []
+    for chunk_id, score, document, is_test in rows:
+        weight = (ranking.test_weight if is_test else 1.0) * (
+            ranking.deprecated_weight if document in deprecated else 1.0
+        )
+        if weight > 0:
+            scored.append((chunk_id, score * weight, document))
+    per_file: dict[str, list[float]] = defaultdict(list)
+    for _, score, document in scored:
+        per_file[document].append(score)
+    file_score = {
+        document: sum(s * 0.5**i for i, s in enumerate(sorted(scores, reverse=True)[:FILE_TOP]))
+        for document, scores in per_file.items()
+    }
+    final = [(chunk_id, score + ranking.file_weight * file_score[document]) for chunk_id, score, document in scored]
+    return sorted(final, key=lambda item: -item[1])
 
 
 class KnowledgeBase:
@@ -108,15 +211,37 @@ class KnowledgeBase:
         self.directory = Path(directory)
         self._conn = conn
         self._meta = meta
+        # The ranking the index was built with (build_index(ranking=...), the stage's params), else the default.
+        self.ranking = Ranking.from_json(json.loads(meta["ranking"])) if meta.get("ranking") else DEFAULT_RANKING
         self._lock = threading.Lock()
         self._generation: str | None = None
         self._ids = np.zeros(0, dtype=np.int64)
         self._vectors = np.zeros((0, embed.DIM), dtype=np.float32)
         self._bits = np.zeros((embed.DIM // 64, 0), dtype=np.uint64)
+        self._flagged: list[tuple[int, bool, bool]] = []
+        self._deprecated: frozenset[str] = frozenset()
+        self._deprecated_generation: str | None = None
+        self._tests_generation: str | None = None
         # The query's words go through the index's own tokenizer (Porter stems included), so that
         # their chunk counts can be looked up in term_df; temp tables live in this connection only.
         conn.execute(f'CREATE VIRTUAL TABLE temp.query_words USING fts5(word, tokenize="{TOKENIZE}")')
         conn.execute("CREATE VIRTUAL TABLE temp.query_terms USING fts5vocab(temp, query_words, 'instance')")
+
+    def grounding(self) -> dict | None:
+        """The context-gain figures the pipeline measured on this index (build.record_grounding):
+        val bits/byte without and with retrieved context; None if never measured."""
+        return json.loads(self._meta["grounding"]) if self._meta.get("grounding") else None
+
+    def grounding_warning(self) -> str | None:
+        """A one-line warning when retrieved context made the model worse on held-out text, else None."""
+        g = self.grounding()
+        if not g or not g["bits_per_byte_with_context"] > g["bits_per_byte_without"]:
+            return None
+        return (
+            f"grounding with this knowledge base made the model worse on held-out text: val bits/byte "
+            f"{g['bits_per_byte_with_context']:.4f} with retrieved context vs {g['bits_per_byte_without']:.4f} "
+            f"without ({g['documents']} documents, metrics/kb.json context_gain)"
+        )
 
     @classmethod
     def open(cls, directory: Path) -> KnowledgeBase:
@@ -187,17 +312,66 @@ class KnowledgeBase:
             postings += df[i]
         return kept
 
-    def _bm25(self, query: str, depth: int) -> list[tuple[int, float]]:
-        match = match_expression(self._rare_words(query_words(query)))
+    def _bm25(self, query: str, depth: int, ranking: Ranking = DEFAULT_RANKING) -> list[tuple[int, float]]:
+        """The lexical ranking: field-weighted BM25 over the best `ranking.depth` chunks, tests
+        down-weighted, each chunk lifted by its file's score; the best `depth`."""
+        match = match_expression(self._rare_words(query_words(query, ranking.split_identifiers)))
         if match is None:
             return []
+        weights = list(ranking.field_weights)
+        if not ranking.split_identifiers:
+            weights[FIELDS.index("terms")] = 0.0
+        placeholders = ", ".join("?" * len(weights))
         rows = self._conn.execute(
-            "SELECT rowid, bm25(chunks_fts, ?, ?, ?) AS s FROM chunks_fts WHERE chunks_fts MATCH ? ORDER BY s LIMIT ?",
-            (*COLUMN_WEIGHTS, match, depth),
-        ).fetchall()
-        return [(chunk_id, -score) for chunk_id, score in rows]  # bm25() is negative: lower is better
+            f"SELECT f.rowid, -bm25(chunks_fts, {placeholders}) AS s, c.document, c.is_test"
+            " FROM chunks_fts AS f JOIN chunks AS c ON c.id = f.rowid"
+            " WHERE chunks_fts MATCH ? ORDER BY s DESC LIMIT ?",
+            (*weights, match, max(depth, ranking.depth)),
+        ).fetchall()  # bm25() is negative: lower is better, so it is negated
+        return rank_chunks(rows, ranking, self._deprecated_documents())[:depth]
 
-    def _dense(self, query_vector: np.ndarray, depth: int) -> list[tuple[int, float]]:
+    def _deprecated_documents(self) -> frozenset[str]:
+        """Keys of the deprecated documents: flagged at build, or under a flagged package's __init__."""
+        generation = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
+        if self._deprecated_generation != generation:
+            rows = self._conn.execute("SELECT key, path, deprecated FROM documents").fetchall()
+            packages = tuple(
+                path[: -len("__init__.py")] for _, path, flag in rows if flag and path.endswith("__init__.py")
+            )
+            self._deprecated = frozenset(
+                key for key, path, flag in rows if flag or (packages and path.startswith(packages))
+            )
+            self._deprecated_generation = generation
+        return self._deprecated
+
+    def _dense(
+        self, query_vector: np.ndarray, depth: int, ranking: Ranking = DEFAULT_RANKING
+    ) -> list[tuple[int, float]]:
+        """Cosine ranking; test chunks left out when test_weight is 0, else their score times it."""
+        plain = ranking.test_weight == 1 and ranking.deprecated_weight == 1
+        ranked = self._dense_all(query_vector, depth if plain else 4 * depth)
+        if plain:
+            return ranked
+        weights = self._chunk_weights(ranking)
+        weighted = [(i, s * weights.get(i, 1.0)) for i, s in ranked]
+        return sorted([(i, s) for i, s in weighted if weights.get(i, 1.0) > 0], key=lambda item: -item[1])[:depth]
+
+    def _chunk_weights(self, ranking: Ranking) -> dict[int, float]:
+        """Chunk id -> its test/deprecated weight, for the chunks whose weight is not 1."""
+        if self._tests_generation != self._generation:
+            deprecated = self._deprecated_documents()
+            self._flagged = [
+                (i, bool(is_test), document in deprecated)
+                for i, is_test, document in self._conn.execute("SELECT id, is_test, document FROM chunks")
+                if is_test or document in deprecated
+            ]
+            self._tests_generation = self._generation
+        return {
+            i: (ranking.test_weight if is_test else 1.0) * (ranking.deprecated_weight if old else 1.0)
+            for i, is_test, old in self._flagged
+        }
+
+    def _dense_all(self, query_vector: np.ndarray, depth: int) -> list[tuple[int, float]]:
         self._load_vectors()
         n = len(self._ids)
         if not n:
@@ -229,10 +403,12 @@ class KnowledgeBase:
         by_id = {r[0]: r[1:] for r in rows}
         return [Hit(*by_id[i][:4], score, by_id[i][4]) for i, score in ranked if i in by_id]
 
-    def search(self, query: str, k: int = 10, mode: str = "fused") -> list[Hit]:
-        """The `k` best chunks for `query`, best first. Mode "bm25" (lexical), "dense" (embeddings)
-        or "fused" (both, by reciprocal rank fusion). A query longer than MAX_QUERY_CHARS is cut to
+    def search(self, query: str, k: int = 10, mode: str = DEFAULT_MODE, ranking: Ranking | None = None) -> list[Hit]:
+        """The `k` best chunks for `query`, best first. Mode "bm25" (lexical: code-aware BM25, see
+        Ranking), "dense" (embeddings) or "fused" (both, by reciprocal rank fusion); `ranking` (default
+        the index's own, else DEFAULT_RANKING) sets the ranking's knobs. A query longer than MAX_QUERY_CHARS is cut to
         its first MAX_QUERY_CHARS characters; an empty one is an error."""
+        ranking = ranking or self.ranking
         if not isinstance(query, str) or not query.strip():
             raise TissLMError("kb search: the query is empty")
         if mode not in MODES:
@@ -245,11 +421,11 @@ class KnowledgeBase:
 
         def work() -> list[Hit]:
             if mode == "bm25":
-                return self._hits(self._bm25(query, k))
+                return self._hits(self._bm25(query, k, ranking))
             if mode == "dense":
-                return self._hits(self._dense(query_vector, k))
-            lexical, dense = self._bm25(query, depth), self._dense(query_vector, depth)
-            fused = rrf([[i for i, _ in lexical], [i for i, _ in dense]])
+                return self._hits(self._dense(query_vector, k, ranking))
+            lexical, dense = self._bm25(query, depth, ranking), self._dense(query_vector, depth, ranking)
+            fused = rrf([[i for i, _ in lexical], [i for i, _ in dense]], weights=[1.0, ranking.dense_weight])
             best = sorted(fused.items(), key=lambda item: -item[1])[:k]
             return self._hits(best)
 

@@ -6,11 +6,14 @@ a whole build in one transaction and WAL mode lets readers keep searching the pr
 meanwhile, so a reader sees the index before a build or after it, never half of one.
 
 FTS5 tokenizes with `unicode61 tokenchars '_'` so that `raw_decode` stays one token, wrapped in the
-Porter stemmer so that "parsing" finds `parse`. Identifiers are also split into their words
-(`raw_decode` -> `raw decode`, `JSONDecoder` -> `json decoder`) in a third column, `terms`, so a
-question in plain words still reaches snake_case and CamelCase code. `term_df` counts the chunks
-holding each indexed term, recounted by every build, so that a search can skip words common enough
-to be slow and uninformative.
+Porter stemmer so that "parsing" finds `parse`. The FTS table has five fields, weighted apart at
+search time (index.py): the chunk's qualified name with its identifiers' words (`hashlib.file_digest
+file digest`), the definition's signature and its docstring (each with their identifiers' words), the
+text, and `terms`, the words of every compound identifier in the text (`raw_decode` -> `raw decode`,
+`JSONDecoder` -> `json decoder`), so a question in plain words still reaches snake_case and
+CamelCase code. `term_df` counts the chunks holding each indexed term, recounted by every build, so
+that a search can skip words common enough to be slow and uninformative. `is_test` marks chunks of
+test files (`is_test_path`), which a search can down-weight or leave out.
 """
 
 from __future__ import annotations
@@ -23,10 +26,11 @@ from tisslm.core.errors import TissLMError
 
 INDEX_FILE = "index.sqlite"
 FORMAT = "tisslm-kb"
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: name, signature, doc, text, terms fields; is_test; deprecated
 TOKENIZE = "porter unicode61 tokenchars '_'"
-# bm25() weights of the FTS columns (name, text, terms): a match in a chunk's name counts most.
-COLUMN_WEIGHTS = (4.0, 1.0, 1.0)
+FIELDS = ("name", "signature", "doc", "text", "terms")
+# A test file: under a test(s)/ or idle_test/ directory, or named test_*.py, *_test.py, conftest.py.
+TEST_PATH = re.compile(r"(^|/)(tests?|idle_test|testing)/|(^|/)(test_[^/]*|[^/]*_test|conftest)\.pyi?$")
 
 SCHEMA = f"""
 CREATE TABLE meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -35,7 +39,8 @@ CREATE TABLE documents (
     path TEXT NOT NULL,        -- what a hit shows
     sha256 TEXT NOT NULL,      -- of the document's text as read: unchanged hash, nothing to do
     n_bytes INTEGER NOT NULL,
-    n_chunks INTEGER NOT NULL
+    n_chunks INTEGER NOT NULL,
+    deprecated INTEGER NOT NULL  -- 1: the module warns that it is deprecated when imported (DEPRECATED)
 );
 CREATE TABLE chunks (
     id INTEGER PRIMARY KEY,
@@ -47,22 +52,36 @@ CREATE TABLE chunks (
     end_line INTEGER NOT NULL,
     sha256 TEXT NOT NULL,
     text TEXT NOT NULL,        -- after anonymization: nothing secret is stored
-    terms TEXT NOT NULL,       -- the identifiers' words, for full-text search only
+    signature TEXT NOT NULL,   -- a definition's header lines ('' for other chunks), anonymized
+    doc TEXT NOT NULL,         -- its docstring, anonymized
+    is_test INTEGER NOT NULL,  -- 1 for a chunk of a test file (TEST_PATH)
+    name_terms TEXT NOT NULL,  -- the FTS fields, for full-text search only: name + its identifiers' words,
+    signature_terms TEXT NOT NULL,  -- signature + its identifiers' words,
+    doc_terms TEXT NOT NULL,   -- docstring + its identifiers' words,
+    terms TEXT NOT NULL,       -- and the words of the text's compound identifiers
     vector BLOB NOT NULL       -- float16, unit length
 );
 CREATE INDEX chunks_document ON chunks(document);
 CREATE TABLE term_df (term TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;  -- chunks holding each term
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
-    name, text, terms, content='chunks', content_rowid='id', tokenize="{TOKENIZE}"
+    name_terms, signature_terms, doc_terms, text, terms, content='chunks', content_rowid='id', tokenize="{TOKENIZE}"
 );
 CREATE TRIGGER chunks_ai AFTER INSERT ON chunks BEGIN
-    INSERT INTO chunks_fts(rowid, name, text, terms) VALUES (new.id, new.name, new.text, new.terms);
+    INSERT INTO chunks_fts(rowid, name_terms, signature_terms, doc_terms, text, terms)
+    VALUES (new.id, new.name_terms, new.signature_terms, new.doc_terms, new.text, new.terms);
 END;
 CREATE TRIGGER chunks_ad AFTER DELETE ON chunks BEGIN
-    INSERT INTO chunks_fts(chunks_fts, rowid, name, text, terms) VALUES ('delete', old.id, old.name, old.text, old.terms);
+    INSERT INTO chunks_fts(chunks_fts, rowid, name_terms, signature_terms, doc_terms, text, terms)
+    VALUES ('delete', old.id, old.name_terms, old.signature_terms, old.doc_terms, old.text, old.terms);
 END;
 """
 
+# A module that warns it is deprecated when imported: a top-level `warnings.warn(..., DeprecationWarning)`
+# or `warnings._deprecated(...)` (distutils, lib2to3, asyncore, cgi, ... in Python 3.11).
+DEPRECATED = re.compile(
+    r"^(?:_?warnings\._deprecated\(|_deprecated\(|_?warnings\.warn\((?:[^\n]*\n?){0,4}?[^\n]*\b(?:Pending)?DeprecationWarning)",
+    re.MULTILINE,
+)
 IDENTIFIER = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 CAMEL_PART = re.compile(r"[A-Z]+(?=[A-Z][a-z]|\d|\b)|[A-Z]?[a-z]+|[A-Z]+|\d+")
 
@@ -76,6 +95,25 @@ def split_identifier(identifier: str) -> list[str]:
 def identifier_terms(text: str) -> str:
     """The words inside the compound identifiers of `text`, in order (term frequency kept)."""
     return " ".join(word for ident in IDENTIFIER.findall(text) for word in split_identifier(ident))
+
+
+def with_identifier_words(text: str) -> str:
+    """`text` followed by the words of its compound identifiers: a field matched by `file_digest`
+    and by "file digest" alike."""
+    words = identifier_terms(text)
+    return f"{text} {words}" if words else text
+
+
+def is_test_path(path: str) -> bool:
+    """Is `path` a test file? (`test/test_csv.py`, `pkg/tests/x.py`, `test_x.py`, `x_test.py`, `conftest.py`;
+    not `unittest/case.py` or `doctest.py`, which are library code about testing.)"""
+    return TEST_PATH.search(path) is not None
+
+
+def is_deprecated_module(path: str, text: str) -> bool:
+    """Does the Python module warn at import that it is deprecated (DEPRECATED)? A deprecated
+    package's `__init__.py` makes every module under it deprecated (see KnowledgeBase)."""
+    return path.endswith((".py", ".pyi")) and DEPRECATED.search(text) is not None
 
 
 def refresh_term_df(conn: sqlite3.Connection) -> None:
@@ -129,9 +167,20 @@ def open_for_reading(directory: Path) -> tuple[sqlite3.Connection, dict[str, str
         raise
 
 
+def _older_format(conn: sqlite3.Connection) -> bool:
+    """Is this a TissLM knowledge base of an earlier format (rebuilt, not refused, by a build)?"""
+    try:
+        meta = dict(conn.execute("SELECT key, value FROM meta").fetchall())
+    except sqlite3.DatabaseError:
+        return False
+    version = meta.get("format_version", "")
+    return meta.get("format") == FORMAT and version.isdigit() and int(version) < FORMAT_VERSION
+
+
 def open_for_writing(directory: Path) -> tuple[sqlite3.Connection, dict[str, str]]:
     """The index in `directory`, created if absent; an existing file that is not one is an error
-    (never overwritten: it may be someone's data)."""
+    (never overwritten: it may be someone's data). An index of an earlier format is emptied and
+    recreated in one transaction (readers see the old one until the build commits its documents)."""
     directory = Path(directory)
     if directory.exists() and not directory.is_dir():
         raise TissLMError(f"{directory}: not a directory")
@@ -140,13 +189,24 @@ def open_for_writing(directory: Path) -> tuple[sqlite3.Connection, dict[str, str
     fresh = not path.exists()
     conn = connect(path, readonly=False)
     try:
+        identity = (
+            f"INSERT INTO meta VALUES ('format', '{FORMAT}'), ('format_version', '{FORMAT_VERSION}'),"
+            " ('generation', '0');"
+        )
         if fresh:
             conn.execute("PRAGMA journal_mode = WAL")
-            conn.executescript(  # one transaction: the schema and its identity appear together
-                f"BEGIN IMMEDIATE; {SCHEMA}"
-                f"INSERT INTO meta VALUES ('format', '{FORMAT}'), ('format_version', '{FORMAT_VERSION}'),"
-                " ('generation', '0'); COMMIT;"
-            )
+            # one transaction: the schema and its identity appear together
+            conn.executescript(f"BEGIN IMMEDIATE; {SCHEMA}{identity} COMMIT;")
+        elif _older_format(conn):
+            tables = conn.execute(
+                "SELECT name FROM sqlite_master WHERE type = 'table' AND name NOT LIKE 'sqlite_%'"
+                " AND name NOT LIKE 'chunks_fts_%'"
+            ).fetchall()
+            drops = "".join(f'DROP TABLE IF EXISTS "{name}";' for (name,) in tables)
+            # The generation keeps counting up, so that an open reader reloads its vectors.
+            (generation,) = conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone() or ("0",)
+            identity = identity.replace("('generation', '0')", f"('generation', '{int(generation)}')")
+            conn.executescript(f"BEGIN IMMEDIATE; {drops}{SCHEMA}{identity} COMMIT;")
         return conn, read_meta(conn, path)
     except TissLMError:
         conn.close()

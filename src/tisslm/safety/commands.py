@@ -21,17 +21,16 @@ from typing import Annotated
 
 import typer
 
-from tisslm.core.config import DEFAULT_PARAMS, load_params
+from tisslm.core.config import project_params
 from tisslm.core.errors import TissLMError
-from tisslm.core.model import TissLM
-from tisslm.core.tokenizer import load_tokenizer
-from tisslm.safety.audit import verify
-from tisslm.safety.filters import ContentFilter
-from tisslm.safety.watermark import Watermark, token_entropies, watermark_key
 
-app = typer.Typer(no_args_is_help=True, help="Audit log: verify the hash chain of a server's audit log.")
+# Each command imports what it runs: `safety scan` never loads torch (the watermark's), `--help` nothing.
+app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Audit log: verify the hash chain of a server's audit log."
+)
 watermark_app = typer.Typer(
     no_args_is_help=True,
+    rich_markup_mode=None,
     help="Watermark (Kirchenbauer et al. 2023): test whether a text came from `generate --watermark`.",
 )
 
@@ -42,6 +41,8 @@ def verify_command(
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
     """Check every record's hash, seq and link: exit 0 when intact, 1 naming the first bad record."""
+    from tisslm.safety.audit import verify
+
     if not path.is_file():
         raise TissLMError(f"audit log {path}: no such file")
     result = verify(path)
@@ -53,16 +54,12 @@ def verify_command(
         raise typer.Exit(1)
 
 
-safety_app = typer.Typer(no_args_is_help=True, help="Content filter: scan text as the server filters outputs.")
+safety_app = typer.Typer(
+    no_args_is_help=True, rich_markup_mode=None, help="Content filter: scan text as the server filters outputs."
+)
 ParamsOption = Annotated[
     Path | None, typer.Option("--params", help="params.yaml to read (default: ./params.yaml if present).")
 ]
-
-
-def _settings(params: Path | None):
-    if params is None and DEFAULT_PARAMS.is_file():
-        params = DEFAULT_PARAMS
-    return load_params(params).safety
 
 
 @safety_app.command("scan")
@@ -73,8 +70,11 @@ def scan_command(
 ) -> None:
     """List what the filter finds (category, span, action under safety.filters.policy): exit 0 when
     the policy lets the text out unchanged or flagged, 1 when it would redact or block it."""
+    from tisslm.safety.filters import ContentFilter
+
     text = _read_text(source)
-    verdict = ContentFilter(_settings(params).filters).apply(text)
+    # The filter the server and `generate` apply: the policy, and the anonymiser's settings (clean.anonymize).
+    verdict = ContentFilter.from_params(project_params(params)).apply(text)
     if as_json:
         typer.echo(json.dumps(verdict.to_json()))
     else:
@@ -104,16 +104,23 @@ def detect_command(
 ) -> None:
     """Count the text's green tokens under the key (TISSLM_WATERMARK_KEY, else safety.watermark.key) and
     z-test them: exit 0 whether or not it is watermarked, 2 on unreadable or unscorable input."""
-    settings = _settings(params).watermark
+    from tisslm.core.tokenizer import load_tokenizer
+    from tisslm.safety.watermark import Watermark, token_entropies
+
+    config = project_params(params)
+    settings = config.safety.watermark
     text = _read_text(source)
     if not text.strip():
         raise TissLMError(f"{source}: empty text, nothing to test")
     tokenizer = load_tokenizer(model)
     vocab_size = tokenizer.get_vocab_size()
     ids = tokenizer.encode(text).ids
-    watermark = Watermark(watermark_key(settings), settings, vocab_size)
+    watermark = Watermark.from_params(config, vocab_size, enabled=True)  # detection tests whatever the setting
+    assert watermark is not None
     entropies = None
     if settings.entropy_threshold > 0:  # SWEET scores only the steps generation biased: the model tells which
+        from tisslm.core.model import TissLM
+
         entropies = token_entropies(TissLM.from_pretrained(model), ids, vocab_size)
     result = watermark.detect(ids, entropies)
     if as_json:

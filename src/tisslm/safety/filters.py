@@ -2,7 +2,8 @@
 
 Four categories (`CATEGORIES`), each found by the component made for it:
 - toxicity: alt-profanity-check's linear SVM, shipped inside its wheel (works offline), scoring
-  each line. It learned from comments on the web, where "kill", "slave" and "hard" are
+  each line in plain Python from its exported numbers (`tisslm.safety.toxicity`: no scikit-learn
+  at scan time). It learned from comments on the web, where "kill", "slave" and "hard" are
   alarming; in code they are jargon. `JARGON` phrases are hidden from the classifier, so
   "kill -9 the child process" passes while "kill -9 the child, you moron" does not.
 - pii and secrets: the clean stage's own anonymiser (`tisslm.data.anonymize`), so that the
@@ -26,7 +27,7 @@ from collections.abc import Iterable
 from dataclasses import asdict, dataclass, field
 from functools import cache
 
-from tisslm.core.config import AnonymizeParams, ContentFilterParams, FilterAction, FilterPolicy
+from tisslm.core.config import AnonymizeParams, ContentFilterParams, FilterAction, FilterPolicy, Params
 from tisslm.data.anonymize import find_personal_data
 
 CATEGORIES = ("toxicity", "pii", "secrets", "shell")
@@ -157,10 +158,11 @@ class Verdict:
 
 @cache
 def _toxicity_classifier():
-    # Imported on first use: loading the SVM and its vectorizer takes about a second.
-    from profanity_check import predict_prob
+    # Loaded on first use, from the numbers `toxicity` exported to its JSON cache: a few
+    # milliseconds; the first run of a machine (no cache yet) takes profanity_check's 2 s.
+    from tisslm.safety.toxicity import load
 
-    return predict_prob
+    return load().predict_prob
 
 
 # Numbers and hex ids are no words of abuse, yet the classifier's vocabulary holds some ("1400").
@@ -188,6 +190,12 @@ class ContentFilter:
         self.params = params
         self.policy = params.policy.model_dump()
         self.anonymize = anonymize or AnonymizeParams()
+
+    @classmethod
+    def from_params(cls, params: Params) -> ContentFilter:
+        """The filter every producer applies: safety.filters' policy, finding personal data and
+        secrets with the clean stage's anonymiser settings (clean.anonymize)."""
+        return cls(params.safety.filters, params.clean.anonymize)
 
     @property
     def active(self) -> bool:

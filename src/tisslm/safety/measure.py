@@ -1,5 +1,6 @@
-"""What the safety stage measures: the filter on the labelled set, and the watermark on generated
-and human-written code. The red-team run, which needs the server, is the stage's own.
+"""What the safety stage measures: the filter on the labelled set, the watermark on generated
+and human-written code (repetitive samples apart), and whether the goals of params.yaml's
+`safety.goals` are reached. The red-team run, which needs a server, is `tisslm.safety.red_team`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from pathlib import Path
 import torch
 from tokenizers import Tokenizer
 
-from tisslm.core.config import ContentFilterParams, SafetyParams
+from tisslm.core.config import ContentFilterParams, SafetyGoals, SafetyParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
 from tisslm.core.io import atomic_write_bytes
@@ -138,14 +139,43 @@ def foreign_code(per_package: int = 12, min_chars: int = 2000) -> list[str]:
     return texts
 
 
-def _detect(mark: Watermark, model: TissLM, ids: list[int], vocab_size: int) -> Detection | None:
+REPETITIVE_SHARE = 0.5  # a sample whose distinct (previous, token) pairs are fewer than this share loops
+
+
+def _detect(
+    mark: Watermark, model: TissLM, ids: list[int], vocab_size: int, count_repeats: bool = False
+) -> Detection | None:
     """The detector's verdict on token ids, as `tisslm watermark detect` reaches it; None when
     nothing in them can be scored."""
     entropies = token_entropies(model, ids, vocab_size) if mark.entropy_threshold > 0 else None
     try:
-        return mark.detect(ids, entropies)
+        return mark.detect(ids, entropies, count_repeats=count_repeats)
     except TissLMError:
         return None
+
+
+def repetition_report(found: list[Detection | None], recounted: list[Detection | None]) -> dict:
+    """Detection on repetitive samples (distinct pairs under REPETITIVE_SHARE of those scored) and
+    on the others, and what scoring every pair, repeats included, would have said instead."""
+    rows = [(d, r) for d, r in zip(found, recounted, strict=True) if d is not None and r is not None]
+    looping = [(d, r) for d, r in rows if d.distinct_share < REPETITIVE_SHARE]
+    others = [(d, r) for d, r in rows if d.distinct_share >= REPETITIVE_SHARE]
+
+    def part(group: list[tuple[Detection, Detection]]) -> dict:
+        return {
+            "samples": len(group),
+            "detected": sum(d.watermarked for d, _ in group) / len(group) if group else None,
+            "mean_z": statistics.fmean(d.z for d, _ in group) if group else None,
+            "mean_z_counting_repeats": statistics.fmean(r.z for _, r in group) if group else None,
+            "mean_distinct_pairs": statistics.fmean(d.tokens_scored for d, _ in group) if group else None,
+        }
+
+    return {
+        "distinct_share_below": REPETITIVE_SHARE,
+        "mean_distinct_share": statistics.fmean(d.distinct_share for d, _ in rows) if rows else None,
+        "repetitive": part(looping),
+        "others": part(others),
+    }
 
 
 @torch.no_grad()
@@ -193,16 +223,21 @@ def watermark_metrics(
     marked = generate(model, prompts, longest, logits_processor=mark, **draw)
     plain = generate(model, prompts, longest, **draw)
 
-    def verdicts(samples: list[list[int]], length: int) -> list[Detection | None]:
-        return [_detect(mark, model, tokenizer.encode(tokenizer.decode(s[:length])).ids, vocab_size) for s in samples]
+    def verdicts(samples: list[list[int]], length: int, count_repeats: bool = False) -> list[Detection | None]:
+        return [
+            _detect(mark, model, tokenizer.encode(tokenizer.decode(s[:length])).ids, vocab_size, count_repeats)
+            for s in samples
+        ]
 
     def rate(found: list[Detection | None]) -> float:
         return sum(d is not None and d.watermarked for d in found) / len(found)
 
     detection = {str(n): verdicts(marked, n) for n in sorted(safety.watermark_lengths)}
     negatives = {"plain_samples": verdicts(plain, longest)}
+    recounted = {"plain_samples": verdicts(plain, longest, count_repeats=True)}
     for name, texts in human.items():
         negatives[name] = [_detect(mark, model, tokenizer.encode(t).ids[:longest], vocab_size) for t in texts]
+        recounted[name] = [_detect(mark, model, tokenizer.encode(t).ids[:longest], vocab_size, True) for t in texts]
     zs = {
         name: [d.z for d in found if d is not None]
         for name, found in {"watermarked": detection[str(longest)], **negatives}.items()
@@ -222,6 +257,12 @@ def watermark_metrics(
         "false_positive_rate": {name: rate(found) for name, found in negatives.items()},
         "human_documents": {name: len(found) for name, found in negatives.items()},
         "max_z": {name: max(z, default=None) for name, z in zs.items() if name != "watermarked"},
+        # Each (previous, token) pair scored once (the detector) against every pair scored: what repeats do.
+        "repetition": repetition_report(detection[str(longest)], verdicts(marked, longest, count_repeats=True)),
+        "max_z_counting_repeats": {
+            name: max((d.z for d in found if d is not None), default=None) for name, found in recounted.items()
+        },
+        "false_positive_rate_counting_repeats": {name: rate(found) for name, found in recounted.items()},
         "quality": {
             "bits_per_byte_plain": plain_bpb,
             "bits_per_byte_watermarked": marked_bpb,
@@ -249,3 +290,17 @@ def _plot_z(zs: dict[str, list[float]], threshold: float, length: int, path: Pat
     figure.savefig(buffer, format="png", dpi=100)
     plt.close(figure)
     atomic_write_bytes(path, buffer.getvalue())
+
+
+def goals_reached(filtered: dict, marked: dict, goals: SafetyGoals) -> dict[str, bool]:
+    """Whether `filter_metrics` and `watermark_metrics` reach params.yaml's safety.goals; watermark
+    detection is judged at the longest length measured, false positives on the worst negative set."""
+    longest = max(marked["detection_rate"], key=int)
+    return {
+        "filter_f1": filtered["overall"]["f1"] >= goals.filter_f1,
+        "filter_false_positive_rate": filtered["false_positive_rate"]["benign_alarming"]
+        <= goals.filter_false_positive_rate,
+        "watermark_detection": marked["detection_rate"][longest] >= goals.watermark_detection,
+        "watermark_false_positive_rate": max(marked["false_positive_rate"].values())
+        <= goals.watermark_false_positive_rate,
+    }

@@ -31,7 +31,7 @@ from dataclasses import asdict, dataclass
 
 import torch
 
-from tisslm.core.config import WatermarkParams
+from tisslm.core.config import Params, WatermarkParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 
@@ -58,6 +58,12 @@ class Detection:
     z: float  # (green - gamma T) / sqrt(T gamma (1 - gamma))
     p_value: float  # P(Z >= z) under the null, normal approximation
     watermarked: bool  # z >= z_threshold
+    repeated: int = 0  # pairs not scored because they repeat an earlier (previous, token) pair
+
+    @property
+    def distinct_share(self) -> float:
+        """Of the pairs above the entropy threshold, the share scored: low for a degenerate, looping text."""
+        return self.tokens_scored / max(1, self.tokens_scored + self.repeated)
 
     def to_json(self) -> dict:
         return asdict(self)
@@ -88,6 +94,15 @@ class Watermark:
         self.gamma = self.green_size / vocab_size
         self._hmac = hmac.new(key.encode(), digestmod=hashlib.sha256)
         self._green_mask = functools.lru_cache(maxsize=GREEN_CACHE_SIZE)(self._draw_green_mask)
+
+    @classmethod
+    def from_params(cls, params: Params, vocab_size: int, enabled: bool | None = None) -> Watermark | None:
+        """The watermark of safety.watermark (its key: TISSLM_WATERMARK_KEY, else the params'), or None
+        when it is off; `enabled` (a --watermark/--no-watermark flag) overrides safety.watermark.enabled."""
+        marks = params.safety.watermark
+        if not (marks.enabled if enabled is None else enabled):
+            return None
+        return cls(watermark_key(marks), marks, vocab_size)
 
     def __repr__(self) -> str:
         return (
@@ -131,13 +146,20 @@ class Watermark:
             bias *= biased[:, None]
         return logits + bias
 
-    def detect(self, token_ids: Sequence[int], entropies: Sequence[float] | None = None) -> Detection:
+    def detect(
+        self, token_ids: Sequence[int], entropies: Sequence[float] | None = None, count_repeats: bool = False
+    ) -> Detection:
         """Score a text's token ids: each token after the first, keyed by the one before it.
 
         Each distinct (previous, token) pair counts once, as Hugging Face's WatermarkDetector does
         with ignore_repeated_ngrams: code repeats lines, and each repeat would add its green tokens
         again and push the z-score of human text past the threshold. To score a generation's first
-        token, put the prompt's last token first.
+        token, put the prompt's last token first. The same holds for repetitive generated text: a
+        sample looping on `1:` repeats a few pairs, and scoring each once keeps its z-score honest
+        (the null's independent draws), at the price of little evidence: T distinct pairs reach at
+        most z = sqrt(T (1 - gamma) / gamma), and only if all are green. `repeated` says how many
+        were skipped. `count_repeats=True` scores every pair (for comparison only: the z-test's
+        independence assumption does not hold then).
 
         With entropy_threshold > 0 (SWEET), `entropies` is required (and ignored otherwise):
         entropies[i] is the entropy of the model's distribution that token_ids[i + 1] was drawn
@@ -151,19 +173,23 @@ class Watermark:
             raise TissLMError(f"{len(entropies)} entropies for {len(token_ids)} tokens: expected one fewer")
         ids = [int(t) for t in token_ids]
         seen = set()
-        green = 0
+        green = scored = repeated = 0
         for i, (previous, token) in enumerate(itertools.pairwise(ids)):
-            if (previous, token) in seen or (threshold > 0 and entropies[i] < threshold):
+            if threshold > 0 and entropies[i] < threshold:
                 continue
+            if (previous, token) in seen:
+                repeated += 1
+                if not count_repeats:
+                    continue
             seen.add((previous, token))
+            scored += 1
             if token < self.vocab_size and self._green_mask(previous)[token]:
                 green += 1
-        scored = len(seen)
         if scored == 0:
             raise TissLMError(f"no token to score among {len(token_ids)}: the text is too short or too predictable")
         z = (green - self.gamma * scored) / math.sqrt(scored * self.gamma * (1 - self.gamma))
         p_value = 0.5 * math.erfc(z / math.sqrt(2))
-        return Detection(scored, green, z, p_value, z >= self.z_threshold)
+        return Detection(scored, green, z, p_value, z >= self.z_threshold, repeated)
 
 
 def entropy(logits: torch.Tensor) -> torch.Tensor:

@@ -30,6 +30,11 @@ computes the logits of every prompt position (the others need the last one's).
 
 A request's `logits_processor` (a watermark, say) changes its own row of the logits before
 sampling, seeing the row's previous token: the prompt's last at prefill, then the last sampled.
+
+Penalties. A request whose params are `PenalizedSampling` with a frequency or presence penalty
+keeps a count of each token it generated (a (V,) tensor on the model's device) and has its row
+lowered by `apply_penalties` before its logits processor and sampling (after its scores, which
+stay the model's own); such a request is not speculated on.
 """
 
 from __future__ import annotations
@@ -48,7 +53,7 @@ import torch
 from tisslm.core.decode import DecodeEngine, Decoder, draft_by_lookup
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
-from tisslm.core.sampling import LogitsProcessor, SamplingParams, sample_next
+from tisslm.core.sampling import LogitsProcessor, PenalizedSampling, SamplingParams, apply_penalties, sample_next
 from tisslm.serve.metrics import ServeMetrics
 
 log = logging.getLogger(__name__)
@@ -112,6 +117,7 @@ class Request:
     prompt_logprobs: bool = False  # score the prompt's tokens too
     logits_processor: LogitsProcessor | None = None  # changes this request's logits before sampling
     generator: torch.Generator | None = None  # None: the global RNG (unseeded requests sample together)
+    counts: torch.Tensor | None = None  # (V,) times each token was generated, for a penalized request
     slot: int | None = None
     last_token: int = -1  # the latest token: the prompt's last until one is sampled, then the one decode feeds
     generated: int = 0
@@ -323,6 +329,7 @@ class Batcher:
     def _speculate(self, request: Request) -> bool:
         """One speculative step for a lone greedy request; False when it cannot or found nothing to draft."""
         plain = request.params.temperature != 0 or request.logits_processor or request.logprobs is not None
+        plain = plain or penalties(request.params) is not None
         if not self.lookahead or plain:
             return False
         remaining = request.params.max_new_tokens - request.generated
@@ -348,6 +355,10 @@ class Batcher:
         scored = [row for row, request in enumerate(batch) if request.logprobs is not None]
         logprobs = logits[scored].float().log_softmax(dim=-1) if scored else None  # (S, V)
         for row, request in enumerate(batch):
+            if (penalty := penalties(request.params)) is not None:
+                if request.counts is None:
+                    request.counts = torch.zeros(logits.size(-1), dtype=torch.int32, device=logits.device)
+                logits[row] = apply_penalties(logits[row], request.counts, *penalty)
             if request.logits_processor is not None:
                 previous = torch.tensor([request.last_token], dtype=torch.long, device=logits.device)  # (1,)
                 logits[row : row + 1] = request.logits_processor(logits[row : row + 1], previous)
@@ -384,6 +395,8 @@ class Batcher:
             return
         request.last_token = token
         request.tokens.append(token)
+        if request.counts is not None:
+            request.counts[token] += 1
         self._report(request, Token(token, logprob))
         if request.generated == request.params.max_new_tokens:
             self._finish(request, "length")
@@ -408,6 +421,13 @@ class Batcher:
         except Exception:  # a listener's bug must not stop the others' generations
             log.exception("on_event failed; cancelling the request")
             request.cancelled = True
+
+
+def penalties(params: SamplingParams) -> tuple[float, float] | None:
+    """(frequency_penalty, presence_penalty) of params that ask for them; None for the others."""
+    if isinstance(params, PenalizedSampling) and params.penalized:
+        return params.frequency_penalty, params.presence_penalty
+    return None
 
 
 def score(logprobs: torch.Tensor, tokens: torch.Tensor, top: Sequence[int]) -> list[Logprob]:

@@ -23,6 +23,14 @@ logits over the tokenizer's vocabulary, before temperature, top-k, top-p and any
 extension: the entropy (nats) of that distribution beside each logprob (`entropies`, `entropy`),
 sent only when logprobs are asked. `echo` with `max_tokens` 0 and `logprobs` scores a text, the
 way lm-evaluation-harness's `local-completions` computes loglikelihoods.
+
+OpenAI's other request fields, as clients send them: `frequency_penalty` and `presence_penalty`
+(-2 to 2) are applied (`tisslm.core.sampling.PenalizedSampling`); `user`, `metadata`, `store`
+false and `service_tier` are accepted and ignored, as they change nothing in the answer; fields
+the server cannot honour are accepted only at their neutral value (`logit_bias` empty,
+`response_format` text, no `tools` or `functions`, `tool_choice` none or auto without tools,
+`best_of` equal to `n`, no `suffix`, ...) and otherwise refused with a 400 naming the field
+(code `unsupported_value`), never silently ignored. A field OpenAI does not define is a 400 too.
 """
 
 from __future__ import annotations
@@ -32,7 +40,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
-from tisslm.core.sampling import SamplingParams
+from tisslm.core.sampling import MAX_PENALTY, PenalizedSampling
 
 # ---- errors ----
 
@@ -110,7 +118,53 @@ class _Sampling(_Strict):
     stream: bool = False
     stream_options: StreamOptions | None = None
     ignore_eos: bool = False  # vLLM's extension: generate max_tokens tokens even past the end-of-text token
-    user: str | None = None  # accepted for compatibility, unused
+    frequency_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)  # per earlier occurrence in the output
+    presence_penalty: float = Field(0.0, ge=-MAX_PENALTY, le=MAX_PENALTY)  # once a token occurred in the output
+    # Accepted and ignored: they change nothing in the answer.
+    user: str | None = None
+    metadata: dict[str, str] | None = None
+    store: bool | None = None  # OpenAI keeps the completion for its dashboard: only false (or null) here
+    service_tier: str | None = None
+    # Accepted only at their neutral value (`unsupported`): anything else is refused by name.
+    logit_bias: dict[str, float] | None = None
+    response_format: dict[str, Any] | None = None
+    tools: list[dict[str, Any]] | None = None
+    tool_choice: str | dict[str, Any] | None = None
+    parallel_tool_calls: bool | None = None
+    functions: list[dict[str, Any]] | None = None
+    function_call: str | dict[str, Any] | None = None
+
+    def unsupported(self) -> APIError | None:
+        """A 400 naming the first field asked at a value this server cannot honour; None when all are."""
+        refusals = {
+            "logit_bias": "not supported by this server (send {} or leave it out)" if self.logit_bias else None,
+            "response_format": (
+                f'type {self.response_format.get("type")!r} is not supported: only {{"type": "text"}}'
+                if self.response_format is not None and self.response_format.get("type", "text") != "text"
+                else None
+            ),
+            "tools": "tool calling is not supported by this server" if self.tools else None,
+            "tool_choice": (
+                'tool calling is not supported by this server (only "none" or "auto" without tools)'
+                if self.tool_choice not in (None, "none", "auto")
+                else None
+            ),
+            "functions": "function calling is not supported by this server" if self.functions else None,
+            "function_call": (
+                'function calling is not supported by this server (only "none" or "auto")'
+                if self.function_call not in (None, "none", "auto")
+                else None
+            ),
+            "store": "this server does not store completions (send false or leave it out)" if self.store else None,
+        }
+        refusals |= self._unsupported()
+        for param, problem in refusals.items():
+            if problem is not None:
+                return APIError(400, f"{param}: {problem}", param=param, code="unsupported_value")
+        return None
+
+    def _unsupported(self) -> dict[str, str | None]:
+        return {}
 
     def stop_strings(self) -> list[str]:
         stops = [self.stop] if isinstance(self.stop, str) else list(self.stop or [])
@@ -118,11 +172,12 @@ class _Sampling(_Strict):
             raise APIError(400, f"stop: at most 4 sequences, got {len(stops)}", param="stop", code="invalid_value")
         return stops
 
-    def generate_params(self, max_tokens: int) -> SamplingParams:
+    def generate_params(self, max_tokens: int) -> PenalizedSampling:
         """The sampling settings, checked against the bounds `generate` enforces."""
         settings = {"max_new_tokens": max_tokens, "temperature": self.temperature, "top_p": self.top_p}
+        penalties = {"frequency_penalty": self.frequency_penalty, "presence_penalty": self.presence_penalty}
         try:
-            return SamplingParams.model_validate(settings | {"top_k": self.top_k, "seed": self.seed})
+            return PenalizedSampling.model_validate(settings | {"top_k": self.top_k, "seed": self.seed} | penalties)
         except ValidationError as err:
             raise invalid(err, {"max_new_tokens": "max_tokens"}) from None
 
@@ -170,11 +225,24 @@ class CompletionRequest(_Sampling):
     )
     echo: bool = Field(False, description="Begin each choice's text with its prompt (scored too, with `logprobs`)")
     retrieve: RetrieveOptions | None = None  # TissLM's extension: ground the prompt in the knowledge base
+    best_of: int | None = None  # accepted only as n (or null): the server returns every choice it draws
+    suffix: str | None = None  # insertion after the completion: not supported beyond null or ""
+
+    def _unsupported(self) -> dict[str, str | None]:
+        return {
+            "best_of": (
+                f"only equal to n ({self.n}): this server returns every choice it draws"
+                if self.best_of is not None and self.best_of != self.n
+                else None
+            ),
+            "suffix": "text insertion is not supported by this server" if self.suffix else None,
+        }
 
 
 class ChatMessage(_Strict):
     role: Literal["system", "user", "assistant"]
     content: str
+    name: str | None = None  # OpenAI's participant name: accepted, not shown to the model
 
 
 class ChatRequest(_Sampling):
@@ -268,9 +336,16 @@ class RetrievedChunk(Source):
     text: str  # the chunk as indexed (secrets, emails and the like already replaced by <SECRET>, <EMAIL>, ...)
 
 
+GROUNDING_WARNING = (
+    "Set when the pipeline measured grounding in this knowledge base as worse than none: held-out val"
+    " bits/byte with retrieved context above those without (metrics/kb.json context_gain); else null"
+)
+
+
 class RetrieveResponse(_Response):
     object: Literal["list"] = "list"
     data: list[RetrievedChunk]  # best first
+    grounding_warning: str | None = Field(None, description=GROUNDING_WARNING)
 
 
 class KnowledgeBaseInfo(_Response):
@@ -282,6 +357,7 @@ class KnowledgeBaseInfo(_Response):
     source_bytes: int  # of the documents indexed
     built_at: str | None  # when the index was last built, ISO 8601
     embedding_model: str | None
+    grounding_warning: str | None = Field(None, description=GROUNDING_WARNING)
 
 
 SOURCES = (

@@ -12,10 +12,11 @@ recognizers before the port opens too; the watermark key is never printed.
 from __future__ import annotations
 
 import socket
+import sys
 from collections.abc import Sequence
 from pathlib import Path
 
-from tisslm.core.config import ServeParams, WatermarkParams
+from tisslm.core.config import ServeParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
@@ -48,6 +49,8 @@ def bind(host: str, port: int) -> socket.socket:
 def open_knowledge_base(directory: Path) -> KnowledgeBase:
     """The index in `directory`, searched once: the embedding model loads now, not on the first request."""
     kb = KnowledgeBase.open(directory)
+    if warning := kb.grounding_warning():
+        print(f"warning: {warning}", file=sys.stderr, flush=True)
     try:
         kb.search("warm up", k=1)
     except BaseException:
@@ -57,16 +60,17 @@ def open_knowledge_base(directory: Path) -> KnowledgeBase:
 
 
 def serve(
-    model_spec: str,
+    model_spec: str | Path,
     settings: ServeParams,
     kb_dir: Path | None = None,
     api_keys: Sequence[str] = (),
     audit_log: Path | None = None,
     audit_text: bool = False,
     content_filter: ContentFilter | None = None,
-    watermark: WatermarkParams | None = None,
-    watermark_key: str | None = None,
+    watermark: Watermark | None = None,
 ) -> None:
+    """Serve `model_spec` (a directory, or models:/NAME@ALIAS) until interrupted. The content filter
+    and the watermark come built (`ContentFilter.from_params`, `Watermark.from_params`); None: off."""
     import uvicorn
 
     from tisslm.serve.app import create_app
@@ -76,7 +80,7 @@ def serve(
     kb = None
     try:
         kb = open_knowledge_base(kb_dir) if kb_dir is not None else None
-        model_dir = resolve_model_dir(model_spec)
+        model_dir = resolve_model_dir(str(model_spec))
         model = TissLM.from_pretrained(model_dir).eval()
         tokenizer = load_tokenizer(model_dir)
         engine = Batcher(
@@ -91,7 +95,12 @@ def serve(
         sock = bind(settings.host, settings.port)  # before the filter's imports, which may write warnings
         if content_filter is not None:
             content_filter.apply(WARM_UP)  # load the classifier and the recognizers now, not on a request
-        marks = Watermark(watermark_key, watermark, tokenizer.get_vocab_size()) if watermark is not None else None
+        if watermark is not None and watermark.vocab_size != tokenizer.get_vocab_size():
+            raise TissLMError(
+                f"the watermark is for a vocabulary of {watermark.vocab_size} tokens, "
+                f"the model's tokenizer has {tokenizer.get_vocab_size()}"
+            )
+        marks = watermark
         app = create_app(
             engine,
             tokenizer,

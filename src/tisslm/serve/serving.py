@@ -164,7 +164,10 @@ class Serving:
         """The knowledge base's best chunks for the query; 404 on a server without one."""
         kb = self.knowledge_base(404, None)
         hits = await self.search(kb, body.query, body.k, body.mode, "query")
-        return RetrieveResponse(data=[RetrievedChunk.model_validate(hit.to_json()) for hit in hits])
+        return RetrieveResponse(
+            data=[RetrievedChunk.model_validate(hit.to_json()) for hit in hits],
+            grounding_warning=kb.grounding_warning(),
+        )
 
     async def kb_info(self) -> KnowledgeBaseInfo:
         """What the knowledge base holds (the page shows its grounding option when this answers 200)."""
@@ -176,6 +179,7 @@ class Serving:
             source_bytes=stats["bytes"],
             built_at=stats["built_at"],
             embedding_model=stats["embedding_model"],
+            grounding_warning=kb.grounding_warning(),
         )
 
     async def ground(self, options: RetrieveOptions, prompt: str, query: str, max_tokens: int) -> Grounded:
@@ -275,6 +279,8 @@ class Serving:
             raise APIError(400, message, param="max_tokens", code="invalid_value")
         if body.stream_options is not None and not body.stream:
             raise APIError(400, "stream_options: only allowed when stream is true", param="stream_options")
+        if (refusal := body.unsupported()) is not None:
+            raise refusal
         return body.generate_params(max_tokens)
 
     @staticmethod

@@ -32,7 +32,7 @@ Feature: The tisslm tiss command line
     Then the exit status is 2
     And stderr shows:
       """
-      bad.tiss:2:1: unknown keyword 'RUNN'
+      bad.tiss:2:1: unknown keyword 'RUNN' (did you mean RUN?)
           RUNN "a"
           ^
       bad.tiss:3:10: unknown escape \q (use \", \\, \n or \t)
@@ -69,6 +69,39 @@ Feature: The tisslm tiss command line
     When I run `tiss run fail.tiss --workspace {workspace} --audit {audit}`
     Then the exit status is 1
     And stderr shows "fail.tiss:3:1: assertion failed: LAST_RUN.EXIT_CODE == 0"
+
+  Scenario: --var wins over the script's own VAR, and check, plan and run warn about it
+    Given the script file "expect.tiss":
+      """
+      #TISS!
+      VAR expected = 3
+      RUN "echo 3"
+      LOG "expected {{expected}}, exit {{LAST_RUN.EXIT_CODE}}"
+      ASSERT LAST_RUN.STDOUT CONTAINS "{{expected}}"
+      """
+    When I run `tiss check expect.tiss --var expected=4`
+    Then the exit status is 0
+    And stdout shows "expect.tiss: ok"
+    And stderr shows "expect.tiss:2:1: warning: VAR expected is skipped: --var expected=... on the command line wins"
+    When I run `tiss run expect.tiss --workspace {workspace} --var expected=4 --audit {audit}`
+    Then the exit status is 1
+    And stdout shows "expected 4, exit 0"
+    And stderr shows "warning: VAR expected is skipped"
+    And stderr shows "expect.tiss:5:1: assertion failed: LAST_RUN.STDOUT CONTAINS "4" (LAST_RUN.STDOUT was '3\n'"
+    When I run `tiss run expect.tiss --workspace {workspace} --audit {audit}`
+    Then the exit status is 0
+    And stdout shows "expected 3, exit 0"
+
+  Scenario: check warns about a placeholder it does not know, which would be printed as it is
+    Given the script file "typo.tiss":
+      """
+      #TISS!
+      RUN "true"
+      LOG "exit {{LAST_RUN.EXITCODE}}"
+      """
+    When I run `tiss check typo.tiss`
+    Then the exit status is 0
+    And stderr shows "typo.tiss:3:1: warning: {{LAST_RUN.EXITCODE}} is not a field of LAST_RUN: did you mean {{LAST_RUN.EXIT_CODE}}?"
 
   Scenario: a security refusal exits 1
     Given the script file "escape.tiss":

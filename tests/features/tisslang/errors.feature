@@ -31,6 +31,25 @@ Feature: Mistakes in a script are reported before anything runs
       | RETRIEVE "q" INTO c TOP 0   | 3 | 5  | RETRIEVE ... TOP wants 1 to 1000 |
       | RETRIEVE "{{ghost}}" INTO c | 3 | 5  | undefined variable 'ghost'       |
 
+  Scenario Outline: A syntax error suggests the fix
+    Given the script:
+      """
+      #TISS!
+      RUN "true"
+      <line>
+      """
+    When I check it
+    Then there is an error at line 3, column <c> saying "<message>"
+
+    Examples:
+      | line                            | c  | message                                  |
+      | RUNN "x"                        | 1  | unknown keyword 'RUNN' (did you mean RUN?) |
+      | PROMPT_AGNET "x" INTO y         | 1  | did you mean PROMPT_AGENT?               |
+      | IF LAST_RUN.EXIT_CODE = 0 THEN { | 23 | '=' does not compare: did you mean '=='? |
+      | ASSERT LAST_RUN.STDOUT CONTAINS | 24 | CONTAINS needs a value on its right      |
+      | ASSERT LAST_RUN.STDOUT MATCHES  | 24 | MATCHES needs a value on its right       |
+      | ASSERT LAST_RUN.EXITCODE == 0   | 17 | did you mean EXIT_CODE?                  |
+
   Scenario: A block that is never closed points at its opening brace
     Given the script:
       """
