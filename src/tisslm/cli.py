@@ -42,7 +42,10 @@ app = typer.Typer(
     help="TissLM: train, evaluate, quantize, export and serve a small language model.",
 )
 
-Overrides = Annotated[list[str] | None, typer.Option("--set", help="Override a parameter: key.sub=value (repeatable).")]
+Overrides = Annotated[
+    list[str] | None,
+    typer.Option("--set", metavar="KEY=VALUE", help="Override a parameter: key.sub=value (repeatable)."),
+]
 
 # What libraries log at import that a user can neither act on nor silence: torchao's kernels built
 # for GPUs this machine lacks, and torch's deprecation notice about torchao registering its enums.
@@ -74,7 +77,9 @@ def quiet_library_logs() -> None:
 @app.command()
 def generate(
     model: ModelDir,
-    prompt: Annotated[list[str], typer.Option("--prompt", help="Prompt text, or - to read stdin. Repeat for a batch.")],
+    prompt: Annotated[
+        list[str], typer.Option("--prompt", metavar="TEXT", help="Prompt text, or - to read stdin. Repeat for a batch.")
+    ],
     max_new_tokens: Annotated[int | None, typer.Option(help="Tokens to add [params: generate.max_new_tokens].")] = None,
     temperature: Annotated[float | None, typer.Option(help="0 is greedy [params: generate.temperature].")] = None,
     top_k: Annotated[int | None, typer.Option(help="Sample among the k most likely [params: generate.top_k].")] = None,

@@ -36,7 +36,9 @@ app = typer.Typer(
 )
 
 Script = Annotated[Path, typer.Argument(help="The .tiss script.")]
-Vars = Annotated[list[str] | None, typer.Option("--var", help="Set a variable: name=value (repeatable).")]
+Vars = Annotated[
+    list[str] | None, typer.Option("--var", metavar="NAME=VALUE", help="Set a variable: name=value (repeatable).")
+]
 
 
 def _variables(pairs: list[str] | None) -> dict[str, str]:

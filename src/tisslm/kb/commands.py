@@ -37,10 +37,12 @@ def build_command(
     out: Annotated[Path, typer.Option("--out", help="The index directory (created or updated in place).")],
     directory: Annotated[Path | None, typer.Option("--dir", help="Index files under this directory.")] = None,
     include: Annotated[
-        list[str] | None, typer.Option("--include", help="gitignore-style glob of files to take (repeatable).")
+        list[str] | None,
+        typer.Option("--include", metavar="GLOB", help="gitignore-style glob of files to take (repeatable)."),
     ] = None,
     exclude: Annotated[
-        list[str] | None, typer.Option("--exclude", help="gitignore-style glob of files to leave out (repeatable).")
+        list[str] | None,
+        typer.Option("--exclude", metavar="GLOB", help="gitignore-style glob of files to leave out (repeatable)."),
     ] = None,
     clean: Annotated[
         Path | None, typer.Option("--clean", help="Index the train split of a clean corpus (data/clean).")

@@ -1,4 +1,4 @@
-"""`tisslm audit`: check the server's hash-chained audit log (`tisslm serve --audit-log FILE`);
+"""`tisslm audit`: check a hash-chained audit log (`tisslm serve --audit-log FILE`, `tisslm tiss run`);
 `tisslm watermark`: test a text for the watermark `tisslm generate --watermark` puts in;
 `tisslm safety scan`: what the content filter finds in a text and what its policy does.
 
@@ -26,21 +26,27 @@ from tisslm.core.errors import TissLMError
 
 # Each command imports what it runs: `safety scan` never loads torch (the watermark's), `--help` nothing.
 app = typer.Typer(
-    no_args_is_help=True, rich_markup_mode=None, help="Audit log: verify the hash chain of a server's audit log."
+    no_args_is_help=True,
+    rich_markup_mode=None,
+    help="Audit log: verify the hash chain and signed head of a server's or a TissLang run's audit log.",
 )
 watermark_app = typer.Typer(
     no_args_is_help=True,
     rich_markup_mode=None,
-    help="Watermark (Kirchenbauer et al. 2023): test whether a text came from `generate --watermark`.",
+    help="Watermark: test whether a text came from `generate --watermark` (a z-test on its green tokens).",
 )
 
 
 @app.command("verify")
 def verify_command(
-    path: Annotated[Path, typer.Argument(help="The audit log (JSONL) that `tisslm serve --audit-log` writes.")],
+    path: Annotated[
+        Path, typer.Argument(help="An audit log (JSONL): `tisslm serve --audit-log`'s or a `tisslm tiss run`'s.")
+    ],
     as_json: Annotated[bool, typer.Option("--json", help="Print JSON instead of text.")] = False,
 ) -> None:
-    """Check every record's hash, seq and link: exit 0 when intact, 1 naming the first bad record."""
+    """Check every record's hash, seq and link, then the signed head beside the log (FILE.head; key:
+    TISSLM_AUDIT_KEY, else TISSLM_AUDIT_KEY_FILE): exit 0 when intact, 1 naming the first bad record
+    or the records cut from the end."""
     from tisslm.safety.audit import verify
 
     if not path.is_file():
@@ -130,6 +136,7 @@ def detect_command(
     typer.echo(
         f"{verdict}: z = {result.z:.2f} (threshold {settings.z_threshold:g}), p = {result.p_value:.3g}, "
         f"{result.green} of {result.tokens_scored} scored tokens green"
+        + (f", {result.repeated} repeated pairs not scored" if result.repeated else "")
     )
 
 
