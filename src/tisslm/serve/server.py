@@ -29,7 +29,7 @@ from tisslm.serve.access import check_keys, is_loopback
 from tisslm.serve.batching import Batcher
 from tisslm.serve.source import resolve_model_dir
 
-# A card number and an IBAN: the filter's first look at one imports Presidio's recognizers (seconds).
+# A card number and an IBAN: the filter's first look loads the toxicity classifier and the detectors' patterns.
 WARM_UP = "warm up: 4111 1111 1111 1111, DE89 3704 0044 0532 0130 00"
 
 
