@@ -263,6 +263,26 @@ def init_model(
     typer.echo(f"wrote {out}")
 
 
+@app.command("import")
+def import_command(
+    source: Annotated[
+        Path,
+        typer.Option("--from", help="Local Hugging Face Llama checkpoint (config.json, safetensors, tokenizer.json)."),
+    ],
+    out: Annotated[Path, typer.Option("--out", help="Directory to write the TissLM model to (replaced atomically).")],
+) -> None:
+    """Import a local Hugging Face Llama checkpoint as a TissLM model directory.
+
+    Only what TissLM's model represents exactly imports: a plain Llama (no biases, no RoPE
+    scaling, no sliding window, SiLU). Weights are read from safetensors only; a pickled
+    pytorch_model.bin is refused, never loaded. The chat template, if any, is kept as
+    chat_template.jinja."""
+    from tisslm.release.hf import import_llama
+
+    import_llama(source, out)
+    typer.echo(f"wrote {out}")
+
+
 @app.command("train")
 def train_command(
     tokens: Annotated[Path, typer.Option(help="Token directory (train.bin, val.bin, meta.json).")],
