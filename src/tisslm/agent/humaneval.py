@@ -18,6 +18,7 @@ import shutil
 import signal
 import tempfile
 from dataclasses import dataclass
+from functools import cache
 from pathlib import Path
 from typing import Literal
 
@@ -95,19 +96,18 @@ def check_completion(problem: dict, completion: str, workspace: Path, limits: Li
     return Outcome(False, status, "\n".join(lines[-5:]) or last)
 
 
-_probed = False
+@cache
+def _proven(workspace: Path) -> None:
+    """`make_sandbox`'s probe, once per workspace: it fails closed (SandboxError) where bubblewrap
+    does not work there. Probing every check would double its cost and, run as uid 65534 under the
+    sandbox's default 128-process limit, meet the zombies a lazy pid 1 has not reaped yet (see
+    DEFAULT_LIMITS)."""
+    make_sandbox("bwrap", workspace)
 
 
 def _sandbox(directory: Path) -> Sandbox:
-    """The bubblewrap sandbox for `directory`. The first one comes from `make_sandbox`, whose probe
-    fails closed where bubblewrap does not work; later ones skip the probe, which would double the
-    cost of a check and, run as uid 65534 under the sandbox's default 128-process limit, meet the
-    zombies that a lazy pid 1 has not reaped yet (see DEFAULT_LIMITS)."""
-    global _probed
-    if not _probed:
-        sandbox = make_sandbox("bwrap", directory)
-        _probed = True
-        return sandbox
+    """The bubblewrap sandbox for a check's `directory`, once its workspace has been proven."""
+    _proven(directory.parent)
     return Bubblewrap(directory)
 
 
