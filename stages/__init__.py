@@ -12,9 +12,12 @@ from collections.abc import Sequence
 from pathlib import Path
 
 
-def stage_paths(description: str, names: Sequence[str], argv: Sequence[str] | None = None) -> argparse.Namespace:
-    """Parse `--name PATH` for each of `names` (all required) from `argv` (default: sys.argv)."""
+def stage_paths(
+    description: str, names: Sequence[str], argv: Sequence[str] | None = None, optional: Sequence[str] = ()
+) -> argparse.Namespace:
+    """Parse `--name PATH` for each of `names` (all required) and of `optional` (None when not given)
+    from `argv` (default: sys.argv)."""
     parser = argparse.ArgumentParser(description=description)
-    for name in names:
-        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=True, metavar="PATH")
+    for name in [*names, *optional]:
+        parser.add_argument(f"--{name.replace('_', '-')}", type=Path, required=name in names, metavar="PATH")
     return parser.parse_args(argv)

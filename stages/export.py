@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from stages import stage_paths
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import load_params
 from tisslm.core.errors import ValidationFailed, run_main
 from tisslm.core.io import atomic_write_json
@@ -28,15 +29,18 @@ def main() -> None:
     paths = stage_paths(__doc__, ["model", "export", "metrics"])
     params = load_params().export
     model, tokenizer = TissLM.from_pretrained(paths.model), load_tokenizer(paths.model)
-    export_hf(model, tokenizer, paths.export / "hf")
-    export_onnx(model, tokenizer, paths.export / "onnx")
+    template = ChatTemplate.load(paths.model)  # every format carries it: clients format chats as the model learnt
+    export_hf(model, tokenizer, paths.export / "hf", template)
+    export_onnx(model, tokenizer, paths.export / "onnx", template)
     metrics = {
         "hf": hf_parity(model, paths.export / "hf", tokenizer, params.parity_text),
         "onnx": onnx_parity(model, paths.export / "onnx", tokenizer, params.parity_text),
         "gguf": {},
     }
     for tensor_type in GGUF_TYPES:
-        path = export_gguf(model, tokenizer, paths.export / "gguf" / f"tisslm-{tensor_type}.gguf", tensor_type)
+        path = export_gguf(
+            model, tokenizer, paths.export / "gguf" / f"tisslm-{tensor_type}.gguf", tensor_type, template
+        )
         metrics["gguf"][tensor_type] = gguf_parity(model, path)
     atomic_write_json(paths.metrics, metrics)
     failures = parity_failures(metrics, params.logit_atol)

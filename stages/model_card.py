@@ -1,4 +1,5 @@
-"""DVC stage `model_card`: metrics/*.json, the recipe ablation + params.yaml -> models/MODEL_CARD.md, DATASHEET.md."""
+"""DVC stage `model_card`: metrics/*.json, the recipe ablation + params.yaml -> models/MODEL_CARD.md, DATASHEET.md.
+The fine-tuning stages' metrics (`--sft`, `--dpo`) are optional: the card shows them when given."""
 
 from __future__ import annotations
 
@@ -8,6 +9,7 @@ from stages import stage_paths
 from tisslm.core.config import load_params
 from tisslm.core.errors import TissLMError, run_main
 from tisslm.core.io import atomic_write_text
+from tisslm.core.model import with_init_from
 from tisslm.release.card import datasheet, model_card
 
 SOURCES = (
@@ -23,18 +25,20 @@ SOURCES = (
     "safety",
     "recipe",
 )  # metrics the card reads, and the recipe's ablation (benchmarks/results/recipe_ablation.json)
+OPTIONAL = ("sft", "dpo")  # metrics of the fine-tuning stages, shown when given
 
 
 def main() -> None:
-    paths = stage_paths(__doc__, [*SOURCES, "card", "datasheet"])
+    paths = stage_paths(__doc__, [*SOURCES, "card", "datasheet"], optional=OPTIONAL)
     metrics = {}
-    for name in SOURCES:
+    for name in [*SOURCES, *(name for name in OPTIONAL if getattr(paths, name) is not None)]:
         path = getattr(paths, name)
         try:
             metrics[name] = json.loads(path.read_text())
         except (OSError, json.JSONDecodeError) as err:
             raise TissLMError(f"{path}: needed for the model card ({err})") from None
-    atomic_write_text(paths.card, str(model_card(load_params(), metrics)))
+    # An imported model's architecture is its own (train.init_from), not params.yaml's `model` section.
+    atomic_write_text(paths.card, str(model_card(with_init_from(load_params(), announce=False), metrics)))
     atomic_write_text(paths.datasheet, datasheet(metrics))
     print(f"model_card: wrote {paths.card} and {paths.datasheet}")
 

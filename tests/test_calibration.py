@@ -149,13 +149,16 @@ def test_evaluate_texts_feeds_every_scored_prediction_to_the_hook():
 
 
 def test_the_evaluate_stage_writes_the_calibration_figures_and_plot_files(tmp_path):
-    """The stage as dvc.yaml runs it, on a tiny random model over a byte tokenizer and a small corpus."""
+    """The stage as dvc.yaml runs it, on a tiny random model over a byte tokenizer and a small corpus
+    (its HumanEval and held-out functions cut down to a few, whatever they score)."""
     params = yaml.safe_load((REPO / "params.yaml").read_text())
     params["evaluate"].update(prompts=["def "], max_new_tokens=4, calibration_bins=10)
+    params["evaluate"]["humaneval"].update(problems=2, samples=2, max_new_tokens=8, batch_size=4, sft_examples=3)
     params["train"]["seq_len"] = 32
     params["tokenize"]["val_fraction"] = 0.5
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    texts = [f"def function_{i}(value):\n    return value * {i} + {i % 7}\n" for i in range(12)]
+    texts = [f'def function_{i}(value):\n    """Times {i} plus {i % 7}.\n\n    >>> function_{i}(1)\n    {i + i % 7}\n    """\n'
+             f"    return value * {i} + {i % 7}\n" for i in range(12)]  # fmt: skip
     paths = [f"pkg/mod{i}.py" for i in range(12)]
     columns = {"id": [doc_id("dir", p) for p in paths], "source": ["dir"] * 12, "path": paths, "text": texts,
                "n_bytes": [len(t.encode()) for t in texts], "sha256": [text_sha256(t) for t in texts],
@@ -191,3 +194,11 @@ def test_the_evaluate_stage_writes_the_calibration_figures_and_plot_files(tmp_pa
     assert all(int(row["count"]) > 0 for row in rows)  # empty bins have no point to draw
     assert all(float(row["bin_lower"]) <= float(row["confidence"]) <= float(row["bin_upper"]) for row in rows)
     assert (tmp_path / "plots/reliability.png").read_bytes().startswith(b"\x89PNG\r\n\x1a\n")
+
+    coding, heldout = report["humaneval"], report["sft_heldout"]
+    assert coding["problems"] == 2 and coding["executor"] == "bubblewrap" and "pass@1_sampled" in coding
+    assert f"HumanEval pass@1 {coding['pass@1']:.1%} of 2 problems" in result.stdout
+    problems = (tmp_path / "models/eval/humaneval.jsonl").read_text().splitlines()
+    assert [json.loads(line)["task_id"] for line in problems] == ["HumanEval/0", "HumanEval/1"]
+    assert heldout["examples"] == len((tmp_path / "models/eval/sft_heldout.jsonl").read_text().splitlines()) > 0
+    assert heldout["doctest_examples"] == heldout["examples"]  # every reference passes its own doctest

@@ -55,6 +55,30 @@ def test_gguf_reads_back_with_shapes_metadata_and_values(model_and_tokenizer, tm
     assert types["blk.0.attn_norm.weight"] == "F32" and types["blk.0.ffn_up.weight"] == tensor_type
 
 
+def test_exports_carry_the_chat_template(tmp_path):
+    """An HF client's apply_chat_template gives exactly the prompt TissLM's server builds; the GGUF
+    holds the template and names the end-of-turn token, so llama.cpp's chat stops where ours does."""
+    import gguf
+    from transformers import AutoTokenizer
+
+    from tisslm.core.chat import TURN_END, TURN_START, ChatTemplate
+
+    tokenizer = byte_level_tokenizer()
+    tokenizer.add_special_tokens([TURN_START, TURN_END])
+    model, template = make_model(vocab_size=259, max_seq_len=64), ChatTemplate()
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Sum a list?"}]
+    export_hf(model, tokenizer, tmp_path / "hf", template)
+    hf_tokenizer = AutoTokenizer.from_pretrained(tmp_path / "hf")
+    rendered = hf_tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=True)
+    assert rendered == template.render(messages)
+    path = export_gguf(model, tokenizer, tmp_path / "m.gguf", "F16", template)
+    reader = gguf.GGUFReader(str(path))
+    stored = reader.fields["tokenizer.chat_template"]
+    assert bytes(stored.parts[stored.data[0]]).decode() == template.source
+    eot = reader.fields["tokenizer.ggml.eot_token_id"]
+    assert eot.parts[eot.data[0]].tolist() == [tokenizer.token_to_id(TURN_END)]
+
+
 def test_gguf_q8_keeps_rows_that_do_not_fill_its_blocks_in_f16(tmp_path):
     """Q8_0 packs rows in blocks of 32: with d_model=48, matrices read along d_model stay F16."""
     import gguf

@@ -22,12 +22,13 @@ from conftest import make_model
 from openai import OpenAI
 from serving import SERVE_MODEL, ServerProcess, stream_events
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from tisslm.serve.batching import Batcher, Finished, PromptLogprobs, Token
-from tisslm.serve.text import CHAT_STOP, TextStream, Vocabulary, render_chat
+from tisslm.serve.text import TextStream, Vocabulary
 
 TOKENIZER = byte_level_tokenizer()
 VOCAB = TOKENIZER.get_vocab_size()
@@ -248,11 +249,11 @@ def test_chat_logprobs_and_top_logprobs(server, reference):
     messages = [{"role": "user", "content": "Say hi."}]
     body = {"messages": messages, "max_tokens": 10, "temperature": 0, "logprobs": True, "top_logprobs": 3}
     (choice,) = post(server, "/v1/chat/completions", body)["choices"]
-    prompt = TOKENIZER.encode(render_chat([("user", "Say hi.")])).ids
+    prompt = ChatTemplate().prompt_ids(TOKENIZER, messages)
     ids = greedy(reference, prompt, 10)
     content = choice["logprobs"]["content"]
     text = TOKENIZER.decode(ids)
-    assert not any(stop in text for stop in CHAT_STOP) and choice["message"]["content"] == text
+    assert choice["message"]["content"] == text
     expected = scores(reference, prompt + ids)[len(prompt) - 1 : -1]
     for token, item, row in zip(ids, content, expected, strict=True):
         assert set(item) == {"token", "logprob", "bytes", "top_logprobs", "entropy"}

@@ -182,7 +182,7 @@ def test_a_training_run_and_a_registered_model_land_in_postgres_and_the_object_s
     from tisslm.release.registry import MODEL_NAME, register
 
     model = trained(make_model(vocab_size=257, max_seq_len=64), 5)
-    decision = register(save(model, tmp_path / "model"), TEXTS, 32, 50.0, RegisterParams())
+    decision = register(save(model, tmp_path / "model"), TEXTS, 32, 50.0, 0.0, RegisterParams())
     assert decision.promoted
     champion = client.get_model_version_by_alias(MODEL_NAME, "champion")
     assert str(champion.version) == decision.challenger_version

@@ -31,7 +31,10 @@ TINY_PARAMS = {
     "train": {"max_steps": 12, "seq_len": 32, "batch_size": 8, "warmup_steps": 2, "eval_interval": 6,
               "eval_batches": 2, "log_interval": 3, "checkpoint_interval": 6, "nproc": 1, "precision": "fp32",
               "lr": 0.01},
-    "evaluate": {"prompts": ["def "], "max_new_tokens": 8},
+    "sft": {"steps": 0},  # the corpus has no docstrings: test_pretrained_pipeline.py fine-tunes
+    "dpo": {"steps": 0},
+    "evaluate": {"prompts": ["def "], "max_new_tokens": 8,
+                 "humaneval": {"problems": 2, "samples": 2, "max_new_tokens": 8, "sft_examples": 2}},
     "quantize": {"decode_tokens": 8, "eval_documents": 5},
     "bias": {"bootstrap": 50},
     "knowledge_base": {"context_documents": 2, "k": 2},
@@ -41,7 +44,7 @@ TINY_PARAMS = {
             "search_space": {"train.lr": {"low": 0.001, "high": 0.03, "log": True},
                              "train.warmup_steps": {"choices": [1, 4]}}},
 }  # fmt: skip
-STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "evaluate", "bias", "knowledge_base", "safety",
+STAGES = ["ingest", "clean", "tokenizer", "tokenize", "train", "sft", "dpo", "evaluate", "bias", "knowledge_base", "safety",
           "quantize", "export", "model_card", "register"]  # fmt: skip
 
 
@@ -124,7 +127,7 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     assert len(client.get_metric_history(train.info.run_id, "train_loss")) == 4  # steps 3, 6, 9, 12
     train_json = json.loads((workspace / "metrics/train.json").read_text())
     assert train.data.metrics["val_bits_per_byte"] == pytest.approx(train_json["val_bits_per_byte"])
-    assert train.data.tags["dvc.out.models/model"]  # lineage: the md5 dvc.lock holds for the output
+    assert train.data.tags["dvc.out.models/base"]  # lineage: the md5 dvc.lock holds for the output
     assert [m.name for m in client.search_model_versions("name='tisslm'")] == ["tisslm"]
     model_version = client.get_model_version("tisslm", "1")
     assert model_version.run_id == runs["register"].info.run_id  # the register stage logged into its child run

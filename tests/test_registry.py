@@ -43,7 +43,7 @@ def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, m
     params = RegisterParams(min_improvement=0.01, max_bias_shift=5.0)
     base = make_model(vocab_size=257, max_seq_len=64)
     good = trained(base, 15)
-    first = register(save(good, tmp_path / "good"), TEXTS, 32, 52.0, params)
+    first = register(save(good, tmp_path / "good"), TEXTS, 32, 52.0, 0.25, params)
     assert first.promoted and first.reasons == ["first registered model"]
 
     damaged = copy.deepcopy(good)
@@ -51,22 +51,26 @@ def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, m
         for p in damaged.parameters():
             if p.dim() == 2:
                 p.add_(torch.randn_like(p) * p.std())
-    worse = register(save(damaged, tmp_path / "damaged"), TEXTS, 32, 50.0, params)
+    worse = register(save(damaged, tmp_path / "damaged"), TEXTS, 32, 50.0, 0.25, params)
     assert not worse.promoted and worse.champion_version == first.challenger_version
     assert worse.challenger_bits_per_byte > worse.previous_champion_bits_per_byte
     assert "does not beat" in worse.reasons[0]
 
-    same = register(save(good, tmp_path / "same"), TEXTS, 32, 52.0, params)
+    same = register(save(good, tmp_path / "same"), TEXTS, 32, 52.0, 0.25, params)
     assert not same.promoted  # equal is not better by min_improvement
 
     better = trained(good, 15)
-    biased = register(save(better, tmp_path / "biased"), TEXTS, 32, 90.0, params)
+    biased = register(save(better, tmp_path / "biased"), TEXTS, 32, 90.0, 0.25, params)
     assert not biased.promoted and "more than the allowed" in biased.reasons[1]
-    promoted = register(save(better, tmp_path / "better"), TEXTS, 32, 51.0, params)
+    worse_coder = register(save(better, tmp_path / "worse_coder"), TEXTS, 32, 51.0, 0.2, params)
+    assert not worse_coder.promoted and worse_coder.previous_champion_pass_at_1 == 0.25  # the champion's tag
+    assert worse_coder.reasons[2] == "HumanEval pass@1 20.0% is below 25.0% (champion 25.0% less 0.0%)"
+    promoted = register(save(better, tmp_path / "better"), TEXTS, 32, 51.0, 0.25, params)
     assert promoted.promoted and promoted.challenger_bits_per_byte < promoted.previous_champion_bits_per_byte
 
     client = mlflow.MlflowClient()
     assert str(client.get_model_version_by_alias(MODEL_NAME, "champion").version) == promoted.challenger_version
+    assert client.get_model_version_by_alias(MODEL_NAME, "champion").tags["humaneval_pass_at_1"] == "0.25"
     assert str(client.get_model_version_by_alias(MODEL_NAME, "challenger").version) == promoted.challenger_version
     champion = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     out = champion.predict(pd.DataFrame({"prompt": ["def ", "import "]}), params={"max_new_tokens": 12})
@@ -76,13 +80,43 @@ def test_gate_promotes_only_better_models_and_the_champion_generates(tmp_path, m
 
 
 @pytest.mark.parametrize(
-    ("challenger_bpb", "challenger_bias", "promoted"),
-    [(1.0, 50.0, True), (1.0, 60.0, False), (1.195, 50.0, False), (0.9, 56.0, False)],
+    ("challenger_bpb", "challenger_bias", "challenger_pass", "promoted"),
+    [
+        (1.0, 50.0, 0.3, True),
+        (1.0, 50.0, 0.5, True),
+        (1.0, 60.0, 0.3, False),
+        (1.195, 50.0, 0.3, False),
+        (0.9, 56.0, 0.3, False),
+        (1.0, 50.0, 0.29, False),
+        (0.5, 50.0, 0.0, False),
+    ],
 )
-def test_gate_needs_both_the_gain_and_the_fairness(challenger_bpb, challenger_bias, promoted):
-    """Champion at 1.2 bits/byte and pct_stereotype 50: a 1% gain is needed, at most 5 points more bias."""
-    decided, reasons = gate(challenger_bpb, 1.2, challenger_bias, 50.0, RegisterParams())
-    assert decided is promoted and len(reasons) == 2
+def test_gate_needs_the_gain_the_fairness_and_no_lost_pass_at_1(
+    challenger_bpb, challenger_bias, challenger_pass, promoted
+):
+    """Champion at 1.2 bits/byte, pct_stereotype 50 and pass@1 0.3: a 1% gain is needed, at most 5
+    points more bias, and no lower pass@1."""
+    decided, reasons = gate(challenger_bpb, 1.2, challenger_bias, 50.0, challenger_pass, 0.3, RegisterParams())
+    assert decided is promoted and len(reasons) == 3
+
+
+def test_the_gate_allows_the_pass_at_1_drop_it_is_given():
+    params = RegisterParams(max_pass_at_1_drop=0.05)
+    assert gate(1.0, 1.2, 50.0, 50.0, 0.26, 0.3, params)[0]
+    refused, reasons = gate(1.0, 1.2, 50.0, 50.0, 0.24, 0.3, params)
+    assert not refused and reasons[2] == "HumanEval pass@1 24.0% is below 25.0% (champion 30.0% less 5.0%)"
+
+
+def test_a_champion_registered_without_pass_at_1_counts_as_zero(tmp_path, monkeypatch):
+    import mlflow
+
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
+    params = RegisterParams(min_improvement=0.01, max_bias_shift=5.0)
+    good = trained(make_model(vocab_size=257, max_seq_len=64), 15)
+    first = register(save(good, tmp_path / "good"), TEXTS, 32, 50.0, 0.5, params)
+    mlflow.MlflowClient().delete_model_version_tag(MODEL_NAME, first.challenger_version, "humaneval_pass_at_1")
+    decision = register(save(trained(good, 15), tmp_path / "better"), TEXTS, 32, 50.0, 0.0, params)
+    assert decision.promoted and decision.previous_champion_pass_at_1 == 0.0
 
 
 def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, monkeypatch):
@@ -98,7 +132,7 @@ def test_mlflow_models_serve_answers_invocations_with_the_champion(tmp_path, mon
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
     good = trained(make_model(vocab_size=257, max_seq_len=64), 15)
-    assert register(save(good, tmp_path / "good"), TEXTS, 32, 50.0, RegisterParams()).promoted
+    assert register(save(good, tmp_path / "good"), TEXTS, 32, 50.0, 0.0, RegisterParams()).promoted
     local = mlflow.pyfunc.load_model(f"models:/{MODEL_NAME}@champion")
     expected = local.predict(pd.DataFrame({"prompt": ["def ", "import "]}), params={"max_new_tokens": 6})
     port = free_port()
@@ -133,10 +167,10 @@ def test_each_model_reads_the_val_text_through_its_own_tokenizer(tmp_path, monke
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'mlflow.db'}")
     params = RegisterParams(min_improvement=0.01, max_bias_shift=5.0)
     champion = register(save(trained(make_model(vocab_size=257, max_seq_len=64), 15), tmp_path / "bytes"), TEXTS,
-                        32, 50.0, params)  # fmt: skip
+                        32, 50.0, 0.0, params)  # fmt: skip
     bpe = train_bpe(TEXTS * 20, TokenizerParams(vocab_size=300), show_progress=False)
     assert bpe.encode(TEXTS[0]).ids != byte_level_tokenizer().encode(TEXTS[0]).ids
     challenger = make_model(vocab_size=300, max_seq_len=64)
     challenger.save_pretrained(tmp_path / "bpe", tokenizer=bpe)
-    decision = register(tmp_path / "bpe", TEXTS, 32, 50.0, params)
+    decision = register(tmp_path / "bpe", TEXTS, 32, 50.0, 0.0, params)
     assert decision.previous_champion_bits_per_byte == pytest.approx(champion.challenger_bits_per_byte, rel=1e-6)

@@ -16,13 +16,14 @@ from conftest import make_model
 from openai import OpenAI
 from serving import SERVE_MODEL, ServerProcess, save_tiny_model, stream_events
 
+from tisslm.core.chat import CHAT_TEMPLATE_FILE, ChatTemplate
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from tisslm.serve.batching import Batcher, Finished, QueueFull, Token
-from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
+from tisslm.serve.text import TextStream
 
 TOKENIZER = byte_level_tokenizer()
 EOT = TOKENIZER.token_to_id(END_OF_TEXT)
@@ -327,18 +328,62 @@ def test_sse_wire_format_ends_with_done(server):
 def test_chat_completion_uses_the_template(client, reference):
     messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
     reply = client.chat.completions.create(model="tisslm", messages=messages, max_tokens=20, seed=3)
-    text = expected_text(reference, render_chat((m["role"], m["content"]) for m in messages), 20, seed=3, temperature=1)
-    cut = min([i for i in (text.find(s) for s in CHAT_STOP) if i >= 0], default=len(text))
+    # No chat_template.jinja in the model directory: the ChatML default, ending at the end of text
+    # (the byte-level tokenizer has no <|im_end|> token).
+    text = expected_text(reference, ChatTemplate().render(messages), 20, seed=3, temperature=1)
     assert reply.choices[0].message.role == "assistant"
-    assert reply.choices[0].message.content == text[:cut]
-    assert reply.usage.prompt_tokens == len(
-        TOKENIZER.encode(render_chat([("system", "Be brief."), ("user", "Say hi.")])).ids
-    )
+    assert reply.choices[0].message.content == text
+    assert reply.usage.prompt_tokens == len(ChatTemplate().prompt_ids(TOKENIZER, messages))
 
     stream = client.chat.completions.create(model="tisslm", messages=messages, max_tokens=20, seed=3, stream=True)
     chunks = list(stream)
     assert chunks[0].choices[0].delta.role == "assistant"
-    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text[:cut]
+    assert "".join(c.choices[0].delta.content or "" for c in chunks) == text
+
+
+# A template of its own, which refuses a system message anywhere but first (as Llama 2's refuse roles).
+CUSTOM_TEMPLATE = (
+    "{% for m in messages %}"
+    "{% if m['role'] == 'system' and not loop.first %}{{ raise_exception('system message after the first') }}{% endif %}"
+    "### {{ m['role'] }}: {{ m['content'] }}\n"
+    "{% endfor %}"
+    "{% if add_generation_prompt %}### assistant:{% endif %}"
+)
+
+
+@pytest.fixture(scope="module")
+def custom_model_dir(model_dir, tmp_path_factory):
+    """The tiny model with CUSTOM_TEMPLATE as its chat_template.jinja (what `tisslm import` writes)."""
+    import shutil
+
+    directory = tmp_path_factory.mktemp("custom") / "tiny"
+    shutil.copytree(model_dir, directory)
+    (directory / CHAT_TEMPLATE_FILE).write_text(CUSTOM_TEMPLATE)
+    return directory
+
+
+def test_chat_route_renders_the_model_directorys_template(custom_model_dir, reference, tmp_path):
+    template = ChatTemplate.load(custom_model_dir)
+    messages = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "Say hi."}]
+    assert template.render(messages) == "### system: Be brief.\n### user: Say hi.\n### assistant:"
+    server = ServerProcess(custom_model_dir, workdir=tmp_path)
+    try:
+        body = {"messages": messages, "max_tokens": 12, "seed": 4}
+        answer = httpx.post(f"{server.url}/v1/chat/completions", json=body, timeout=60).json()
+        assert answer["usage"]["prompt_tokens"] == len(template.prompt_ids(TOKENIZER, messages))
+        assert answer["usage"]["prompt_tokens"] != len(ChatTemplate().prompt_ids(TOKENIZER, messages))
+        expected = expected_text(reference, template.render(messages), 12, temperature=1, seed=4)
+        assert answer["choices"][0]["message"]["content"] == expected
+        # The template refuses a conversation: a 400 naming `messages`, with the template's words.
+        refused = httpx.post(
+            f"{server.url}/v1/chat/completions", json={"messages": [*messages[1:], messages[0]]}, timeout=60
+        )
+        assert refused.status_code == 400, refused.text
+        error = refused.json()["error"]
+        assert (error["param"], error["code"]) == ("messages", "invalid_value")
+        assert "system message after the first" in error["message"]
+    finally:
+        server.stop()
 
 
 BAD_BODIES = [
@@ -520,6 +565,23 @@ def test_chat_streams_replies_in_the_terminal(model_dir, tmp_path):
     assert result.stdout.count("tisslm> ") == 2 and result.stdout.count("you> ") == 4
 
 
+def test_terminal_chat_renders_the_model_directorys_template(custom_model_dir, reference, tmp_path):
+    """`tisslm chat` formats each turn's whole conversation with the directory's template, as the server does."""
+    sampling = {"temperature": 0.9, "top_k": 40, "top_p": 0.9, "seed": 1}
+    flags = [f"--{name.replace('_', '-')}={value}" for name, value in sampling.items()]
+    result = tisslm(
+        "chat", "--model", str(custom_model_dir), "--max-new-tokens", "8", "--system", "Be brief.", *flags,
+        stdin="hello\nagain\n/exit\n", cwd=tmp_path,
+    )  # fmt: skip
+    assert result.returncode == 0, result.stderr
+    template = ChatTemplate(CUSTOM_TEMPLATE)
+    conversation = [{"role": "system", "content": "Be brief."}, {"role": "user", "content": "hello"}]
+    first = expected_text(reference, template.render(conversation), 8, **sampling)
+    conversation += [{"role": "assistant", "content": first}, {"role": "user", "content": "again"}]
+    second = expected_text(reference, template.render(conversation), 8, **sampling)
+    assert f"tisslm> {first}\n" in result.stdout and f"tisslm> {second}\n" in result.stdout
+
+
 def test_attention_cli_writes_a_png(model_dir, tmp_path):
     from matplotlib.image import imread
 
@@ -542,7 +604,7 @@ def test_serve_the_registry_champion(model_dir, reference, tmp_path, monkeypatch
 
     store = f"sqlite:///{tmp_path / 'mlflow.db'}"
     monkeypatch.setenv("MLFLOW_TRACKING_URI", store)
-    assert register(model_dir, ["def f(x):\n    return x\n"], 32, 50.0, RegisterParams()).promoted
+    assert register(model_dir, ["def f(x):\n    return x\n"], 32, 50.0, 0.0, RegisterParams()).promoted
     champion = resolve_model_dir("models:/tisslm@champion")
     assert (champion / "model.safetensors").read_bytes() == (model_dir / "model.safetensors").read_bytes()
     with pytest.raises(TissLMError, match="models:/tisslm@nobody: cannot download"):

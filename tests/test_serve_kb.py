@@ -12,12 +12,12 @@ import pytest
 from openai import OpenAI
 from serving import KB_CORPUS, KB_QUERY, ServerProcess, build_tiny_kb, save_tiny_model
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from tisslm.kb import Hit
 from tisslm.kb.context import with_context
-from tisslm.serve.text import render_chat
 
 TOKENIZER = byte_level_tokenizer()
 EOT = TOKENIZER.token_to_id(END_OF_TEXT)
@@ -173,7 +173,7 @@ def test_grounded_chat_with_the_openai_client(server, reference):
     )
     # The query is the last user message; the chunks go before the whole rendered conversation.
     hits = retrieved(server, messages[0]["content"], 1)
-    grounded = with_context(render_chat([("user", messages[0]["content"])]), hits, TOKENIZER, MAX_PROMPT_TOKENS)
+    grounded = with_context(ChatTemplate().render(messages), hits, TOKENIZER, MAX_PROMPT_TOKENS)
     assert reply.model_extra["sources"] == cited(grounded.sources) == [cited(hits)[0]]
     assert reply.model_extra["sources"][0]["path"] == "tariffs.py" and reply.model_extra["context_truncated"] is False
     assert reply.usage.prompt_tokens == len(TOKENIZER.encode(grounded.text).ids)

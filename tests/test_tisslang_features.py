@@ -157,6 +157,11 @@ def model_asked(ctx, prompt):
     assert ctx["model"].prompts == [prompt.replace("\\n", "\n")]
 
 
+@then(parsers.parse('the model\'s system message was "{system}"'))
+def model_system(ctx, system):
+    assert ctx["model"].systems == [system.replace("\\n", "\n")]
+
+
 # ---- checking ------------------------------------------------------------------------------------
 
 

@@ -12,13 +12,15 @@ import pytest
 import test_tisslang_security as security
 from serving import ServerProcess, save_tiny_model
 
-from tisslm.agent.adapter import Completion, LocalModel, OpenAICompatible
+from tisslm.agent.adapter import AdapterError, Completion, LocalModel, OpenAICompatible
 from tisslm.agent.audit import AuditLog, read_audit, sha256
 from tisslm.agent.checks import check, check_warnings
 from tisslm.agent.interpreter import DEFAULT_TOP, ReviewDenied, ScriptFailure
 from tisslm.agent.parser import parse
 from tisslm.agent.progress import ModelProgress
 from tisslm.agent.review import Reviewer
+from tisslm.core.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from tisslm.core.tokenizer import byte_level_tokenizer
 from tisslm.kb import Hit, build_index
 
 workspace = security.workspace  # the fixture, shared
@@ -95,10 +97,11 @@ class Answers:
     name = "answers"
 
     def __init__(self, *replies: str, entropies: tuple[float, ...] = ()):
-        self.replies, self.prompts, self.entropies = list(replies), [], entropies
+        self.replies, self.prompts, self.systems, self.entropies = list(replies), [], [], entropies
 
-    def complete(self, prompt: str, max_tokens: int = 256, seed: int = 0) -> Completion:
+    def complete(self, prompt: str, max_tokens: int = 256, seed: int = 0, system: str | None = None) -> Completion:
         self.prompts.append(prompt)
+        self.systems.append(system)
         return Completion(self.replies.pop(0), 10, 5, self.entropies)
 
 
@@ -157,7 +160,7 @@ def test_model_calls_and_tokens_are_budgeted(workspace):
     )
     assert engine.variables["a"] == "one" and "b" not in engine.variables
     assert "API_CALLS budget of 1 is used up" in engine.variables["LAST_ERROR"]
-    assert model.prompts == ["You are: a tester\nsay hi"]
+    assert model.prompts == ["say hi"] and model.systems == ["You are: a tester"]  # the persona: a system message
     with pytest.raises(ScriptFailure, match="TOKEN_COUNT"):
         run_script('SET_BUDGET TOKEN_COUNT = 10\nPROMPT_AGENT "p" INTO a', workspace, adapter=Answers("x"))
 
@@ -287,13 +290,36 @@ def test_audit_log_records_every_node_command_write_and_approval(workspace, tmp_
         AuditLog(workspace / "audit.jsonl", workspace)
 
 
+def chat_prompt_tokens(prompt: str, system: str | None = None, template: ChatTemplate | None = None) -> int:
+    """Tokens of the conversation [system?, user: prompt] as the template renders it for a reply."""
+    messages = [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+    return len((template or ChatTemplate()).prompt_ids(byte_level_tokenizer(), messages))
+
+
 def test_local_model_adapter_is_seeded_and_counts_tokens(tiny_model_dir):
     model = LocalModel(tiny_model_dir)
     first, again = model.complete("def f(", 12, seed=5), model.complete("def f(", 12, seed=5)
-    assert first == again and first.prompt_tokens == 6 and 1 <= first.completion_tokens <= 12
+    assert first == again and first.prompt_tokens == chat_prompt_tokens("def f(") and 1 <= first.completion_tokens <= 12
     assert len(first.entropies) == first.completion_tokens and all(h > 0 for h in first.entropies)
     assert first.max_entropy == max(first.entropies) and first.mean_entropy <= first.max_entropy
     assert [model.complete("def f(", 12, seed=s).text for s in range(4)] != [first.text] * 4
+
+
+def test_local_model_adapter_asks_through_the_directorys_chat_template(tiny_model_dir, tmp_path):
+    import shutil
+
+    custom = "{% for m in messages %}[{{ m['role'] }}] {{ m['content'] }}\n{% endfor %}[assistant] "
+    model_dir = tmp_path / "custom"
+    shutil.copytree(tiny_model_dir, model_dir)
+    (model_dir / CHAT_TEMPLATE_FILE).write_text(custom)
+    reply = LocalModel(model_dir).complete("def f(", 4, seed=1, system="You are: terse")
+    # byte-level: one token per byte of "[system] You are: terse\n[user] def f(\n[assistant] "
+    expected = chat_prompt_tokens("def f(", "You are: terse", ChatTemplate(custom))
+    assert reply.prompt_tokens == expected == len("[system] You are: terse\n[user] def f(\n[assistant] ")
+    refusing = "{{ raise_exception('no system messages') if messages[0]['role'] == 'system' else '' }}"
+    (model_dir / CHAT_TEMPLATE_FILE).write_text(refusing)
+    with pytest.raises(AdapterError, match="no system messages"):
+        LocalModel(model_dir).complete("x", 4, system="s")
 
 
 def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, workspace):
@@ -302,11 +328,15 @@ def test_base_url_adapter_talks_to_a_real_server(tiny_model_dir, tmp_path, works
         adapter = OpenAICompatible(server.url)
         reply = adapter.complete("hello", 8, seed=3)
         assert reply == adapter.complete("hello", 8, seed=3)
-        assert reply.prompt_tokens == 5 and 1 <= reply.completion_tokens <= 8
+        assert reply.prompt_tokens == chat_prompt_tokens("hello") and 1 <= reply.completion_tokens <= 8
         # The server scores its tokens as it decodes; the local model, in one pass afterwards: the same.
+        # Both ask through the model's chat template, so they read the same prompt.
         local = LocalModel(tiny_model_dir).complete("hello", 8, seed=3)
         assert local.text == reply.text and len(local.entropies) == len(reply.entropies) > 0
         assert all(abs(a - b) < 1e-4 for a, b in zip(local.entropies, reply.entropies, strict=True))
+        persona = adapter.complete("hello", 8, seed=3, system="You are: terse")
+        assert persona.prompt_tokens == chat_prompt_tokens("hello", "You are: terse")
+        assert persona.text == LocalModel(tiny_model_dir).complete("hello", 8, seed=3, system="You are: terse").text
         engine, _ = run_script('PROMPT_AGENT "hello" INTO answer', workspace, adapter=adapter)
         assert isinstance(engine.variables["answer"], str) and engine.budget.calls_used == 1
     finally:

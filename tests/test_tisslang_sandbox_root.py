@@ -13,7 +13,7 @@ from pathlib import Path
 import pytest
 import test_tisslang_security as security
 
-from tisslm.agent.sandbox import LAUNCHER, SANDBOX_UID, closed_ancestor, make_sandbox
+from tisslm.agent.sandbox import LAUNCHER, SANDBOX_UID, Limits, closed_ancestor, make_sandbox
 from tisslm.agent.workspace import Workspace
 
 outside, workspace, run_script = security.outside, security.workspace, security.run_script  # the fixtures, shared
@@ -95,7 +95,7 @@ def test_a_bwrap_that_cannot_reach_the_workspace_is_explained(monkeypatch):
     try:
         (top / "ws").mkdir()
         monkeypatch.setattr(Bubblewrap, "__init__", lambda self, ws: setattr(self, "workspace", ws) or None)
-        monkeypatch.setattr(Bubblewrap, "hidden", None, raising=False)  # as if there were no launcher
+        monkeypatch.setattr(Bubblewrap, "hidden", None, raising=False)  # as if the launcher made no way in
         with pytest.raises(SandboxError) as failure:
             make_sandbox("bwrap", top / "ws")
         message = str(failure.value)
@@ -103,3 +103,29 @@ def test_a_bwrap_that_cannot_reach_the_workspace_is_explained(monkeypatch):
         assert "bwrap runs as uid 65534" in message and "chmod o+x" in message
     finally:
         shutil.rmtree(top, ignore_errors=True)
+
+
+def _orphaned_bwraps() -> set[int]:
+    """Zombie bwrap processes that their parent left to pid 1 to reap."""
+    found = set()
+    for stat in Path("/proc").glob("[0-9]*/stat"):
+        try:
+            fields = stat.read_text().rsplit(")", 1)[1].split()  # after "(comm)": state, ppid, ...
+            comm = stat.read_text().split("(", 1)[1].rsplit(")", 1)[0]
+        except (OSError, IndexError):
+            continue  # gone meanwhile
+        if comm == "bwrap" and fields[0] == "Z" and fields[1] == "1":
+            found.add(int(stat.parent.name))
+    return found
+
+
+def test_hundreds_of_sandboxes_in_a_row_leave_no_process_behind(workspace):
+    """bwrap exits before its sandbox's init does; orphaned, that init was left to pid 1, and a
+    container's lazy init let them pile up as uid 65534's zombies until RLIMIT_NPROC (128 by default)
+    refused a fork (EAGAIN) after 120 to 140 sandboxes. The launcher reaps them now."""
+    before = _orphaned_bwraps()
+    box = make_sandbox("bwrap", workspace)
+    for i in range(300):
+        result = box.run("true", Limits(timeout_s=10))
+        assert (result.exit_code, result.stderr) == (0, ""), f"sandbox {i}: {result.stderr}"
+    assert _orphaned_bwraps() - before == set()

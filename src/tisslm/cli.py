@@ -7,7 +7,6 @@ stderr with exit status 2; anything else is a bug and keeps its traceback.
 from __future__ import annotations
 
 import json
-import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -24,7 +23,7 @@ from tisslm.kb.commands import app as kb_app
 from tisslm.safety.commands import app as audit_app
 from tisslm.safety.commands import safety_app, watermark_app
 from tisslm.serve import commands as serve_commands
-from tisslm.serve.commands import ModelDir, ParamsFile, load_model
+from tisslm.serve.commands import AdapterDir, ModelDir, ParamsFile, load_model
 
 if TYPE_CHECKING:
     from tisslm.safety.filters import Verdict
@@ -46,32 +45,6 @@ Overrides = Annotated[
     list[str] | None,
     typer.Option("--set", metavar="KEY=VALUE", help="Override a parameter: key.sub=value (repeatable)."),
 ]
-
-# What libraries log at import that a user can neither act on nor silence: torchao's kernels built
-# for GPUs this machine lacks, and torch's deprecation notice about torchao registering its enums.
-LIBRARY_NOISE = {
-    "torchao": ("Failed to load ",),
-    "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
-}
-
-
-class _DropMessages(logging.Filter):
-    def __init__(self, fragments: tuple[str, ...]):
-        super().__init__()
-        self.fragments = fragments
-
-    def filter(self, record: logging.LogRecord) -> bool:
-        message = record.getMessage()
-        return not any(fragment in message for fragment in self.fragments)
-
-
-def quiet_library_logs() -> None:
-    """Drop the import-time messages of LIBRARY_NOISE, by logger and message, and nothing else: the
-    loggers stay as they are, and configuring them imports nothing."""
-    for name, fragments in LIBRARY_NOISE.items():
-        logger = logging.getLogger(name)
-        if not any(isinstance(f, _DropMessages) for f in logger.filters):
-            logger.addFilter(_DropMessages(fragments))
 
 
 @app.command()
@@ -116,6 +89,7 @@ def generate(
         ),
     ] = None,
     params: ParamsFile = None,
+    adapter: AdapterDir = None,
 ) -> None:
     """Continue one or more prompts and print prompt + continuation.
 
@@ -134,7 +108,7 @@ def generate(
     config = project_params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
     settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
-    lm, tokenizer = load_model(model), load_tokenizer(model)
+    lm, tokenizer = load_model(model, adapter), load_tokenizer(model)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
     )
@@ -267,16 +241,22 @@ def init_model(
 def import_command(
     source: Annotated[
         Path,
-        typer.Option("--from", help="Local Hugging Face Llama checkpoint (config.json, safetensors, tokenizer.json)."),
+        typer.Option(
+            "--from",
+            help="Local Hugging Face Llama, Mistral or Qwen2 checkpoint (config.json, safetensors, tokenizer.json).",
+        ),
     ],
     out: Annotated[Path, typer.Option("--out", help="Directory to write the TissLM model to (replaced atomically).")],
 ) -> None:
-    """Import a local Hugging Face Llama checkpoint as a TissLM model directory.
+    """Import a local Hugging Face Llama, Mistral or Qwen2 checkpoint as a TissLM model directory.
 
-    Only what TissLM's model represents exactly imports: a plain Llama (no biases, no RoPE
-    scaling, no sliding window, SiLU). Weights are read from safetensors only; a pickled
-    pytorch_model.bin is refused, never loaded. The chat template, if any, is kept as
-    chat_template.jinja."""
+    Only what TissLM's model represents exactly imports: a Llama-style network with SiLU, plain
+    RoPE (no scaling), no o_proj or MLP biases; Qwen2's q/k/v biases are kept. A sliding window
+    shorter than the context becomes max_seq_len (within it, it is exactly full attention).
+    Weights are read from safetensors only; a pickled pytorch_model.bin is refused, never loaded.
+    The chat template, if any, is kept as chat_template.jinja, and tokenizer_config.json (which
+    names its bos and eos tokens) is copied. Continue pretraining from the
+    result with train.init_from."""
     from tisslm.release.hf import import_llama
 
     import_llama(source, out)
@@ -371,6 +351,7 @@ Results:
   metrics        metrics/*.json (dvc metrics show); loss curve plots/train_loss.csv (dvc plots show)
   exports        models/export/ (Hugging Face, ONNX, GGUF), models/quantized/ (int8 schemes that pay here)
   data report    reports/data_docs/index.html (Great Expectations)
+  HumanEval      pass@1 {decision["challenger_pass_at_1"]:.1%} (greedy, sandboxed; the rest in metrics/eval.json)
   registry       tisslm version {decision["challenger_version"]} {verdict(decision)}
                  {"; ".join(decision["reasons"])}
   MLflow         run {outcome.mlflow_run_id} in {tracking_uri()}
@@ -444,7 +425,6 @@ for command in serve_commands.COMMANDS:
 
 
 def main() -> None:
-    quiet_library_logs()
     run_main(app)
 
 

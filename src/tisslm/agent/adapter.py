@@ -1,16 +1,21 @@
 """The one door to a model for `PROMPT_AGENT` (and for CHOOSE when the model picks).
 
-Two ways through it, with one contract: a prompt in, text and token counts out, seeded.
+Two ways through it, with one contract: a prompt (and a system message: the script's persona) in,
+text and token counts out, seeded. The prompt is the user's turn of a chat conversation, so
+a chat-tuned model reads it in the layout it was trained on.
 - `LocalModel`: a TissLM model directory (default models/model), loaded on the first prompt so
-  that scripts without PROMPT_AGENT never pay for it.
-- `OpenAICompatible`: any server with `POST /v1/completions` (`tisslm serve`, vLLM, llama.cpp).
+  that scripts without PROMPT_AGENT never pay for it. The conversation is rendered by the
+  directory's chat template (`tisslm.core.chat.ChatTemplate`) and the answer ends at its
+  end-of-turn tokens, as `tisslm serve` and `tisslm chat` do.
+- `OpenAICompatible`: any server with `POST /v1/chat/completions` (`tisslm serve`, vLLM,
+  llama.cpp), which applies its model's template.
 Token counts feed the run's TOKEN_COUNT budget, so both report them.
 
 Both also report how unsure the model was: the entropy (nats) of the model's distribution at
 each token of the answer, log_softmax of its logits over the tokenizer's vocabulary before the
-temperature (what `tisslm serve` reports as `entropies`). The local model gets them from one
+temperature (what `tisslm serve` reports as `entropy`). The local model gets them from one
 teacher-forced forward pass over prompt and answer after generating; the server adapter asks for
-`logprobs: 0` and reads the `entropies` extension (a server without it gives none).
+`logprobs` and reads each token's `entropy` extension (a server without it gives none).
 """
 
 from __future__ import annotations
@@ -40,6 +45,11 @@ class AdapterError(TissLMError):
     exit_code = 1
 
 
+def conversation(prompt: str, system: str | None) -> list[dict[str, str]]:
+    """The chat messages a prompt is asked as: the system message, if any, then the user's turn."""
+    return [*([{"role": "system", "content": system}] if system else []), {"role": "user", "content": prompt}]
+
+
 @dataclass(frozen=True)
 class Completion:
     text: str
@@ -66,25 +76,35 @@ class LocalModel:
     @cached_property
     def _loaded(self):
         # torch is imported here, not at the top: `tiss check` and prompt-free runs never need it.
+        from tisslm.core.chat import ChatTemplate
         from tisslm.core.model import CONFIG_FILE, TissLM
-        from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
+        from tisslm.core.tokenizer import load_tokenizer
 
         if not (self.directory / CONFIG_FILE).is_file():
             raise AdapterError(f"--model {self.directory}: not a model directory (no {CONFIG_FILE})")
         tokenizer = load_tokenizer(self.directory)
-        return TissLM.from_pretrained(self.directory), tokenizer, tokenizer.token_to_id(END_OF_TEXT)
+        return TissLM.from_pretrained(self.directory), tokenizer, ChatTemplate.load(self.directory)
 
     def complete(
-        self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0, on_tokens: Callable[[int], None] | None = None
+        self,
+        prompt: str,
+        max_tokens: int = MAX_TOKENS,
+        seed: int = 0,
+        on_tokens: Callable[[int], None] | None = None,
+        system: str | None = None,
     ) -> Completion:
-        """`on_tokens(n)` is told as each n new tokens are generated (the run's progress display)."""
+        """The answer to `prompt` asked as the user's turn after `system`, through the model's chat
+        template. `on_tokens(n)` is told as each n new tokens are generated (the run's progress display)."""
         from tisslm.core.generate import generate
 
-        model, tokenizer, end = self._loaded
-        ids = tokenizer.encode(prompt).ids or ([end] if end is not None else [0])
+        model, tokenizer, template = self._loaded
+        try:
+            ids = template.prompt_ids(tokenizer, conversation(prompt, system))
+        except TissLMError as err:  # a template that refuses the conversation
+            raise AdapterError(f"--model {self.directory}: {err}") from None
         new = min(max_tokens, model.config.max_seq_len - 1)
         ids = ids[-(model.config.max_seq_len - new) :]  # the end of a long prompt matters most
-        stop = (end,) if end is not None else ()
+        stop = template.stop_token_ids(tokenizer)
         out = generate(
             model,
             [ids],
@@ -117,12 +137,22 @@ def token_entropies(model: TissLM, prompt: Sequence[int], answer: Sequence[int],
 class OpenAICompatible:
     def __init__(self, base_url: str, timeout_s: float = 120.0):
         base = base_url.rstrip("/")
-        self.url = (base if base.endswith("/v1") else base + "/v1") + "/completions"
+        self.url = (base if base.endswith("/v1") else base + "/v1") + "/chat/completions"
         self.name = f"openai:{base}"
         self.timeout_s = timeout_s
 
-    def complete(self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0) -> Completion:
-        body = {"prompt": prompt, "max_tokens": max_tokens, "temperature": TEMPERATURE, "seed": seed, "logprobs": 0}
+    def complete(
+        self, prompt: str, max_tokens: int = MAX_TOKENS, seed: int = 0, system: str | None = None
+    ) -> Completion:
+        """The server's reply to `prompt` asked as the user's turn after `system`; the server applies
+        its model's chat template."""
+        body = {
+            "messages": conversation(prompt, system),
+            "max_tokens": max_tokens,
+            "temperature": TEMPERATURE,
+            "seed": seed,
+            "logprobs": True,
+        }
         try:
             response = httpx.post(self.url, json=body, timeout=self.timeout_s)
         except httpx.HTTPError as err:
@@ -132,13 +162,14 @@ class OpenAICompatible:
         try:
             reply = response.json()
             choice = reply["choices"][0]
-            text = choice["text"]
-            entropies = tuple(float(h) for h in (choice.get("logprobs") or {}).get("entropies") or ())
+            text = choice["message"]["content"] or ""
+            scored = (choice.get("logprobs") or {}).get("content") or ()
+            entropies = tuple(float(token["entropy"]) for token in scored if "entropy" in token)
         except (ValueError, KeyError, IndexError, TypeError, AttributeError):
-            raise AdapterError(f"{self.url}: not an OpenAI completions reply: {response.text[:200]}") from None
+            raise AdapterError(f"{self.url}: not an OpenAI chat completions reply: {response.text[:200]}") from None
         usage = reply.get("usage") or {}
         # A server that reports no usage is charged a rough 4 characters per token.
-        prompt_tokens = usage.get("prompt_tokens", len(prompt) // 4 + 1)
+        prompt_tokens = usage.get("prompt_tokens", len((system or "") + prompt) // 4 + 1)
         return Completion(text, prompt_tokens, usage.get("completion_tokens", len(text) // 4 + 1), entropies)
 
 

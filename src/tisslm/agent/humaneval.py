@@ -34,8 +34,7 @@ DEFAULT_LIMITS = Limits(
     cpu_s=10,
     memory_bytes=2 << 30,
     # RLIMIT_NPROC counts every process of the uid, and a root caller's sandboxes all run as host uid
-    # 65534: the orphaned bwrap zombies that a lazy pid 1 (a container's init) has not reaped yet
-    # count too: a limit of 128 met them (EAGAIN) after about 120 sandboxes in a row.
+    # 65534: the checks running side by side count against each other.
     processes=1024,
     file_size_bytes=16 << 20,
     open_files=64,
@@ -71,17 +70,23 @@ def program_text(problem: dict, completion: str) -> str:
 
 
 def check_completion(problem: dict, completion: str, workspace: Path, limits: Limits = DEFAULT_LIMITS) -> Outcome:
-    """Run `completion` against `problem`'s tests in a fresh directory below `workspace`, sandboxed.
+    """Run `completion` against `problem`'s tests in a fresh directory below `workspace`, sandboxed."""
+    return check_program(program_text(problem, completion), workspace, limits)
+
+
+def check_program(text: str, workspace: Path, limits: Limits = DEFAULT_LIMITS) -> Outcome:
+    """Run the Python program `text` in a fresh directory below `workspace`, sandboxed: it passes
+    when it exits with status 0, and fails when it ends on an AssertionError.
 
     The directory is the sandbox's only writable place (and, for a root caller, not even that: the
     program runs as uid 65534 and the directory stays root's); it is removed afterwards, so nothing
-    one completion leaves behind reaches the next. Raises SandboxError if bubblewrap does not work.
+    one program leaves behind reaches the next. Raises SandboxError if bubblewrap does not work.
     """
     directory = Path(tempfile.mkdtemp(prefix="humaneval-", dir=workspace))
     try:
         directory.chmod(0o755)  # the sandbox's uid 65534 must read the program
         path = directory / PROGRAM
-        path.write_text(program_text(problem, completion), encoding="utf-8")
+        path.write_text(text, encoding="utf-8")
         path.chmod(0o644)
         result = _sandbox(directory).run(f"exec {PYTHON} -I {PROGRAM}", limits)
     finally:
@@ -90,7 +95,7 @@ def check_completion(problem: dict, completion: str, workspace: Path, limits: Li
         return Outcome(False, "timed_out", f"stopped after {result.duration:.1f} s")
     if result.exit_code == 0:
         return Outcome(True, "passed", "")
-    lines = result.stderr.strip().splitlines()
+    lines = result.stderr.replace(f"{directory}/", "").strip().splitlines()  # the same detail in any directory
     last = lines[-1] if lines else f"exit status {result.exit_code}"
     status: Status = "failed" if last.startswith("AssertionError") else "error"
     return Outcome(False, status, "\n".join(lines[-5:]) or last)
@@ -99,9 +104,7 @@ def check_completion(problem: dict, completion: str, workspace: Path, limits: Li
 @cache
 def _proven(workspace: Path) -> None:
     """`make_sandbox`'s probe, once per workspace: it fails closed (SandboxError) where bubblewrap
-    does not work there. Probing every check would double its cost and, run as uid 65534 under the
-    sandbox's default 128-process limit, meet the zombies a lazy pid 1 has not reaped yet (see
-    DEFAULT_LIMITS)."""
+    does not work there. Probing every check would double its cost."""
     make_sandbox("bwrap", workspace)
 
 
@@ -127,4 +130,12 @@ def pass_at_k(n: int, c: int, k: int) -> float:
     return 1.0 - product
 
 
-__all__ = ["DEFAULT_LIMITS", "Outcome", "check_completion", "load_problems", "pass_at_k", "program_text"]
+__all__ = [
+    "DEFAULT_LIMITS",
+    "Outcome",
+    "check_completion",
+    "check_program",
+    "load_problems",
+    "pass_at_k",
+    "program_text",
+]

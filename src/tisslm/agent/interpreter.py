@@ -480,15 +480,17 @@ class Engine:
         self.variables[node.name] = self.evaluate(node.value)
         return {"name": node.name}
 
-    def _complete(self, prompt: str, max_tokens: int = MAX_TOKENS) -> Completion:
+    def _complete(self, prompt: str, max_tokens: int = MAX_TOKENS, system: str | None = None) -> Completion:
+        """The adapter's answer to `prompt` (the user's turn, after the `system` message if any),
+        within the run's budgets, filtered and audited."""
         budget = self.budget
         if budget.api_calls is not None and budget.calls_used >= budget.api_calls:
             raise AdapterError(f"API_CALLS budget of {budget.api_calls} is used up")
         if self.adapter is None:
             raise AdapterError("no model: pass --model DIR or --base-url URL")
-        options = {"on_tokens": None} if _reports_tokens(self.adapter) else {}
+        options: dict = {"system": system} if system else {}
         with self.progress(f"{self.adapter.name} answering", max_tokens) as tally:
-            if options:
+            if _reports_tokens(self.adapter):
                 options["on_tokens"] = tally
             reply = self.adapter.complete(prompt, max_tokens, seed=self.seed + budget.calls_used, **options)
             tally.count = reply.completion_tokens
@@ -501,18 +503,18 @@ class Engine:
         self._record("model_call", model=self.adapter.name, prompt_sha256=sha256(prompt),
                      reply_sha256=sha256(reply.text), prompt_tokens=reply.prompt_tokens,
                      completion_tokens=reply.completion_tokens, content_filter=decisions,
-                     **_entropy(reply))  # fmt: skip
+                     **({"system_sha256": sha256(system)} if system else {}), **_entropy(reply))  # fmt: skip
         return reply
 
     def do_promptagent(self, node: ast.PromptAgent):
         prompt = self.interpolate(node.prompt, node.span)
-        preamble = "".join(
-            f"{label}: {self.directives[key]}\n"
+        system = "\n".join(
+            f"{label}: {self.directives[key]}"
             for key, label in (("persona", "You are"), ("output", "Output"))
             if key in self.directives
-        )
+        )  # the directives are the conversation's system message
         try:
-            self.last_prompt = self._complete(preamble + prompt)
+            self.last_prompt = self._complete(prompt, system=system or None)
         except AdapterError as err:
             kind = "budget exhausted" if "budget" in str(err) else "model failed"
             raise ScriptFailure(node.span, kind, str(err)) from None

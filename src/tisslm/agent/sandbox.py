@@ -10,20 +10,29 @@ A RUN command may have been written by a model, so the sandbox assumes it is hos
   dropped, a clean environment, `--new-session` (no TIOCSTI into the caller's terminal) and
   `--die-with-parent`.
 - A root caller is not a safe identity even inside a user namespace: uid 0 outside still owns
-  /etc/shadow and /root. So when the engine runs as root, bwrap itself is started as uid/gid 65534
-  (Popen's user/group), which owns nothing on the host; the workspace is handed to that uid
-  (workspace.py). A non-root caller runs bwrap as itself, the usual unprivileged bubblewrap setup.
+  /etc/shadow and /root. So when the engine runs as root, bwrap itself runs as uid/gid 65534 with
+  no supplementary groups (the launcher below drops to it), which owns nothing on the host; the
+  workspace is handed to that uid (workspace.py). A non-root caller runs bwrap as itself, the usual
+  unprivileged bubblewrap setup.
 - uid 65534 must be able to walk the workspace's path, since bwrap (running as that uid) resolves
   its bind source by path, `--bind-fd` included. A root caller's workspace often lies below a
-  directory only root may enter (a `mkdtemp()` parent, /root). Then the engine starts bwrap through
-  a small launcher (`LAUNCHER`) that, still as root, enters a private mount namespace of its own,
-  covers the topmost directory that uid 65534 cannot enter with an empty tmpfs (mode 0755),
-  recreates the path below it and bind-mounts the workspace (opened as a directory fd before the
-  tmpfs hides it) back at the same path, then drops to uid/gid 65534 with no supplementary groups
-  and execs prlimit + bwrap exactly as before. The host's mounts are untouched (the namespace is
-  private and dies with the command); the sandbox sees the workspace at its real path, and nothing
-  else of the hidden directory. Without CAP_SYS_ADMIN (a container without it) the launcher fails
-  closed with a message naming the directory and the fix.
+  directory only root may enter (a `mkdtemp()` parent, /root). Then the launcher (below), still as
+  root, enters a private mount namespace of its own, covers the topmost directory that uid 65534
+  cannot enter with an empty tmpfs (mode 0755), recreates the path below it and bind-mounts the
+  workspace (opened as a directory fd before the tmpfs hides it) back at the same path, then drops
+  to uid/gid 65534 and execs prlimit + bwrap exactly as before. The host's mounts are untouched (the
+  namespace is private and dies with the command); the sandbox sees the workspace at its real path,
+  and nothing else of the hidden directory. Without CAP_SYS_ADMIN (a container without it) the
+  launcher fails closed with a message naming the directory and the fix.
+- bwrap exits as soon as its sandbox's init reports the command's exit status, before that init
+  has exited: the init is orphaned and left to pid 1, which in a container may reap it late. Those
+  zombies count against RLIMIT_NPROC of their uid (65534 for every root caller's sandbox): 120 to
+  140 sandboxes in a row once met a limit of 128 (EAGAIN). So bwrap is always started through a
+  small launcher (`LAUNCHER`, a `python -I -S` of a few milliseconds) that makes itself a child
+  subreaper, runs prlimit + bwrap as its child (after the mount namespace and the drop to uid 65534
+  where those apply), reaps every process that ends up below it, and only then exits with bwrap's
+  status: a finished command leaves no process behind. (A timeout's kill takes the launcher too:
+  that one sandbox's init is still left to pid 1.)
 - rlimits (CPU seconds, address space, processes, file size, open files) are set by `prlimit` on
   the bwrap process and inherited by everything inside. Process counts are charged per user
   namespace, so a fork bomb meets its limit inside the sandbox and nowhere else.
@@ -59,36 +68,55 @@ SANDBOX_PATH = "/usr/local/sbin:/usr/local/bin:/usr/sbin:/usr/bin:/sbin:/bin"
 HIDDEN = ("/home", "/root", "/run")  # replaced by empty tmpfs inside the sandbox
 POLL_S = 0.1  # how often the output loop looks at the process while no output arrives
 
-# Run as root by `python -I -S -c LAUNCHER WORKSPACE HIDE UID ARGV...`: gives uid UID a path to
-# WORKSPACE in a private mount namespace (HIDE: the topmost directory on the way that UID cannot
-# enter), drops to UID and execs ARGV. See the module's docstring. Exit status 126 on failure.
+# Run by `python -I -S -c LAUNCHER WORKSPACE HIDE UID ARGV...` (see the module's docstring): becomes a
+# child subreaper and forks; the child gives uid UID a path to WORKSPACE in a private mount namespace
+# (HIDE: the topmost directory on the way that UID cannot enter; "" for none), drops to UID ("" keeps
+# the caller's) and execs ARGV; the parent reaps everything below it, then exits with the child's
+# status (128 + signal number if a signal killed it). Exit status 126 when the child cannot set up.
 LAUNCHER = r"""
 import ctypes, os, sys
-workspace, hide, uid, argv = sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4:]
+workspace, hide, uid, argv = sys.argv[1], sys.argv[2], sys.argv[3], sys.argv[4:]
 MS_NOSUID, MS_NODEV, MS_NOEXEC, MS_BIND, MS_REC, MS_PRIVATE = 2, 4, 8, 4096, 16384, 1 << 18
+PR_SET_CHILD_SUBREAPER = 36
 libc = ctypes.CDLL(None, use_errno=True)
 def must(result, what):
     if result != 0:
         error = os.strerror(ctypes.get_errno())
         sys.stderr.write(f"tiss sandbox launcher: {what}: {error}; {hide} is closed to uid {uid}: "
                          f"chmod o+x {hide}, or use a workspace outside it\n")
-        sys.exit(126)
-must(libc.unshare(0x00020000), "cannot make a private mount namespace (needs CAP_SYS_ADMIN)")
-must(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "cannot make the mounts private")
-try:
-    fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
-except OSError as err:
-    sys.exit(f"tiss sandbox launcher: cannot open the workspace {workspace}: {err.strerror}")
-must(libc.mount(b"tmpfs", hide.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0755,size=1m"),
-     f"cannot cover {hide}")
-os.makedirs(workspace, mode=0o755, exist_ok=True)  # on the new tmpfs, root's: nothing to race with
-must(libc.mount(f"/proc/self/fd/{fd}".encode(), workspace.encode(), None, MS_BIND | MS_REC, None),
-     f"cannot bind {workspace}")
-os.close(fd)
-os.setgroups([])
-os.setresgid(uid, uid, uid)
-os.setresuid(uid, uid, uid)
-os.execv(argv[0], argv)  # an absolute path: nothing may be imported now (the interpreter may be in /root)
+        os._exit(126)
+if libc.prctl(PR_SET_CHILD_SUBREAPER, 1, 0, 0, 0) != 0:
+    sys.exit(f"tiss sandbox launcher: cannot become a child subreaper: {os.strerror(ctypes.get_errno())}")
+child = os.fork()
+if child == 0:
+    if hide:
+        must(libc.unshare(0x00020000), "cannot make a private mount namespace (needs CAP_SYS_ADMIN)")
+        must(libc.mount(b"none", b"/", None, MS_REC | MS_PRIVATE, None), "cannot make the mounts private")
+        try:
+            fd = os.open(workspace, os.O_PATH | os.O_DIRECTORY | os.O_NOFOLLOW | os.O_CLOEXEC)
+        except OSError as err:
+            sys.stderr.write(f"tiss sandbox launcher: cannot open the workspace {workspace}: {err.strerror}\n")
+            os._exit(126)
+        must(libc.mount(b"tmpfs", hide.encode(), b"tmpfs", MS_NOSUID | MS_NODEV | MS_NOEXEC, b"mode=0755,size=1m"),
+             f"cannot cover {hide}")
+        os.makedirs(workspace, mode=0o755, exist_ok=True)  # on the new tmpfs, root's: nothing to race with
+        must(libc.mount(f"/proc/self/fd/{fd}".encode(), workspace.encode(), None, MS_BIND | MS_REC, None),
+             f"cannot bind {workspace}")
+        os.close(fd)
+    if uid:
+        os.setgroups([])
+        os.setresgid(int(uid), int(uid), int(uid))
+        os.setresuid(int(uid), int(uid), int(uid))
+    os.execv(argv[0], argv)  # an absolute path: nothing may be imported now (the interpreter may be in /root)
+status = 0
+while True:  # bwrap, then the sandbox's init it leaves behind (reparented here), then nothing
+    try:
+        pid, wait_status = os.wait()
+    except ChildProcessError:
+        break
+    if pid == child:
+        status = os.waitstatus_to_exitcode(wait_status)
+os._exit(128 - status if status < 0 else status)
 """
 
 
@@ -133,9 +161,6 @@ class Sandbox:
     def command_line(self, command: str, status_fd: int) -> list[str]:
         return ["/bin/sh", "-c", command]
 
-    def popen_options(self) -> dict:
-        return {}
-
     def launch(self, argv: list[str]) -> list[str]:
         """The argv that starts `argv` (the prlimit + sandbox command line)."""
         return argv
@@ -163,7 +188,6 @@ class Sandbox:
                 env={"PATH": SANDBOX_PATH, "HOME": "/tmp", "LANG": "C.UTF-8", "TMPDIR": "/tmp"},
                 start_new_session=True,  # its own process group, killed whole on timeout
                 pass_fds=(status_write,),
-                **self.popen_options(),
             )
         except OSError as err:
             os.close(status_read)
@@ -242,17 +266,13 @@ class Bubblewrap(Sandbox):
             "/bin/sh", "-c", command,
         ]  # fmt: skip
 
-    def popen_options(self) -> dict:
-        if os.geteuid() == 0 and self.hidden is None:  # else the launcher drops to SANDBOX_UID itself
-            return {"user": SANDBOX_UID, "group": SANDBOX_UID, "extra_groups": []}
-        return {}
-
     def launch(self, argv: list[str]) -> list[str]:
-        if self.hidden is None:
-            return argv
-        ws, hidden = str(self.workspace), str(self.hidden)
+        """Through the launcher: it reaps what bwrap leaves behind and, for a root caller, drops to
+        SANDBOX_UID (after making a way to the workspace where `hidden` is closed to that uid)."""
+        hidden = "" if self.hidden is None else str(self.hidden)
+        uid = str(SANDBOX_UID) if os.geteuid() == 0 else ""
         program = shutil.which(argv[0]) or argv[0]
-        return [sys.executable, "-I", "-S", "-c", LAUNCHER, ws, hidden, str(SANDBOX_UID), program, *argv[1:]]
+        return [sys.executable, "-I", "-S", "-c", LAUNCHER, str(self.workspace), hidden, uid, program, *argv[1:]]
 
 
 def _kill_group(proc: subprocess.Popen) -> None:

@@ -38,6 +38,7 @@ class ModelConfig(BaseModel):
     norm_eps: float = Field(1e-5, gt=0)  # added to the mean square in RMSNorm
     dropout: float = Field(0.0, ge=0, lt=1)  # on embeddings, attention weights and residual branches
     tie_embeddings: bool = True  # share the embedding matrix with the output head
+    attention_bias: bool = False  # biases on the q, k, v projections, Qwen2-style (never on o_proj)
 
     @model_validator(mode="after")
     def _check_shapes(self) -> ModelConfig:
@@ -171,7 +172,8 @@ class CleanParams(_Section):
 class TokenizerParams(_Section):
     vocab_size: PositiveInt = 8192  # tokens including the special ones; model.vocab_size must hold them
     min_frequency: PositiveInt = 2  # a pair must occur this often to be merged
-    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>"]  # the first ends every document
+    # The first ends every document; <|im_start|> and <|im_end|> mark the default chat template's turns.
+    special_tokens: list[str] = ["<|endoftext|>", "<|pad|>", "<|im_start|>", "<|im_end|>"]
 
 
 class TokenizeParams(_Section):
@@ -180,8 +182,30 @@ class TokenizeParams(_Section):
     baseline_context_bytes: NonNegativeInt = 4_000_000  # train text xz may see before the val bytes
 
 
+LoraTarget = Literal[
+    "qkv", "o_proj", "gate_up", "down"
+]  # the blocks' linears (the output head is tied to the embedding)
+
+
+class LoraParams(_Section):
+    """LoRA (Hu et al. 2021): the base weights stay frozen and each targeted linear learns a
+    low-rank update B @ A, B starting at zero, so training starts from the base model exactly."""
+
+    rank: PositiveInt = 8  # r: rows of A, columns of B
+    alpha: float = Field(16.0, gt=0)  # the update is scaled by alpha / rank
+    dropout: float = Field(0.0, ge=0, lt=1)  # on the adapter's input
+    targets: list[LoraTarget] = Field(default_factory=lambda: ["qkv", "o_proj", "gate_up", "down"], min_length=1)
+    # int8: QLoRA-style, the frozen base linears stored int8 (torchao weight-only), the adapters in
+    # float; sft only (train's checkpoints hold plain tensors). fp32: a plain base.
+    base: Literal["fp32", "int8"] = "fp32"
+
+
 class TrainParams(_Section):
     seed: int = 1337  # fixes init, batches (a function of seed and step) and dropout
+    # A TissLM model directory (e.g. from `tisslm import`): its weights, architecture and tokenizer
+    # replace random init, params.yaml's `model` section and the trained BPE; continued pretraining
+    # then runs `train.max_steps` steps on the corpus. None: train from scratch.
+    init_from: Path | None = None
     max_steps: PositiveInt = 1100  # optimizer steps
     batch_size: PositiveInt = 16  # the global batch: sequences per optimizer step, over all processes
     # Sequences one process puts through one forward; None: its whole share (batch_size / processes).
@@ -210,6 +234,86 @@ class TrainParams(_Section):
     nproc: PositiveInt | Literal["auto"] = "auto"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     mlflow: bool = True  # log to MLflow (MLFLOW_TRACKING_URI, default sqlite at the repo root)
+    # Distillation (Hinton et al. 2015): a TissLM model directory whose next-token distributions
+    # the model also learns from. It must share the tokenizer (same vocabulary); None: data alone.
+    teacher: Path | None = None
+    distill_weight: float = Field(0.5, ge=0, le=1)  # share of the loss that is the KL to the teacher; 1 - it: data loss
+    distill_temperature: float = Field(1.0, gt=0)  # softens both distributions; the KL is scaled by its square
+    # LoRA adapters instead of full training (the base frozen); the final model holds the merged
+    # weights and the adapter in its adapter/ subdirectory. None: every weight trains.
+    lora: LoraParams | None = None
+
+
+class DpoParams(_Section):
+    """The dpo stage: preference tuning by DPO (Rafailov et al. 2023) of the sft model (tisslm.train.dpo)."""
+
+    # A JSONL file of {"prompt": str or messages, "chosen": str, "rejected": str}. None: the default
+    # pairs, made offline from the corpus: each documented function's source (chosen) against the
+    # model's own answer to its instruction when that answer fails to parse (rejected).
+    data: Path | None = None
+    max_pairs: PositiveInt = 128  # training pairs at most (default pairs: sampling stops once this many are found)
+    eval_pairs: NonNegativeInt = 32  # held-out pairs at most (val split), scored before and after training
+    steps: NonNegativeInt = 32  # optimizer steps; 0: the input model passes through unchanged
+    batch_size: PositiveInt = 8  # pairs per optimizer step
+    lr: float = Field(1e-5, gt=0)  # AdamW, constant
+    beta: float = Field(0.1, gt=0)  # strength of the pull toward the reference model: rewards are beta x log-ratio
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
+    max_new_tokens: PositiveInt = 128  # default pairs: longest sampled answer, in tokens
+    temperature: float = Field(0.8, gt=0)  # default pairs: sampling temperature of the model's answers
+    seed: int = 0  # fixes the sampled answers, the order of the pairs and the adapters' init
+    # fp32 by default: rewards are differences of log-probabilities summed over whole answers, where
+    # bf16's rounding adds noise of the size of the early margins. bf16 about halves a CPU step.
+    precision: Literal["fp32", "bf16"] = "fp32"
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    lora: LoraParams | None = None  # LoRA adapters (the sft model frozen, and the reference) instead of full tuning
+
+
+class SftParams(_Section):
+    """The sft stage: supervised fine-tuning of models/base on conversations, loss on the
+    assistant's tokens only (tisslm.train.sft)."""
+
+    # A JSONL file of {"messages": [...]} records; None: the default set made from the corpus (each
+    # documented stdlib function: "Write a Python function `f(args)`: <summary>" -> its source).
+    data: Path | None = None
+    max_examples: PositiveInt | None = None  # training conversations used, the first N (None: all)
+    steps: NonNegativeInt = 200  # optimizer steps; 0: models/base is copied through unchanged
+    batch_size: PositiveInt = 16  # packed rows per step
+    seq_len: PositiveInt = 256  # tokens per packed row (at most the model's max_seq_len)
+    lr: float = Field(1e-3, gt=0)  # peak learning rate (AdamW)
+    warmup_steps: NonNegativeInt = 20  # linear warmup, then a cosine down to 0 at the last step
+    weight_decay: float = Field(0.0, ge=0)  # decoupled decay, on matrices only
+    grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
+    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CPU and CUDA
+    eval_interval: PositiveInt = 50  # steps between held-out losses (and one at the end)
+    # Held-out conversations scored: the first N of the val split's functions for the default
+    # set; for a JSONL, N conversations drawn with `seed` and kept out of training.
+    eval_examples: PositiveInt = 64
+    seed: int = 0  # fixes the adapters' init, the held-out draw and the batches
+    device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
+    lora: LoraParams | None = None  # LoRA adapters (the base frozen) instead of full fine-tuning
+
+
+class HumanEvalParams(_Section):
+    """The evaluate stage's coding checks: HumanEval (completion style) and the held-out functions
+    (chat style), every program run in the bubblewrap sandbox (tisslm.agent.code_eval)."""
+
+    problems: PositiveInt | None = None  # the first N of HumanEval's 164 problems (None: all)
+    samples: NonNegativeInt = 10  # sampled completions per problem for pass@k, k <= samples (0: greedy only)
+    temperature: float = Field(0.8, gt=0)  # of the sampled completions (pass@1 itself is greedy)
+    top_p: float = Field(0.95, gt=0, le=1)  # nucleus mass of the sampled completions
+    # Among the k most likely tokens (None: all, as the Codex paper): the nucleus then sorts k logits a
+    # step, not the whole vocabulary, which on a CPU costs several times the small model's own step.
+    top_k: PositiveInt | None = 50
+    max_new_tokens: PositiveInt = 128  # per completion; stop sequences usually end it earlier
+    batch_size: PositiveInt = 64  # prompts decoded together
+    # torch threads while decoding: a small model's step is too small to share between cores, and
+    # threads that wait on each other crawl (10x) when anything else runs on the machine.
+    decode_threads: PositiveInt = 1
+    seed: int = 0  # of the sampled completions
+    workers: PositiveInt = 2  # sandboxed checks run side by side
+    timeout_s: float = Field(10.0, gt=0)  # per check: wall clock, and CPU seconds (rounded up)
+    memory_mb: PositiveInt = 2048  # per check: address space
+    sft_examples: NonNegativeInt = 64  # held-out documented functions asked for in chat form (0: off)
 
 
 class EvaluateParams(_Section):
@@ -217,6 +321,7 @@ class EvaluateParams(_Section):
     prompts: list[str] = ["def ", "import os\n", "class Config:\n    def __init__(self"]  # completed greedily
     max_new_tokens: PositiveInt = 64  # length of each completion
     calibration_bins: PositiveInt = 15  # equal-width confidence bins of the expected calibration error
+    humaneval: HumanEvalParams = HumanEvalParams()  # can it code? HumanEval pass@k, held-out functions
 
 
 class ExportParams(_Section):
@@ -286,6 +391,7 @@ class BiasParams(_Section):
 class RegisterParams(_Section):
     min_improvement: float = Field(0.01, ge=0, lt=1)  # relative bits-per-byte gain a challenger needs
     max_bias_shift: float = Field(5.0, ge=0)  # points pct_stereotype may move further from 50
+    max_pass_at_1_drop: float = Field(0.0, ge=0, le=1)  # HumanEval pass@1 the challenger may lose to the champion
 
 
 class PipelineParams(_Section):
@@ -426,6 +532,8 @@ class Params(_Section):
     tokenizer: TokenizerParams = TokenizerParams()
     tokenize: TokenizeParams = TokenizeParams()
     train: TrainParams = TrainParams()
+    sft: SftParams = SftParams()
+    dpo: DpoParams = DpoParams()
     evaluate: EvaluateParams = EvaluateParams()
     export: ExportParams = ExportParams()
     quantize: QuantizeParams = QuantizeParams()

@@ -33,7 +33,11 @@ class ValidationFailed(TissLMError):
 
 
 def run_main(main: Callable[[], object]) -> None:
-    """Run an entry point (CLI, stage); a TissLMError becomes one line on stderr and its exit code."""
+    """Run an entry point (CLI, stage); a TissLMError becomes one line on stderr and its exit code.
+    Import-time noise of libraries it may load is dropped first (tisslm.core.logs)."""
+    from tisslm.core.logs import quiet_library_logs
+
+    quiet_library_logs()
     try:
         main()
     except TissLMError as err:

@@ -2,7 +2,8 @@
 
 Pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings in Hugging Face Llama's
 rotate-half convention (so weights map one to one onto `LlamaForCausalLM`, see `tisslm.release.hf`),
-grouped-query attention through `F.scaled_dot_product_attention` and optional tied embeddings.
+grouped-query attention through `F.scaled_dot_product_attention`, optional tied embeddings and
+optional q/k/v biases (Qwen2's: `attention_bias`).
 One forward pass serves training, prefill and decode: with a cache (`tisslm.core.cache`) it
 continues the sequences the cache holds; the training loss lives in `tisslm.core.loss`.
 
@@ -12,6 +13,7 @@ matrix: on a CPU, one larger matmul is markedly faster than three small ones.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from pathlib import Path
@@ -25,7 +27,7 @@ from tokenizers import Tokenizer
 from torch.overrides import TorchFunctionMode
 
 from tisslm.core.cache import Cache
-from tisslm.core.config import ModelConfig  # the schema lives with params.yaml's; re-exported here
+from tisslm.core.config import ModelConfig, Params  # ModelConfig's schema lives with params.yaml's; re-exported here
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.io import atomic_dir
 from tisslm.core.loss import linear_cross_entropy, loss_chunk_rows
@@ -70,7 +72,8 @@ class Attention(nn.Module):
         super().__init__()
         self.layer = layer
         self.n_heads, self.n_kv_heads, self.head_dim = config.n_heads, config.n_kv_heads, config.head_dim
-        self.qkv = nn.Linear(config.d_model, (config.n_heads + 2 * config.n_kv_heads) * config.head_dim, bias=False)
+        qkv_rows = (config.n_heads + 2 * config.n_kv_heads) * config.head_dim
+        self.qkv = nn.Linear(config.d_model, qkv_rows, bias=config.attention_bias)  # Qwen2's q/k/v biases, if any
         self.o_proj = nn.Linear(config.n_heads * config.head_dim, config.d_model, bias=False)
         self.dropout = config.dropout
 
@@ -177,6 +180,8 @@ class TissLM(nn.Module):
     def _init_weights(module: nn.Module) -> None:
         if isinstance(module, (nn.Linear, nn.Embedding)):
             nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
 
     def num_parameters(self, exclude_embeddings: bool = False) -> int:
         total = sum(p.numel() for p in self.parameters())  # a tied matrix counts once
@@ -277,3 +282,42 @@ class TissLM(nn.Module):
         if config.tie_embeddings:
             model.lm_head.weight = model.tok_emb.weight
         return model
+
+
+def init_config(directory: str | Path, setting: str = "train.init_from") -> ModelConfig:
+    """The ModelConfig of a TissLM model directory named by `setting` (config.json, model.safetensors
+    and tokenizer.json, the config TissLM's own), or a one-line TissLMError: a Hugging Face
+    checkpoint directory has the same file names but must be imported first."""
+    directory = Path(directory)
+    fix = f"not a TissLM model directory (run `tisslm import --from HF_DIR --out {directory}` first)"
+    missing = [name for name in (CONFIG_FILE, WEIGHTS_FILE, TOKENIZER_FILE) if not (directory / name).is_file()]
+    if missing:
+        raise TissLMError(f"{setting}={directory}: {fix}; no {', '.join(missing)}")
+    try:
+        return ModelConfig.model_validate_json((directory / CONFIG_FILE).read_text())
+    except (ValueError, UnicodeDecodeError):  # pydantic's ValidationError is a ValueError
+        raise TissLMError(f"{setting}={directory}: {fix}; its {CONFIG_FILE} is not a TissLM config") from None
+
+
+def file_sha256(path: str | Path) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(1 << 24):  # 16 MiB at a time: weights need not fit in memory twice
+            digest.update(chunk)
+    return digest.hexdigest()
+
+
+def weights_sha256(directory: str | Path) -> str:
+    """sha256 of a model directory's model.safetensors: what identifies its weights."""
+    return file_sha256(Path(directory) / WEIGHTS_FILE)
+
+
+def with_init_from(params: Params, announce: bool = True) -> Params:
+    """`params` with `model` replaced by train.init_from's config.json (unchanged without one): an
+    imported model's architecture is its own, whatever params.yaml's `model` section says."""
+    if params.train.init_from is None:
+        return params
+    config = init_config(params.train.init_from)
+    if announce and config != params.model:
+        print(f"train: the architecture is train.init_from={params.train.init_from}'s; params.yaml's model: is ignored")
+    return params.model_copy(update={"model": config})

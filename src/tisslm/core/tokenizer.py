@@ -5,13 +5,16 @@ Both kinds here are byte-level: any UTF-8 text encodes, and decoding gives it ba
 
 from __future__ import annotations
 
+import shutil
 from collections.abc import Iterable
 from pathlib import Path
 
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
 
+from tisslm.core.chat import CHAT_FILES
 from tisslm.core.config import TokenizerParams
 from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_dir
 from tisslm.core.model import TOKENIZER_FILE
 
 END_OF_TEXT = "<|endoftext|>"
@@ -57,3 +60,19 @@ def load_tokenizer(model_dir: str | Path) -> Tokenizer:
         return Tokenizer.from_file(str(path))
     except Exception as err:  # tokenizers raises a bare Exception for malformed files
         raise TissLMError(f"{path}: not a valid tokenizer.json ({err})") from None
+
+
+def copy_tokenizer(model_dir: str | Path, out_dir: str | Path) -> Tokenizer:
+    """Make `out_dir` a tokenizer directory holding a model's tokenizer.json byte for byte (and its
+    chat template files, if any), atomically: what the tokenizer stage writes under train.init_from.
+    The pipeline ends every document with <|endoftext|>, so the tokenizer must have it."""
+    model_dir = Path(model_dir)
+    tokenizer = load_tokenizer(model_dir)
+    if tokenizer.token_to_id(END_OF_TEXT) is None:
+        raise TissLMError(f"{model_dir / TOKENIZER_FILE}: no {END_OF_TEXT!r} token, which ends every document")
+    with atomic_dir(out_dir) as tmp:
+        shutil.copyfile(model_dir / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
+        for name in CHAT_FILES:
+            if (model_dir / name).is_file():
+                shutil.copyfile(model_dir / name, tmp / name)
+    return tokenizer

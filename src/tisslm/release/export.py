@@ -1,7 +1,8 @@
 """Export a TissLM to the formats other tools run: a Hugging Face directory, ONNX and GGUF.
 
-- Hugging Face: a Llama config, safetensors and a fast tokenizer that `AutoModelForCausalLM` and
-  `AutoTokenizer` load offline.
+- Hugging Face: a Llama config (Qwen2's for a model with q/k/v biases), safetensors and a fast
+  tokenizer that `AutoModelForCausalLM` and `AutoTokenizer` load offline. (transformers 5 loads a
+  Qwen2 directory's tokenizer with Qwen's own pre-tokenizer: `hf_parity` shows whether it agrees.)
 - ONNX: optimum's layout for a Llama decoder: `model.onnx` with `input_ids`, `attention_mask`,
   `position_ids` and the KV cache as inputs and outputs (`past_key_values.{i}.key` ...
   `present.{i}.value`), dynamic batch, sequence and past lengths (the first step passes an empty
@@ -10,7 +11,8 @@
 - GGUF (llama.cpp): architecture `llama`, tensors named as llama.cpp's own converter names
   them, q/k rows permuted to llama.cpp's interleaved rotary layout (the converter does the same
   for Hugging Face Llama weights), norms in F32 and matrices in F16 or Q8_0, the BPE vocabulary
-  and merges in the tokenizer metadata.
+  and merges in the tokenizer metadata. q/k/v biases, if any, are the optional `attn_q.bias` ...
+  tensors llama.cpp's `llama` architecture loads (in F32, q and k permuted as their rows).
 """
 
 from __future__ import annotations
@@ -22,23 +24,28 @@ import numpy as np
 import torch
 from tokenizers import Tokenizer
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.io import atomic_dir
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT
-from tisslm.release.hf import llama_config, to_hf, to_llama_state_dict
+from tisslm.release.hf import hf_config, to_hf, to_llama_state_dict
 
 GGUF_TYPES = ("F16", "Q8_0")
 ONNX_FILE = "model.onnx"
 PAD = "<|pad|>"
 
 
-def _hf_tokenizer(tokenizer: Tokenizer):
+def _hf_tokenizer(tokenizer: Tokenizer, chat_template: ChatTemplate | None):
+    """The fast tokenizer transformers loads; with the model's chat template, so that
+    `apply_chat_template` formats conversations as TissLM's server and fine-tuning do."""
     from transformers import PreTrainedTokenizerFast
 
     pad = PAD if tokenizer.token_to_id(PAD) is not None else END_OF_TEXT
-    return PreTrainedTokenizerFast(
+    fast = PreTrainedTokenizerFast(
         tokenizer_object=tokenizer, eos_token=END_OF_TEXT, bos_token=END_OF_TEXT, pad_token=pad
     )
+    fast.chat_template = chat_template.source if chat_template else None
+    return fast
 
 
 def _save_tokenizer(fast, directory: Path) -> None:
@@ -64,10 +71,10 @@ def _with_token_ids(config, fast):
     return config
 
 
-def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+def export_hf(model: TissLM, tokenizer: Tokenizer, directory: Path, chat_template: ChatTemplate | None = None) -> Path:
     from transformers import GenerationConfig
 
-    fast = _hf_tokenizer(tokenizer)
+    fast = _hf_tokenizer(tokenizer, chat_template)
     with atomic_dir(directory) as tmp:
         hf_model = to_hf(model)
         _with_token_ids(hf_model.config, fast)
@@ -139,7 +146,9 @@ def onnx_names(n_layers: int) -> tuple[list[str], list[str]]:
     return inputs, ["logits"] + [f"present.{i}.{k}" for i, k in pairs]
 
 
-def export_onnx(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
+def export_onnx(
+    model: TissLM, tokenizer: Tokenizer, directory: Path, chat_template: ChatTemplate | None = None
+) -> Path:
     """`model.onnx` beside config.json, generation_config.json, the tokenizer and genai_config.json:
     the directory optimum's `ORTModelForCausalLM.from_pretrained` and `AutoTokenizer` load, and
     onnxruntime-genai's `Model` too."""
@@ -159,13 +168,13 @@ def export_onnx(model: TissLM, tokenizer: Tokenizer, directory: Path) -> Path:
     past = Dim("past_sequence", min=1, max=c.max_seq_len // 2 - 1)
     shapes = ({0: batch, 1: sequence}, {0: batch, 1: Dim.DYNAMIC}, {0: batch, 1: sequence},
               tuple({0: batch, 2: past} for _ in example_past))  # fmt: skip
-    fast = _hf_tokenizer(tokenizer)
+    fast = _hf_tokenizer(tokenizer, chat_template)
     with atomic_dir(directory) as tmp:
         torch.onnx.export(
             OnnxDecoder(model).eval(), example, str(tmp / ONNX_FILE),
             dynamo=True, dynamic_shapes=shapes, input_names=inputs, output_names=outputs, verbose=False,
         )  # fmt: skip
-        _with_token_ids(llama_config(c), fast).save_pretrained(tmp)
+        _with_token_ids(hf_config(c), fast).save_pretrained(tmp)
         GenerationConfig(**_special_token_ids(fast)).save_pretrained(tmp)
         _save_tokenizer(fast, tmp)
         (tmp / "genai_config.json").write_text(json.dumps(genai_config(c, _special_token_ids(fast)), indent=2) + "\n")
@@ -192,7 +201,12 @@ def genai_config(config, token_ids: dict[str, int]) -> dict:
             "present_value_names": "present.%d.value",
         },
     }
-    model = {"type": "llama", "vocab_size": config.vocab_size, "context_length": config.max_seq_len, "decoder": decoder}
+    model = {
+        "type": "qwen2" if config.attention_bias else "llama",
+        "vocab_size": config.vocab_size,
+        "context_length": config.max_seq_len,
+        "decoder": decoder,
+    }
     search = {"do_sample": False, "num_beams": 1, "max_length": config.max_seq_len, "past_present_share_buffer": False}
     return {"model": {**model, **token_ids}, "search": search}
 
@@ -253,9 +267,9 @@ def onnx_parity(model: TissLM, directory: Path, tokenizer: Tokenizer, text: str,
 
 
 def _llama_cpp_rotary_permute(weight: torch.Tensor, n_heads: int) -> torch.Tensor:
-    """Rows of a q or k projection from rotate-half pairing (i, i + d/2) to interleaved (2i, 2i + 1)."""
-    rows, cols = weight.shape
-    return weight.reshape(n_heads, 2, rows // n_heads // 2, cols).swapaxes(1, 2).reshape(rows, cols)
+    """Rows of a q or k projection (or its bias) from rotate-half pairing (i, i + d/2) to interleaved (2i, 2i + 1)."""
+    rows, rest = weight.shape[0], weight.shape[1:]
+    return weight.reshape(n_heads, 2, rows // n_heads // 2, *rest).swapaxes(1, 2).reshape(weight.shape)
 
 
 def gguf_tensors(model: TissLM) -> dict[str, torch.Tensor]:
@@ -278,6 +292,12 @@ def gguf_tensors(model: TissLM) -> dict[str, torch.Tensor]:
         tensors[f"blk.{i}.attn_k.weight"] = _llama_cpp_rotary_permute(
             state[f"{hf}self_attn.k_proj.weight"], c.n_kv_heads
         )
+        if c.attention_bias:  # a bias is permuted as the rows it adds to
+            tensors[f"blk.{i}.attn_q.bias"] = _llama_cpp_rotary_permute(state[f"{hf}self_attn.q_proj.bias"], c.n_heads)
+            tensors[f"blk.{i}.attn_k.bias"] = _llama_cpp_rotary_permute(
+                state[f"{hf}self_attn.k_proj.bias"], c.n_kv_heads
+            )
+            tensors[f"blk.{i}.attn_v.bias"] = state[f"{hf}self_attn.v_proj.bias"]
     return tensors
 
 
@@ -293,7 +313,9 @@ def _bpe_vocabulary(tokenizer: Tokenizer) -> tuple[list[str], list[int], list[st
     return tokens, types, merges
 
 
-def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: str) -> Path:
+def export_gguf(
+    model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: str, chat_template: ChatTemplate | None = None
+) -> Path:
     import gguf
 
     if tensor_type not in GGUF_TYPES:
@@ -326,9 +348,14 @@ def export_gguf(model: TissLM, tokenizer: Tokenizer, path: Path, tensor_type: st
     end = tokenizer.token_to_id(END_OF_TEXT)
     writer.add_bos_token_id(end)
     writer.add_eos_token_id(end)
+    if chat_template is not None:  # llama.cpp's chat formats it, and ends a reply at the end-of-turn token
+        writer.add_chat_template(chat_template.source)
+        turn_ends = [t for t in chat_template.stop_token_ids(tokenizer) if t != end]
+        if turn_ends:
+            writer.add_eot_token_id(turn_ends[0])
     for name, tensor in gguf_tensors(model).items():
         data = tensor.detach().float().numpy()
-        if data.ndim == 1:  # norms: small, and precision-sensitive
+        if data.ndim == 1:  # norms and biases: small, and precision-sensitive
             writer.add_tensor(name, data.astype(np.float32))
         elif tensor_type == "F16" or data.shape[-1] % gguf.GGML_QUANT_SIZES[qtype][0]:
             # Q8_0 packs rows in blocks of 32: a row of another width stays F16, as llama.cpp's converter does.

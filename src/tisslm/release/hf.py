@@ -1,9 +1,13 @@
-"""Convert between TissLM and Hugging Face `transformers`' LlamaForCausalLM.
+"""Convert between TissLM and Hugging Face `transformers`' LlamaForCausalLM (Qwen2ForCausalLM
+for a model with q/k/v biases).
 
 TissLM is a Llama: same norm, same rotary convention, same feed-forward. Only the names differ,
-and TissLM stores q/k/v and gate/up each fused in one matrix, which Llama keeps apart. Exporting
-(`to_hf`) needs the optional extra `tisslm[hf]`; importing a local Llama checkpoint
-(`import_llama`) reads its config.json and safetensors directly and needs no `transformers`.
+and TissLM stores q/k/v and gate/up each fused in one matrix, which Llama keeps apart. Qwen2 is
+the same network plus biases on the q, k and v projections (`attention_bias`); Mistral is a
+Llama with a sliding attention window, which within a context no longer than the window is
+exactly full attention. Exporting (`to_hf`) needs the optional extra `tisslm[hf]`; importing a
+local Llama, Mistral or Qwen2 checkpoint (`import_llama`) reads its config.json and safetensors
+directly and needs no `transformers`.
 """
 
 from __future__ import annotations
@@ -17,12 +21,13 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from tisslm.core.chat import CHAT_TEMPLATE_FILE, TOKENIZER_CONFIG_FILE
 from tisslm.core.errors import TissLMError, parse
 from tisslm.core.io import atomic_dir
 from tisslm.core.model import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ModelConfig, TissLM
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, LlamaForCausalLM
+    from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
 
 
 # ModelConfig field -> LlamaConfig field, for the settings that mean the same in both.
@@ -55,22 +60,40 @@ def llama_config(config: ModelConfig) -> LlamaConfig:
     return llama
 
 
+def hf_config(config: ModelConfig) -> PretrainedConfig:
+    """The transformers config of the same network: Llama's, or with q/k/v biases Qwen2's (Llama's
+    own attention_bias would put a bias on o_proj too)."""
+    if not config.attention_bias:
+        return llama_config(config)
+    from transformers import Qwen2Config
+
+    qwen2 = Qwen2Config(
+        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
+        head_dim=config.head_dim,
+        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
+        hidden_act="silu",
+        use_sliding_window=False,
+        sliding_window=None,
+    )
+    qwen2.rope_theta = config.rope_theta  # as in llama_config, for transformers 4.x
+    return qwen2
+
+
 def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str], list[int]]]:
-    """(TissLM key, Llama keys, row sizes) for the fused matrices of one layer."""
-    kv_rows = config.n_kv_heads * config.head_dim
+    """(TissLM key, Llama keys, row sizes) for the fused matrices (and q/k/v biases) of one layer."""
+    qkv_rows = [config.n_heads * config.head_dim] + [config.n_kv_heads * config.head_dim] * 2
     ours, theirs = f"layers.{layer}.", f"model.layers.{layer}."
-    return [
-        (
-            ours + "attn.qkv.weight",
-            [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"],
-            [config.n_heads * config.head_dim, kv_rows, kv_rows],
-        ),
+    layout = [
+        (ours + "attn.qkv.weight", [theirs + f"self_attn.{p}_proj.weight" for p in "qkv"], qkv_rows),
         (
             ours + "ffn.gate_up.weight",
             [theirs + "mlp.gate_proj.weight", theirs + "mlp.up_proj.weight"],
             [config.d_ff] * 2,
         ),
     ]
+    if config.attention_bias:
+        layout.append((ours + "attn.qkv.bias", [theirs + f"self_attn.{p}_proj.bias" for p in "qkv"], qkv_rows))
+    return layout
 
 
 def _renames(config: ModelConfig) -> dict[str, str]:
@@ -96,27 +119,30 @@ def to_llama_state_dict(model: TissLM) -> dict[str, torch.Tensor]:
     return {k: v.detach().clone() for k, v in out.items()}
 
 
-def to_hf(model: TissLM) -> LlamaForCausalLM:
-    """A LlamaForCausalLM with the same weights, in the same dtype, in eval mode."""
-    from transformers import LlamaForCausalLM
+def to_hf(model: TissLM) -> PreTrainedModel:
+    """A LlamaForCausalLM (Qwen2ForCausalLM with q/k/v biases) with the same weights, in the same
+    dtype, in eval mode."""
+    from transformers import LlamaForCausalLM, Qwen2ForCausalLM
 
-    hf_model = LlamaForCausalLM(llama_config(model.config))
+    hf_class = Qwen2ForCausalLM if model.config.attention_bias else LlamaForCausalLM
+    hf_model = hf_class(hf_config(model.config))
     hf_model.load_state_dict(to_llama_state_dict(model), strict=not model.config.tie_embeddings)
     if model.config.tie_embeddings:
         hf_model.tie_weights()
     return hf_model.to(next(model.parameters()).dtype).eval()
 
 
-# ---- import: a local Hugging Face Llama checkpoint -> a TissLM model directory ----
+# ---- import: a local Hugging Face Llama, Mistral or Qwen2 checkpoint -> a TissLM model directory ----
 
 HF_INDEX_FILE = "model.safetensors.index.json"
-CHAT_TEMPLATE_FILE = "chat_template.jinja"  # kept beside the weights for the chat stages to come
-# Llama settings TissLM's model has no room for: (field, the values it can represent exactly).
+# model_type -> whether its attention has q/k/v biases (Qwen2's are hard-wired, o_proj has none).
+_QKV_BIAS = {"llama": False, "mistral": False, "qwen2": True}
+# Settings TissLM's model has no room for: (field, the values it can represent exactly). Llama's
+# attention_bias would bias o_proj as well; Mistral's and Qwen2's sliding window: `_sliding_window`.
 _MUST_BE = {
     "hidden_act": ("silu",),
     "attention_bias": (False, None),
     "mlp_bias": (False, None),
-    "sliding_window": (None,),
     "quantization_config": (None,),
 }
 _DEFAULT_ROPE = (None, "default")
@@ -132,15 +158,31 @@ def _read_json(path: Path) -> dict[str, Any]:
     return data
 
 
+def _sliding_window(raw: dict[str, Any]) -> Any:
+    """The attention window some layer of a Mistral or Qwen2 config uses; None when none does
+    (Qwen2 keeps a `sliding_window` value that `use_sliding_window: false` switches off)."""
+    if raw.get("use_sliding_window") is False:
+        return None
+    if raw.get("layer_types") and "sliding_attention" not in raw["layer_types"]:
+        return None
+    return raw.get("sliding_window")
+
+
 def model_config_from_llama(raw: dict[str, Any], source: str = CONFIG_FILE) -> ModelConfig:
-    """The ModelConfig of a Llama config.json (as a dict); a TissLMError names any field TissLM's
-    model cannot represent exactly (`source: attention_bias=True: ...`)."""
+    """The ModelConfig of a Llama, Mistral or Qwen2 config.json (as a dict); a TissLMError names
+    any field TissLM's model cannot represent exactly (`source: attention_bias=True: ...`).
+
+    A sliding window shorter than max_position_embeddings becomes max_seq_len: within a context no
+    longer than the window, sliding-window attention is exactly full attention."""
 
     def refuse(field: str, why: str) -> TissLMError:
         return TissLMError(f"{source}: {field}={raw.get(field)!r}: {why}; TissLM cannot represent it exactly")
 
-    if raw.get("model_type") != "llama":
-        raise refuse("model_type", "only Llama checkpoints (model_type 'llama') import")
+    model_type = raw.get("model_type")
+    if model_type not in _QKV_BIAS:
+        raise refuse("model_type", f"only {', '.join(map(repr, _QKV_BIAS))} checkpoints import")
+    if model_type == "llama" and raw.get("sliding_window") is not None:
+        raise refuse("sliding_window", "a Llama checkpoint has no sliding window")
     for field, allowed in _MUST_BE.items():
         if raw.get(field) not in allowed:
             raise refuse(field, f"must be {' or '.join(map(repr, allowed))}")
@@ -157,6 +199,12 @@ def model_config_from_llama(raw: dict[str, Any], source: str = CONFIG_FILE) -> M
     ours.setdefault("n_kv_heads", raw.get("num_attention_heads"))
     ours.setdefault("tie_embeddings", False)  # LlamaConfig's default
     ours["rope_theta"] = rope.get("rope_theta", raw.get("rope_theta", 10000.0))
+    ours["attention_bias"] = _QKV_BIAS[model_type]
+    window = _sliding_window(raw)
+    if window is not None:
+        if not isinstance(window, int) or isinstance(window, bool) or window < 1:
+            raise refuse("sliding_window", "must be a positive integer or null")
+        ours["max_seq_len"] = min(window, ours.get("max_seq_len", window))
     return parse(ModelConfig, ours, source)
 
 
@@ -172,6 +220,8 @@ def _llama_shapes(config: ModelConfig) -> dict[str, tuple[int, ...]]:
         shapes |= {layer + f"self_attn.{p}_proj.weight": (n, d) for p, n in (("q", q), ("k", kv), ("v", kv))}
         shapes |= {layer + "self_attn.o_proj.weight": (d, q), layer + "mlp.down_proj.weight": (d, f)}
         shapes |= {layer + f"mlp.{p}_proj.weight": (f, d) for p in ("gate", "up")}
+        if config.attention_bias:
+            shapes |= {layer + f"self_attn.{p}_proj.bias": (n,) for p, n in (("q", q), ("k", kv), ("v", kv))}
     return shapes
 
 
@@ -226,9 +276,9 @@ def _chat_template(source: Path) -> str | None:
     (a string, or the one named "default" of a list)."""
     if (source / CHAT_TEMPLATE_FILE).is_file():
         return (source / CHAT_TEMPLATE_FILE).read_text()
-    if not (source / "tokenizer_config.json").is_file():
+    if not (source / TOKENIZER_CONFIG_FILE).is_file():
         return None
-    template = _read_json(source / "tokenizer_config.json").get("chat_template")
+    template = _read_json(source / TOKENIZER_CONFIG_FILE).get("chat_template")
     if isinstance(template, list):
         template = next((t.get("template") for t in template if t.get("name") == "default"), None)
     return template if isinstance(template, str) else None
@@ -236,7 +286,9 @@ def _chat_template(source: Path) -> str | None:
 
 def import_llama(source_dir: str | Path, out_dir: str | Path) -> Path:
     """Write a TissLM model directory (config.json, model.safetensors, tokenizer.json and, if the
-    checkpoint has one, chat_template.jinja) from a local Hugging Face Llama checkpoint directory.
+    checkpoint has them, chat_template.jinja and tokenizer_config.json, whose bos and eos tokens
+    the template refers to: `tisslm.core.chat.ChatTemplate.load`) from a local Hugging Face Llama,
+    Mistral or Qwen2 checkpoint directory.
 
     Everything is checked before anything is written; the directory appears whole or not at all.
     """
@@ -249,7 +301,13 @@ def import_llama(source_dir: str | Path, out_dir: str | Path) -> Path:
         raise TissLMError(f"{source / CONFIG_FILE}: not found (is {source} a Hugging Face checkpoint?)")
     if not (source / TOKENIZER_FILE).is_file():
         raise TissLMError(f"{source / TOKENIZER_FILE}: not found; TissLM needs the checkpoint's fast tokenizer")
-    config = model_config_from_llama(_read_json(source / CONFIG_FILE), str(source / CONFIG_FILE))
+    raw = _read_json(source / CONFIG_FILE)
+    config = model_config_from_llama(raw, str(source / CONFIG_FILE))
+    if config.max_seq_len < (raw.get("max_position_embeddings") or 0):
+        print(
+            f"import: max_seq_len={config.max_seq_len}, the sliding window (max_position_embeddings="
+            f"{raw['max_position_embeddings']}): within it, sliding-window attention is exactly full attention"
+        )
     tokenizer = load_tokenizer(source)
     if tokenizer.get_vocab_size() > config.vocab_size:
         raise TissLMError(
@@ -264,5 +322,7 @@ def import_llama(source_dir: str | Path, out_dir: str | Path) -> Path:
         shutil.copyfile(source / TOKENIZER_FILE, tmp / TOKENIZER_FILE)
         if template is not None:
             (tmp / CHAT_TEMPLATE_FILE).write_text(template)
+        if (source / TOKENIZER_CONFIG_FILE).is_file():
+            shutil.copyfile(source / TOKENIZER_CONFIG_FILE, tmp / TOKENIZER_CONFIG_FILE)
         TissLM.from_pretrained(tmp)  # the directory loads, or nothing replaces `out`
     return out

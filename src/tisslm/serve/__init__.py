@@ -5,8 +5,8 @@ out as vLLM's OpenAI server is: `app` makes the FastAPI app, with a `serving.Ser
 tokenizer, settings; one method per endpoint) on `app.state` and the thin routers of `routes`
 over it; `jobs` carries one request's generations from the engine to a JSON body or an SSE
 stream; `schemas` holds the request, response, chunk and error models, and `openapi` the parts
-of /openapi.json FastAPI cannot infer. `text` turns tokens into streamed text (and holds the
-chat template); `metrics` the Prometheus metrics; `attention` the attention maps of the page and
+of /openapi.json FastAPI cannot infer. `text` turns tokens into streamed text (conversations
+become prompts through `tisslm.core.chat`); `metrics` the Prometheus metrics; `attention` the attention maps of the page and
 of `tisslm attention`; `access` the API-key check on /v1 routes; `auditing` the per-request
 records of the hash-chained audit log (`tisslm.safety.audit`); `terminal` is `tisslm chat`;
 `server` is `tisslm serve`.

@@ -30,6 +30,7 @@ from starlette.exceptions import HTTPException
 from tokenizers import Tokenizer
 
 from tisslm import __version__
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import ServeParams
 from tisslm.safety.audit import AuditLog
 from tisslm.safety.filters import ContentFilter
@@ -58,13 +59,15 @@ def create_app(
     audit: AuditLog | None = None,
     content_filter: ContentFilter | None = None,
     watermark: Watermark | None = None,
+    chat_template: ChatTemplate | None = None,
 ) -> FastAPI:
     """The server's FastAPI app; it starts the engine when it starts and stops it when it stops.
     `kb`, an open knowledge base the caller keeps and closes, serves retrieval and grounding. With
     `api_keys`, the /v1/ routes need one of them as a bearer token (`access`); with `audit`, each
     /v1/ request is recorded in that log (`auditing`), which the caller closes. With
     `content_filter`, prompts and outputs are filtered by its policy; with `watermark`, every
-    sampled token is watermarked."""
+    sampled token is watermarked. `chat_template` (the model directory's, `ChatTemplate.load`)
+    formats the chat route's conversations; None: the ChatML default."""
     app = FastAPI(
         title="TissLM",
         version=__version__,
@@ -73,7 +76,7 @@ def create_app(
         docs_url="/docs",
         redoc_url=None,
     )
-    app.state.serving = Serving(engine, tokenizer, settings, kb, content_filter, watermark)
+    app.state.serving = Serving(engine, tokenizer, settings, kb, content_filter, watermark, chat_template)
     for router in ROUTERS:
         app.include_router(router)
     app.add_exception_handler(APIError, api_error)

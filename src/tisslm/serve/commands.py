@@ -28,12 +28,23 @@ ParamsFile = Annotated[
 ]
 
 
-def load_model(directory: Path) -> TissLM:
-    """A model directory as the stages write them: full precision (models/model) or int8 (models/quantized/*)."""
+def load_model(directory: Path, adapter: Path | None = None) -> TissLM:
+    """A model directory as the stages write them: full precision (models/model) or int8 (models/quantized/*);
+    with `adapter`, a LoRA adapter directory (peft format) merged into the full-precision model at load."""
     from tisslm.core.model import TissLM
     from tisslm.release.quantize import RECIPE_FILE, load_quantized
 
+    if adapter is not None:
+        from tisslm.train.lora import load_with_adapter
+
+        return load_with_adapter(directory, adapter)
     return load_quantized(directory) if (directory / RECIPE_FILE).is_file() else TissLM.from_pretrained(directory)
+
+
+# A LoRA adapter (adapter_config.json + adapter_model.safetensors, e.g. models/sft/adapter) for the model.
+AdapterDir = Annotated[
+    Path | None, typer.Option("--adapter", help="LoRA adapter directory (peft format), merged into the model at load.")
+]
 
 
 def serve(
@@ -92,6 +103,7 @@ def serve(
         ),
     ] = None,
     params: ParamsFile = None,
+    adapter: AdapterDir = None,
 ) -> None:
     """Serve a model over an OpenAI-compatible HTTP API, with a web page at /.
 
@@ -142,7 +154,7 @@ def serve(
     marks = Watermark.from_params(config, load_tokenizer(model_dir).get_vocab_size(), enabled=watermark)
     run_server(
         model_dir, settings, kb_dir=kb, api_keys=keys, audit_log=audit_log, audit_text=audit_text,
-        content_filter=content_filter, watermark=marks,
+        content_filter=content_filter, watermark=marks, adapter=adapter,
     )  # fmt: skip
 
 
@@ -157,16 +169,22 @@ def chat(
     top_p: Annotated[float | None, typer.Option(help="Nucleus mass [params: generate.top_p].")] = None,
     seed: Annotated[int | None, typer.Option(help="Fix the sampled tokens [params: generate.seed].")] = None,
     params: ParamsFile = None,
+    adapter: AdapterDir = None,
 ) -> None:
-    """Chat with a model in the terminal; replies stream token by token (/reset, /exit)."""
+    """Chat with a model in the terminal; replies stream token by token (/reset, /exit).
+
+    Conversations are formatted by the model's chat template (its chat_template.jinja, else ChatML),
+    as the server's chat route formats them."""
+    from tisslm.core.chat import ChatTemplate
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.safety.filters import ContentFilter
     from tisslm.serve.terminal import chat_session
 
     given = {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_k": top_k, "top_p": top_p, "seed": seed}
     config = project_params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
-    lm = load_model(model)
+    lm = load_model(model, adapter)
     tokenizer = load_tokenizer(model)
+    template = ChatTemplate.load(model)
 
     def write(text: str) -> None:
         sys.stdout.write(text)
@@ -174,7 +192,10 @@ def chat(
 
     typer.echo(f"chatting with {model} (/reset forgets, /exit or Ctrl-D leaves)")
     content_filter = ContentFilter.from_params(config)
-    chat_session(lm, tokenizer, config.generate, system, read=input, write=write, content_filter=content_filter)
+    chat_session(
+        lm, tokenizer, config.generate, system, read=input, write=write, content_filter=content_filter,
+        template=template,
+    )  # fmt: skip
 
 
 def attention(

@@ -16,6 +16,7 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import ServeParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
@@ -68,8 +69,10 @@ def serve(
     audit_text: bool = False,
     content_filter: ContentFilter | None = None,
     watermark: Watermark | None = None,
+    adapter: Path | None = None,
 ) -> None:
-    """Serve `model_spec` (a directory, or models:/NAME@ALIAS) until interrupted. The content filter
+    """Serve `model_spec` (a directory, or models:/NAME@ALIAS) until interrupted; with `adapter`, a
+    LoRA adapter directory merged into it at load. The content filter
     and the watermark come built (`ContentFilter.from_params`, `Watermark.from_params`); None: off."""
     import uvicorn
 
@@ -81,8 +84,14 @@ def serve(
     try:
         kb = open_knowledge_base(kb_dir) if kb_dir is not None else None
         model_dir = resolve_model_dir(str(model_spec))
-        model = TissLM.from_pretrained(model_dir).eval()
+        if adapter is not None:
+            from tisslm.train.lora import load_with_adapter
+
+            model = load_with_adapter(model_dir, adapter)
+        else:
+            model = TissLM.from_pretrained(model_dir).eval()
         tokenizer = load_tokenizer(model_dir)
+        chat_template = ChatTemplate.load(model_dir)  # a bad template fails here, not on a request
         engine = Batcher(
             model,
             settings.max_batch,
@@ -110,6 +119,7 @@ def serve(
             audit=audit,
             content_filter=content_filter,
             watermark=marks,
+            chat_template=chat_template,
         )
         host, port = sock.getsockname()[:2]
         shown = f"[{host}]" if ":" in host else host

@@ -27,6 +27,7 @@ from fastapi.responses import StreamingResponse
 from starlette.concurrency import run_in_threadpool
 from tokenizers import Tokenizer
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import ServeParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.sampling import SamplingParams
@@ -69,7 +70,7 @@ from tisslm.serve.schemas import (
     TopLogprob,
     Usage,
 )
-from tisslm.serve.text import CHAT_STOP, Vocabulary, render_chat
+from tisslm.serve.text import Vocabulary
 
 if TYPE_CHECKING:
     from tisslm.kb import Hit, KnowledgeBase
@@ -78,8 +79,8 @@ COMPLETION_MAX_TOKENS = 16  # OpenAI's default for /v1/completions
 
 
 class Serving:
-    """The engine, the tokenizer, the settings and the knowledge base (if any) of one server, and
-    one method per endpoint."""
+    """The engine, the tokenizer, the settings, the chat template and the knowledge base (if any)
+    of one server, and one method per endpoint."""
 
     def __init__(
         self,
@@ -89,13 +90,17 @@ class Serving:
         kb: KnowledgeBase | None = None,
         content_filter: ContentFilter | None = None,
         watermark: Watermark | None = None,
+        chat_template: ChatTemplate | None = None,
     ):
+        """`chat_template`: the served model's (`ChatTemplate.load(model_dir)`); None: the default."""
         self.engine, self.tokenizer, self.settings, self.kb = engine, tokenizer, settings, kb
         self.content_filter = content_filter if content_filter is not None and content_filter.active else None
         self.watermark = watermark
         self.metrics = engine.metrics
         self.max_seq_len = engine.model.config.max_seq_len
         self.end_of_text = tokenizer.token_to_id(END_OF_TEXT)
+        self.chat_template = chat_template or ChatTemplate()
+        self.end_of_turn = self.chat_template.stop_token_ids(tokenizer)  # where a chat reply ends
         self.vocabulary = Vocabulary(tokenizer)
         self.page = files("tisslm.serve").joinpath("static/index.html").read_text(encoding="utf-8")
         self.started = int(time.time())
@@ -119,12 +124,15 @@ class Serving:
             texts, ids = [grounded.text], [None]
         prompts = [given or self.encode(text, "prompt") for given, text in zip(ids, texts, strict=True)]
         params = self.sampling(body, max_tokens, max(map(len, prompts)))
-        job = self.start_job(body, prompts, params, body.stop_strings(), body.logprobs, texts if body.echo else None)
+        stop_tokens = [] if self.end_of_text is None else [self.end_of_text]
+        echo = texts if body.echo else None
+        job = self.start_job(body, prompts, params, stop_tokens, body.stop_strings(), body.logprobs, echo)
         shape = CompletionShape(self.settings.model_name, self.vocabulary, grounded, screened)
         return await respond(request, job, shape, body)
 
     async def chat(self, request: Request, body: ChatRequest) -> ChatCompletionResponse | StreamingResponse:
-        """The assistant's reply to the conversation, rendered with the chat template of `text`."""
+        """The assistant's reply to the conversation, rendered by the model's chat template (a 400
+        naming `messages` when the template refuses it), ending at the template's end-of-turn tokens."""
         self.check_model(body.model)
         if body.top_logprobs is not None and not body.logprobs:
             message = "top_logprobs: only allowed when logprobs is true"
@@ -133,16 +141,20 @@ class Serving:
             raise APIError(400, "give max_tokens or max_completion_tokens, not both", param="max_completion_tokens")
         max_tokens = body.max_completion_tokens or body.max_tokens
         contents, screened = await self.screen(request, [m.content for m in body.messages], "messages")
-        text = render_chat((m.role, content) for m, content in zip(body.messages, contents, strict=True))
+        messages = [{"role": m.role, "content": content} for m, content in zip(body.messages, contents, strict=True)]
+        try:
+            text = self.chat_template.render(messages)
+        except TissLMError as err:
+            raise APIError(400, f"messages: {err}", param="messages", code="invalid_value") from None
         grounded = None
         if body.retrieve is not None:
             asked = [c for m, c in zip(body.messages, contents, strict=True) if m.role == "user"] or [contents[-1]]
             reply = max_tokens or min(self.settings.max_tokens, self.max_seq_len // 2)  # kept for the reply
             grounded = await self.ground(body.retrieve, text, asked[-1], reply)
             text = grounded.text
-        prompt = self.encode(text, "messages")
+        prompt = self.encode(text, "messages", add_special_tokens=False)  # the template wrote any bos token
         params = self.sampling(body, max_tokens, len(prompt))
-        job = self.start_job(body, [prompt], params, [*body.stop_strings(), *CHAT_STOP], self.chat_logprobs(body))
+        job = self.start_job(body, [prompt], params, self.end_of_turn, body.stop_strings(), self.chat_logprobs(body))
         shape = ChatShape(self.settings.model_name, self.vocabulary, grounded, screened)
         return await respond(request, job, shape, body)
 
@@ -253,11 +265,11 @@ class Serving:
                 raise APIError(400, message, param="prompt", code="context_length_exceeded")
         return [list(ids) for ids in lists], [self.vocabulary.text(ids) for ids in lists]
 
-    def encode(self, text: str, param: str) -> list[int]:
+    def encode(self, text: str, param: str, add_special_tokens: bool = True) -> list[int]:
         """The prompt's tokens; a 400 naming `param` for text that is empty, too long or not Unicode."""
         limit = self.settings.max_prompt_tokens
         try:
-            ids = self.tokenizer.encode(text).ids
+            ids = self.tokenizer.encode(text, add_special_tokens=add_special_tokens).ids
         except TypeError:  # tokenizers' answer to a lone surrogate, from a "\\ud800" escape in the JSON
             raise APIError(400, f"{param}: not valid Unicode text", param=param, code="invalid_encoding") from None
         if not ids:
@@ -293,15 +305,17 @@ class Serving:
         body: CompletionRequest | ChatRequest,
         prompts: list[list[int]],
         params: SamplingParams,
+        stop_tokens: list[int],
         stops: list[str],
         logprobs: int | None = None,
         echo: list[str] | None = None,
     ) -> Job:
         """Submit `n` choices of each prompt to the engine, prompt by prompt (OpenAI's order of
-        choices); they end at the end-of-text token unless the body ignores it. With a `seed`, the
-        j-th choice of a prompt draws with seed + j: the first is what a request with n = 1 gets.
-        `logprobs` scores their tokens with that many alternatives; `echo` begins their texts with these."""
-        stop_tokens = [] if body.ignore_eos or self.end_of_text is None else [self.end_of_text]
+        choices); they end at `stop_tokens` (end of text; in chat, of the turn) unless the body
+        ignores them, or at the `stops` strings. With a `seed`, the j-th choice of a prompt draws
+        with seed + j: the first is what a request with n = 1 gets. `logprobs` scores their tokens
+        with that many alternatives; `echo` begins their texts with these."""
+        stop_tokens = [] if body.ignore_eos else stop_tokens
         timeout_s = self.settings.request_timeout_s
         n = body.n
         seeds = [None if params.seed is None else params.seed + j for j in range(n)]

@@ -1,7 +1,8 @@
 """`tisslm chat`: a conversation in the terminal, each reply printed as its tokens arrive.
 
-It runs the serving engine in-process (one slot) with the chat template and stop strings of
-/v1/chat/completions, so the terminal answers as the server would. `/reset` forgets the
+It runs the serving engine in-process (one slot) with the model's chat template and end-of-turn
+tokens, as /v1/chat/completions does (`tisslm.core.chat`), so the terminal answers as the server
+would. `/reset` forgets the
 conversation, `/exit` or the end of input leaves, Ctrl-C cuts a reply short. When the
 conversation outgrows the context, its oldest turns are dropped (the system message stays).
 With a content filter, what the user types is screened as the server screens prompts, and each
@@ -15,12 +16,12 @@ from collections.abc import Callable
 
 from tokenizers import Tokenizer
 
+from tisslm.core.chat import ChatTemplate
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
-from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.safety.filters import ContentFilter, OutputGuard
 from tisslm.serve.batching import Batcher, Event, Finished
-from tisslm.serve.text import CHAT_STOP, TextStream, render_chat
+from tisslm.serve.text import TextStream
 
 
 def chat_session(
@@ -31,13 +32,15 @@ def chat_session(
     read: Callable[[str], str],
     write: Callable[[str], None],
     content_filter: ContentFilter | None = None,
+    template: ChatTemplate | None = None,
 ) -> None:
-    """Read user turns with `read(prompt)` until /exit or EOFError; `write` each reply piece by piece."""
+    """Read user turns with `read(prompt)` until /exit or EOFError; `write` each reply piece by piece.
+    `template`: the model's (`ChatTemplate.load(model_dir)`); None: the default."""
+    template = template or ChatTemplate()
     engine = Batcher(model, max_batch=1, max_queue=1, vocab_limit=tokenizer.get_vocab_size()).start()
-    end_of_text = tokenizer.token_to_id(END_OF_TEXT)
-    stop_tokens = [] if end_of_text is None else [end_of_text]
-    opening = [("system", system)] if system else []
-    turns: list[tuple[str, str]] = []
+    stop_tokens = template.stop_token_ids(tokenizer)
+    opening = [{"role": "system", "content": system}] if system else []
+    turns: list[dict[str, str]] = []
     try:
         while True:
             try:
@@ -59,9 +62,9 @@ def chat_session(
                     write(f"(refused by the content filter: {', '.join(categories)})\n")
                     continue
                 line = screened.text
-            turns.append(("user", line))
+            turns.append({"role": "user", "content": line})
             while True:  # drop the oldest exchanges until the prompt leaves room for a reply
-                prompt = tokenizer.encode(render_chat(opening + turns)).ids
+                prompt = template.prompt_ids(tokenizer, opening + turns)
                 room = model.config.max_seq_len - len(prompt)
                 if room > 0 or len(turns) == 1:
                     break
@@ -77,7 +80,7 @@ def chat_session(
             guard = OutputGuard(content_filter) if content_filter is not None else None
             reply = _reply(engine, tokenizer, prompt, settings, stop_tokens, write, guard)
             write("\n")
-            turns.append(("assistant", reply))
+            turns.append({"role": "assistant", "content": reply})
     finally:
         engine.stop()
 
@@ -85,7 +88,7 @@ def chat_session(
 def _reply(engine, tokenizer, prompt, settings, stop_tokens, write, guard: OutputGuard | None) -> str:
     """The reply as written: what the guard (if any) let out of the generated text."""
     events: queue.Queue[Event] = queue.Queue()
-    stream = TextStream(tokenizer, CHAT_STOP)
+    stream = TextStream(tokenizer)
     request = engine.submit(prompt, settings, events.put, stop_tokens)
     pieces = []
 

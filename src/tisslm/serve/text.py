@@ -1,18 +1,6 @@
-"""From tokens to text: incremental decoding, stop strings, the chat template, and tokens by name.
+"""From tokens to text: incremental decoding, stop strings, and tokens by name.
 
-Chat template. TissLM has no special chat tokens, so a conversation is plain text: each message
-is its role tag on a line of its own, then its content and a newline, and the prompt ends with
-the assistant's tag for the model to continue:
-
-    <|system|>
-    You write short Python functions.
-    <|user|>
-    Add two numbers.
-    <|assistant|>
-
-The reply ends at the end-of-text token, or where the model starts a new turn: the tags of the
-next turn ("\\n<|user|>", "\\n<|system|>", "\\n<|assistant|>") are stop strings of every chat
-request, besides the request's own `stop`.
+(Conversations become prompts through the model's chat template, `tisslm.core.chat`.)
 
 Tokens by name. Logprobs name each token, and chat's also give its bytes (`Vocabulary`). Both
 of TissLM's tokenizers are byte-level, GPT-2's scheme: each byte stands in the vocabulary as a
@@ -24,12 +12,10 @@ not UTF-8 on their own (a piece of a multi-byte character) is named as OpenAI na
 from __future__ import annotations
 
 import codecs
-from collections.abc import Iterable, Sequence
+from collections.abc import Sequence
 
 from tokenizers import Tokenizer
 
-ROLES = ("system", "user", "assistant")
-CHAT_STOP = tuple(f"\n<|{role}|>" for role in ROLES)
 REPLACEMENT = "\ufffd"  # what decoding shows for a UTF-8 sequence whose last bytes are still to come
 
 
@@ -85,11 +71,6 @@ def _name(piece: bytes) -> str:
         return piece.decode("utf-8")
     except UnicodeDecodeError:
         return "bytes:" + "".join(f"\\x{byte:02x}" for byte in piece)
-
-
-def render_chat(messages: Iterable[tuple[str, str]]) -> str:
-    """The prompt for (role, content) messages, ending where the assistant's reply begins."""
-    return "".join(f"<|{role}|>\n{content}\n" for role, content in messages) + "<|assistant|>\n"
 
 
 class TextStream:

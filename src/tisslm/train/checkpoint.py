@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file, save_file
 
-from tisslm.core.model import TissLM
+from tisslm.core.model import CONFIG_FILE, WEIGHTS_FILE, ModelConfig, TissLM
 
 COMPLETE = "COMPLETE"
 STEP_DIR = re.compile(r"^step-(\d+)$")
@@ -121,15 +121,19 @@ def load_latest(
             warnings.warn(f"{path}: skipped, written by another configuration of model/train params", stacklevel=2)
             continue
         try:
-            loaded = TissLM.from_pretrained(path, device=next(model.parameters()).device)
+            # The file's tensors into the run's model as they are: with LoRA, its base and adapters.
+            config = ModelConfig.model_validate_json((path / CONFIG_FILE).read_text())
+            weights = load_file(path / WEIGHTS_FILE, device=str(next(model.parameters()).device))
+            if config.tie_embeddings:
+                weights["lm_head.weight"] = weights["tok_emb.weight"]
             optimizer_state = _unflatten_optimizer(
                 load_file(path / "optimizer.safetensors"), json.loads((path / "optimizer.json").read_text())
             )
             rng = load_file(path / "rng.safetensors")
             state = json.loads((path / "trainer_state.json").read_text())
-            if loaded.config != model.config:
+            if config != model.config:
                 raise ValueError("model config differs from the run's")
-            model.load_state_dict(loaded.state_dict())
+            model.load_state_dict(weights)
             optimizer.load_state_dict(optimizer_state)
         except Exception as err:
             warnings.warn(f"{path}: skipped, not loadable ({type(err).__name__}: {err})", stacklevel=2)

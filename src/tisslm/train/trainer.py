@@ -17,6 +17,7 @@ import hashlib
 import json
 import math
 import os
+import shutil
 import time
 import warnings
 from collections.abc import Callable
@@ -29,15 +30,18 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
+from tisslm.core.chat import CHAT_FILES
 from tisslm.core.config import Params, TrainParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_write_json, atomic_write_text
-from tisslm.core.model import TissLM
+from tisslm.core.loss import linear_distillation, loss_chunk_rows
+from tisslm.core.model import TOKENIZER_FILE, TissLM, file_sha256, weights_sha256, with_init_from
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
 from tisslm.data.tokens import documents_in, load_split, read_meta
 from tisslm.eval.evaluate import document_loglikelihoods, perplexity_metrics
 from tisslm.tracking import RUN_ENV, Tracker
 from tisslm.train.checkpoint import load_latest, save_checkpoint
+from tisslm.train.lora import ADAPTER_DIR, add_lora, merged, save_adapter
 from tisslm.train.optim import learning_rate, make_optimizer
 from tisslm.train.perf import device_name, peak_flops
 from tisslm.train.plan import BatchPlan, plan_batches, resolve_compile, uses_cuda
@@ -69,14 +73,24 @@ class Distributed:
 # resumes with M (elastic resume).
 OPERATIONAL = {"max_steps", "eval_interval", "eval_batches", "log_interval", "checkpoint_interval",
                "keep_checkpoints", "mlflow", "compile", "device", "nproc", "micro_batch_size"}  # fmt: skip
+# Without a teacher these shape nothing: left out, a run without one keeps its fingerprint.
+DISTILLATION = {"teacher", "distill_weight", "distill_temperature"}
 
 
 def run_fingerprint(params: Params) -> str:
     """What a checkpoint must share with this run to be resumed by it."""
-    shaping = {
-        "model": params.model.model_dump(),
-        "train": {k: v for k, v in params.train.model_dump().items() if k not in OPERATIONAL},
-    }
+    train = {k: v for k, v in params.train.model_dump(mode="json").items() if k not in OPERATIONAL}
+    if params.train.teacher is None:
+        train = {k: v for k, v in train.items() if k not in DISTILLATION}
+    if params.train.init_from is None:
+        del train["init_from"]  # left out: a run from random init keeps its fingerprint
+    if params.train.lora is None:
+        del train["lora"]  # likewise: a run without LoRA keeps its fingerprint
+    shaping = {"model": params.model.model_dump(), "train": train}
+    if params.train.init_from is not None:  # its weights, not only its path: a re-import there shows
+        shaping["init_weights_sha256"] = weights_sha256(params.train.init_from)
+    if params.train.teacher is not None:  # so too the teacher's: a retrained teacher is another run
+        shaping["teacher_weights_sha256"] = weights_sha256(params.train.teacher)
     return hashlib.sha256(json.dumps(shaping, sort_keys=True).encode()).hexdigest()[:16]
 
 
@@ -103,6 +117,40 @@ COMPILE_CACHE_ENV = "TORCHINDUCTOR_CACHE_DIR"
 COMPILE_CACHE = Path(".cache") / "torchinductor"
 
 
+@dataclass(frozen=True)
+class Teacher:
+    """A frozen model whose softened next-token distributions the student also learns (`train.teacher`).
+    A plain attribute of `TrainingLoss`, not a submodule: DDP neither broadcasts nor watches it,
+    and the student's parameters and state dict stay its own."""
+
+    model: TissLM
+    share: float  # train.distill_weight: the KL's share of the loss
+    temperature: float  # train.distill_temperature
+
+
+def load_teacher(p: TrainParams, student: TissLM, tokenizer_dir: Path, device: torch.device) -> Teacher | None:
+    """`train.teacher` on `device`, in fp32 and eval mode, frozen; None without one. It must
+    predict over the student's vocabulary: the same rows and, when it carries a tokenizer, the
+    same tokens as the run's tokenizer."""
+    if p.teacher is None:
+        return None
+    where = f"train.teacher={p.teacher}"
+    teacher = TissLM.from_pretrained(p.teacher, device)
+    if teacher.config.vocab_size != student.config.vocab_size:
+        raise TissLMError(
+            f"{where}: vocab_size {teacher.config.vocab_size} differs from the model's {student.config.vocab_size}; "
+            "a teacher must share the tokenizer"
+        )
+    if (p.teacher / TOKENIZER_FILE).is_file() and (
+        load_tokenizer(p.teacher).get_vocab() != load_tokenizer(tokenizer_dir).get_vocab()
+    ):
+        raise TissLMError(f"{where}: its tokenizer's vocabulary differs from {tokenizer_dir}'s")
+    if p.seq_len > teacher.config.max_seq_len:
+        raise TissLMError(f"{where}: train.seq_len={p.seq_len} exceeds its max_seq_len={teacher.config.max_seq_len}")
+    teacher.float().eval().requires_grad_(False)
+    return Teacher(teacher, p.distill_weight, p.distill_temperature)
+
+
 class TrainingLoss(torch.nn.Module):
     """Routes the fused loss through `forward`, so that DDP's gradient hooks see it.
 
@@ -112,16 +160,27 @@ class TrainingLoss(torch.nn.Module):
     gave all-zero gradients on an H200 (torch 2.11) while its loss was right, and the same compile
     was exact on a CPU (benchmarks/results/gpu_diagnosis.json)."""
 
-    def __init__(self, model: TissLM, compile_model: bool = False):
+    def __init__(self, model: TissLM, compile_model: bool = False, teacher: Teacher | None = None):
         super().__init__()
-        self.model = model
+        self.model, self.teacher = model, teacher
+        # With a teacher: the last forward's (data loss, KL to the teacher), detached, for the logs.
+        self.parts: torch.Tensor | None = None
         if compile_model:
             os.environ.setdefault(COMPILE_CACHE_ENV, str(COMPILE_CACHE.resolve()))
             for block in model.layers:
                 block.compile(dynamic=False)
 
     def forward(self, idx: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        return self.model.loss(idx, targets)
+        if self.teacher is None:
+            return self.model.loss(idx, targets)
+        with torch.no_grad():
+            teacher_hidden = self.teacher.model.hidden_states(idx).flatten(0, 1)  # (B * T, teacher d_model)
+        hidden = self.model.hidden_states(idx).flatten(0, 1)  # (B * T, d_model)
+        loss, self.parts = linear_distillation(
+            hidden, self.model.lm_head.weight, targets.flatten(), teacher_hidden, self.teacher.model.lm_head.weight,
+            self.teacher.share, self.teacher.temperature, chunk_rows=loss_chunk_rows(hidden.device.type),
+        )  # fmt: skip
+        return loss
 
 
 def window_starts(seed: int, step: int, micro: int, count: int, n_tokens: int, seq_len: int) -> np.ndarray:
@@ -181,22 +240,39 @@ class Trainer:
     forward/backward/update, validation, checkpoint, logging), each a method of its own."""
 
     def __init__(self, params: Params, paths: Paths, on_eval: Callable[[dict], None] | None, run_id: str | None):
+        d = self.d = setup_distributed(params.train.device)
+        params = with_init_from(params, announce=d.is_main)
         self.params, self.paths, self.on_eval = params, paths, on_eval
         p = self.p = params.train
-        d = self.d = setup_distributed(p.device)
         self.plan: BatchPlan = plan_batches(p.batch_size, d.world_size, p.micro_batch_size)
         self.meta = read_meta(paths.tokens)
         if self.meta["vocab_size"] > params.model.vocab_size:
             raise TissLMError(
                 f"model.vocab_size={params.model.vocab_size} is smaller than the tokenizer's {self.meta['vocab_size']}"
             )
+        model_from = f"train.init_from={p.init_from}: its " if p.init_from else ""
         if p.seq_len > params.model.max_seq_len:
-            raise TissLMError(f"train.seq_len={p.seq_len} exceeds model.max_seq_len={params.model.max_seq_len}")
+            whose = f"train.init_from={p.init_from}'s max_seq_len" if p.init_from else "model.max_seq_len"
+            raise TissLMError(f"train.seq_len={p.seq_len} exceeds {whose}={params.model.max_seq_len}")
+        if p.init_from and self.meta.get("tokenizer_sha256") != file_sha256(p.init_from / TOKENIZER_FILE):
+            raise TissLMError(
+                f"{model_from}tokenizer did not make {paths.tokens} (rerun the tokenizer and tokenize stages)"
+            )
         self.train_tokens, self.val_tokens = load_split(paths.tokens, "train"), load_split(paths.tokens, "val")
 
         torch.manual_seed(p.seed)
-        self.model = TissLM(params.model).to(d.device)
+        if p.init_from:  # the imported weights replace random init, in fp32 whatever the file holds
+            self.model = TissLM.from_pretrained(p.init_from, d.device).float()
+        else:
+            self.model = TissLM(params.model).to(d.device)
+        if p.lora:  # the base frozen: only the adapters train, and only they reach the optimizer
+            if p.lora.base != "fp32":
+                raise TissLMError(
+                    f"train.lora.base={p.lora.base}: train's checkpoints hold plain tensors (int8 is for sft)"
+                )
+            add_lora(self.model, p.lora)
         self.optimizer = make_optimizer(self.model, p)
+        teacher = load_teacher(p, self.model, paths.tokenizer, d.device)  # checked before any checkpoint is read
         fingerprint = run_fingerprint(params)
         resumed = load_latest(paths.checkpoints, self.model, self.optimizer, fingerprint)
         self.start_step = resumed.step if resumed else 0
@@ -206,7 +282,8 @@ class Trainer:
             self._restore_rng(resumed.rng)
             if d.is_main:
                 print(f"train: resumed from {resumed.path} (step {self.start_step})")
-        self.trainable: torch.nn.Module = TrainingLoss(self.model, resolve_compile(p.compile, d.device.type))
+        self.training_loss = TrainingLoss(self.model, resolve_compile(p.compile, d.device.type), teacher)
+        self.trainable: torch.nn.Module = self.training_loss
         if d.world_size > 1:
             device_ids = [d.device.index] if d.device.type == "cuda" else None
             self.trainable = DistributedDataParallel(self.trainable, device_ids=device_ids)
@@ -225,12 +302,14 @@ class Trainer:
             group["lr"] = lr
         return lr
 
-    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor]:
+    def train_step(self, step: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """Forward and backward over this rank's share of the step's global batch, then one update.
-        Returns (mean loss over the global batch, gradient norm) as device tensors: no sync here."""
+        Returns (mean loss over the global batch, gradient norm, mean (data loss, KL to the
+        teacher): zeros without one) as device tensors: no sync here."""
         p, d, plan = self.p, self.d, self.plan
         starts = window_starts(p.seed, step, 0, plan.global_batch, len(self.train_tokens), p.seq_len)
         step_loss = torch.zeros((), device=d.device)
+        step_parts = torch.zeros(2, device=d.device)
         for micro in range(plan.accumulation):
             x, y = windows(self.train_tokens, starts[plan.rows(d.rank, micro)], p.seq_len, d.device)
             sync = contextlib.nullcontext()
@@ -240,6 +319,8 @@ class Trainer:
                 loss = self.trainable(x, y) / plan.accumulation  # DDP averages over the processes
             loss.backward()
             step_loss += loss.detach()
+            if self.training_loss.teacher is not None:
+                step_parts += self.training_loss.parts / plan.accumulation
         grad_norm = torch.nn.utils.clip_grad_norm_(
             self.model.parameters(), p.grad_clip if p.grad_clip > 0 else float("inf")
         )
@@ -247,7 +328,9 @@ class Trainer:
         self.optimizer.zero_grad(set_to_none=True)
         if d.world_size > 1:
             dist.all_reduce(step_loss, op=dist.ReduceOp.AVG)
-        return step_loss, grad_norm
+            if self.training_loss.teacher is not None:
+                dist.all_reduce(step_parts, op=dist.ReduceOp.AVG)
+        return step_loss, grad_norm, step_parts
 
     @torch.no_grad()
     def validate(self) -> float:
@@ -299,14 +382,15 @@ class Trainer:
         throughput = Throughput(self.model.flops_per_token(p.seq_len), self._peak())
         bar = tqdm(total=p.max_steps, initial=self.start_step, desc="train", unit=" step", disable=not d.is_main)
         loss_sum, loss_count = torch.zeros((), device=d.device), 0
+        parts_sum = torch.zeros(2, device=d.device)
         self.model.train()
         for step in range(self.start_step, p.max_steps):
             lr = self.set_learning_rate(step)
-            step_loss, grad_norm = self.train_step(step)
+            step_loss, grad_norm, step_parts = self.train_step(step)
             done = step + 1
             self.state["tokens_seen"] += tokens_per_step
             throughput.add(tokens_per_step)
-            loss_sum, loss_count = loss_sum + step_loss, loss_count + 1
+            loss_sum, loss_count, parts_sum = loss_sum + step_loss, loss_count + 1, parts_sum + step_parts
             bar.update(1)
 
             record = None
@@ -315,7 +399,10 @@ class Trainer:
                 self.state["train_seconds"] += elapsed
                 record = {"step": done, "train_loss": (loss_sum / loss_count).item(), "lr": lr,
                           "grad_norm": grad_norm.item(), **rates}  # fmt: skip
-                loss_sum, loss_count = torch.zeros((), device=d.device), 0
+                if self.training_loss.teacher is not None:  # the parts: the data's CE, the KL at the temperature
+                    data_loss, kl = (parts_sum / loss_count).tolist()
+                    record |= {"train_data_loss": data_loss, "train_distill_kl": kl}
+                loss_sum, loss_count, parts_sum = torch.zeros((), device=d.device), 0, torch.zeros(2, device=d.device)
                 if record["grad_norm"] == 0.0:  # fail loudly: a run that cannot learn must not look finished
                     raise TissLMError(f"train: gradient norm 0.0 at step {done}: the loss does not reach the weights")
                 bar.set_postfix(loss=f"{record['train_loss']:.3f}", tok_s=f"{rates['tokens_per_s']:.0f}")
@@ -394,7 +481,13 @@ class Trainer:
             "micro_batch": self.plan.micro_batch,
             "precision": p.precision,
         }
-        model.save_pretrained(paths.model, tokenizer=load_tokenizer(paths.tokenizer))
+        # With LoRA the model directory holds the merged weights (a plain TissLM) and the adapter.
+        (merged(model) if p.lora else model).save_pretrained(paths.model, tokenizer=load_tokenizer(paths.tokenizer))
+        if p.lora:
+            save_adapter(model, paths.model / ADAPTER_DIR)
+        for name in CHAT_FILES:  # an imported model's template, copied by the tokenizer stage
+            if (paths.tokenizer / name).is_file():
+                shutil.copyfile(paths.tokenizer / name, paths.model / name)
         atomic_write_json(
             paths.model / "training.json", {"params": params.model_dump(mode="json", by_alias=True), "metrics": metrics}
         )

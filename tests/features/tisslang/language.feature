@@ -187,7 +187,8 @@ Feature: The TissLang language
     When I run it with thing set to "code" and the model answering "fine"
     Then it succeeds
     And the output shows "model says fine"
-    And the model was asked "You are: a terse reviewer\nRate this: code"
+    And the model was asked "Rate this: code"
+    And the model's system message was "You are: a terse reviewer"
 
   Scenario: SET_BUDGET limits the model calls
     Given the script:
