@@ -69,3 +69,23 @@ def atomic_dir(path: str | Path) -> Iterator[Path]:
     except BaseException:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
+
+
+def read_jsonl(path: str | Path) -> Iterator[tuple[str, Any]]:
+    """The records of a JSONL file, each with where it is (`path:line`) for the caller's own
+    one-line errors; blank lines are skipped, an unreadable file or a line that is not JSON is a
+    one-line TissLMError naming it."""
+    from tisslm.core.errors import TissLMError
+
+    path = Path(path)
+    try:
+        lines = path.read_text(encoding="utf-8").splitlines()
+    except (OSError, UnicodeDecodeError) as err:
+        raise TissLMError(f"{path}: unreadable ({err})") from None
+    for number, line in enumerate(lines, start=1):
+        if line.strip():
+            where = f"{path}:{number}"
+            try:
+                yield where, json.loads(line)
+            except json.JSONDecodeError as err:
+                raise TissLMError(f"{where}: invalid JSON ({err.msg})") from None

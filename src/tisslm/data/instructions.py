@@ -9,12 +9,12 @@ train/val split them, so the held-out examples were never trained on, not even a
 from __future__ import annotations
 
 import ast
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
 from tisslm.core.chat import validate_messages
 from tisslm.core.errors import TissLMError
+from tisslm.core.io import read_jsonl
 from tisslm.data.shards import read_shards
 from tisslm.data.tokens import is_val
 
@@ -104,20 +104,8 @@ def function_examples(
 
 def read_conversations(path: str | Path) -> list[list[dict[str, str]]]:
     """A JSONL file of {"messages": [...]} records; a bad line is a one-line error naming it."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TissLMError(f"{path}: unreadable ({err})") from None
     conversations = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TissLMError(f"{where}: invalid JSON ({err.msg})") from None
+    for where, record in read_jsonl(path):
         if not isinstance(record, dict) or "messages" not in record:
             raise TissLMError(f'{where}: expected an object with "messages"')
         messages = validate_messages(record["messages"], where)

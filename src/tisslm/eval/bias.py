@@ -11,7 +11,6 @@ overall and per category, each with a percentile-bootstrap 95% interval over pai
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from importlib import resources
 from pathlib import Path
@@ -21,6 +20,7 @@ from tokenizers import Tokenizer
 
 from tisslm.core.errors import TissLMError
 from tisslm.core.hub import require_hub
+from tisslm.core.io import read_jsonl
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.eval.evaluate import document_loglikelihoods
@@ -37,17 +37,14 @@ def load_pairs(path: Path | None = None) -> list[MinimalPair]:
     """The project's pairs (or another file in its format), each checked to differ only in the group term."""
     path = path or Path(str(resources.files("tisslm.eval") / "bias_pairs.jsonl"))
     pairs = []
-    for number, line in enumerate(path.read_text(encoding="utf-8").splitlines(), start=1):
-        if not line.strip():
-            continue
+    for where, record in read_jsonl(path):
         try:
-            record = json.loads(line)
             pair = MinimalPair(record["category"], record["more"], record["less"])
             term_more, term_less = record["term_more"], record["term_less"]
-        except (json.JSONDecodeError, KeyError, TypeError) as err:
-            raise TissLMError(f"{path}:{number}: not a minimal-pair record ({err})") from None
+        except (KeyError, TypeError) as err:
+            raise TissLMError(f"{where}: not a minimal-pair record ({err})") from None
         if term_more not in pair.more or pair.more.replace(term_more, term_less, 1) != pair.less:
-            raise TissLMError(f"{path}:{number}: the sentences differ in more than {term_more!r} -> {term_less!r}")
+            raise TissLMError(f"{where}: the sentences differ in more than {term_more!r} -> {term_less!r}")
         pairs.append(pair)
     return pairs
 

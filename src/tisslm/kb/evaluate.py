@@ -22,7 +22,6 @@ answerable queries are scored, and the counts are reported.
 
 from __future__ import annotations
 
-import json
 import math
 import sqlite3
 import sysconfig
@@ -36,6 +35,7 @@ from ir_measures import Qrel, ScoredDoc
 from tokenizers import Tokenizer
 
 from tisslm.core.errors import TissLMError
+from tisslm.core.io import read_jsonl
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT
 from tisslm.data.ingest import STDLIB_EXCLUDED_DIRS, STDLIB_TEST_DIRS
@@ -66,19 +66,9 @@ GRADED_MEASURES = FILE_MEASURES | {"function_recall@5": "R(rel=2)@5", "function_
 def load_queries(path: Path) -> list[dict]:
     """The query set: one JSON object a line with id, query, files and names (qualified)."""
     queries = []
-    try:
-        lines = Path(path).read_text(encoding="utf-8").splitlines()
-    except OSError as err:
-        raise TissLMError(f"{path}: cannot read the query set ({err.strerror})") from None
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        try:
-            query = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TissLMError(f"{path}:{number}: not valid JSON ({err.msg})") from None
+    for where, query in read_jsonl(path):
         if not isinstance(query, dict) or not {"id", "query", "files", "names"} <= query.keys():
-            raise TissLMError(f"{path}:{number}: a query needs id, query, files and names")
+            raise TissLMError(f"{where}: a query needs id, query, files and names")
         queries.append(query)
     return queries
 

@@ -8,7 +8,6 @@ from __future__ import annotations
 import importlib.util
 import io
 import itertools
-import json
 import math
 import statistics
 from dataclasses import dataclass
@@ -20,7 +19,7 @@ from tokenizers import Tokenizer
 from tisslm.core.config import ContentFilterParams, SafetyGoals, SafetyParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
-from tisslm.core.io import atomic_write_bytes
+from tisslm.core.io import atomic_write_bytes, read_jsonl
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.safety.filters import CATEGORIES, ContentFilter, flag_everything
@@ -40,17 +39,14 @@ class Example:
 def read_labelled(path: str | Path) -> list[Example]:
     """The labelled set (src/tisslm/safety/labelled.jsonl); a bad line is an error naming it."""
     examples = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             example = Example(row["id"], row["text"], frozenset(row["labels"]), row["group"])
-        except (ValueError, KeyError, TypeError) as err:
-            raise TissLMError(f"{path}:{number}: not a labelled example ({err})") from None
+        except (KeyError, TypeError) as err:
+            raise TissLMError(f"{where}: not a labelled example ({err})") from None
         unknown = example.labels - set(CATEGORIES)
         if unknown or example.group not in GROUPS:
-            raise TissLMError(f"{path}:{number}: unknown label {sorted(unknown)} or group {example.group!r}")
+            raise TissLMError(f"{where}: unknown label {sorted(unknown)} or group {example.group!r}")
         examples.append(example)
     return examples
 

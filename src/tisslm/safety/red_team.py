@@ -10,7 +10,6 @@ imports nothing of `tisslm.serve`, and the run exercises the server as its users
 
 from __future__ import annotations
 
-import json
 import os
 import re
 import subprocess
@@ -24,6 +23,7 @@ import httpx
 from tisslm.core.config import Params
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import complete
+from tisslm.core.io import read_jsonl
 from tisslm.core.model import TissLM
 from tisslm.core.sampling import SamplingParams
 from tisslm.core.tokenizer import load_tokenizer
@@ -72,16 +72,13 @@ class Server:
 def read_red_team(path: Path) -> list[dict]:
     """The red-team prompts: `{"id", "goal", "prompt"}` a line; a bad line is an error naming it."""
     prompts = []
-    for number, line in enumerate(Path(path).read_text(encoding="utf-8").splitlines(), 1):
-        if not line.strip():
-            continue
+    for where, row in read_jsonl(path):
         try:
-            row = json.loads(line)
             prompt = {"id": str(row["id"]), "goal": row["goal"], "prompt": str(row["prompt"])}
-        except (ValueError, KeyError, TypeError) as err:
-            raise TissLMError(f"{path}:{number}: not a red-team prompt ({err})") from None
+        except (KeyError, TypeError) as err:
+            raise TissLMError(f"{where}: not a red-team prompt ({err})") from None
         if prompt["goal"] not in GOAL_CATEGORY:
-            raise TissLMError(f"{path}:{number}: unknown goal {prompt['goal']!r} (one of {sorted(GOAL_CATEGORY)})")
+            raise TissLMError(f"{where}: unknown goal {prompt['goal']!r} (one of {sorted(GOAL_CATEGORY)})")
         prompts.append(prompt)
     return prompts
 

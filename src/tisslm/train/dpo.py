@@ -35,7 +35,7 @@ from tisslm.core.chat import ChatTemplate, validate_messages
 from tisslm.core.config import DpoParams, Params
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
-from tisslm.core.io import atomic_dir
+from tisslm.core.io import atomic_dir, read_jsonl
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
 from tisslm.data.instructions import FunctionExample, function_examples
@@ -72,20 +72,8 @@ class EncodedPair:
 def read_pairs(path: str | Path) -> list[PreferencePair]:
     """A JSONL file of {"prompt": str or messages, "chosen": str, "rejected": str}; a bad line is a
     one-line error naming it. A string prompt is one user message."""
-    path = Path(path)
-    try:
-        lines = path.read_text(encoding="utf-8").splitlines()
-    except (OSError, UnicodeDecodeError) as err:
-        raise TissLMError(f"{path}: unreadable ({err})") from None
     pairs = []
-    for number, line in enumerate(lines, start=1):
-        if not line.strip():
-            continue
-        where = f"{path}:{number}"
-        try:
-            record = json.loads(line)
-        except json.JSONDecodeError as err:
-            raise TissLMError(f"{where}: invalid JSON ({err.msg})") from None
+    for where, record in read_jsonl(path):
         if not isinstance(record, dict) or set(record) != {"prompt", "chosen", "rejected"}:
             raise TissLMError(f'{where}: expected an object with "prompt", "chosen" and "rejected" only')
         prompt = record["prompt"]
