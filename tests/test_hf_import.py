@@ -270,6 +270,7 @@ def test_a_biased_model_exports_to_onnx_with_equal_logits_and_greedy_text(biased
     assert parity["max_abs_logit_diff"] < 1e-4 and parity["greedy_identical"]
 
 
+@pytest.mark.slow  # needs llama-cpp-python, which `make test-slow` installs
 @torch.no_grad()
 def test_llama_cpp_applies_the_biases_of_the_gguf_export(biased, tmp_path):
     """llama.cpp's `llama` architecture loads the optional attn_q/k/v.bias tensors: its logits match

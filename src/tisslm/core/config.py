@@ -433,7 +433,13 @@ class HpoParams(_Section):
     n_trials: PositiveInt = 12  # finished (complete or pruned) trials the study stops at, across restarts
     seed: int = 0  # TPE sampler seed
     study_name: str = "tisslm"
-    storage: str = "models/hpo/study.journal"  # Optuna journal file: a restarted study resumes from it
+    # Optuna journal file (one worker; a restarted study resumes from it), or a database URL
+    # (postgresql://user:pass@host/db, sqlite:///file.db) that several workers share;
+    # $TISSLM_HPO_STORAGE overrides it (keep a password out of params.yaml)
+    storage: str = "models/hpo/study.journal"
+    heartbeat_s: PositiveInt = 60  # database storage: seconds between a running trial's heartbeats;
+    # one silent for twice as long (its worker killed) is marked failed and retried with its params
+    max_retries: int = Field(2, ge=0)  # database storage: reruns of a trial whose worker died
     trial_steps: PositiveInt = 150  # train.max_steps of each trial
     eval_interval: PositiveInt = 25  # steps between the val losses the pruner sees
     startup_trials: int = Field(3, ge=0)  # trials run in full before the median pruner acts

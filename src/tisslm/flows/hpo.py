@@ -3,16 +3,24 @@
 Trials train in this process through the library (not DVC: they are throwaway runs in temporary
 directories), on the data the pipeline's stages made, which the flow brings up to date first. The
 median pruner stops a trial whose val bits/byte is worse than the median of earlier trials at the
-same step. The study lives in an Optuna journal file, so a killed study resumes where it stopped:
-`hpo.n_trials` counts finished trials across restarts. Each trial is an MLflow run nested under the
-flow's run. The result, metrics/hpo.json, holds the best params and the `dvc exp run` line that
-applies them to the real pipeline.
+same step. The study lives in an Optuna journal file, or in a database (`hpo.storage` a URL, or
+$TISSLM_HPO_STORAGE), so a killed study resumes where it stopped: `hpo.n_trials` counts finished
+trials across restarts. On a database several workers share one study: each trial heartbeats every
+`hpo.heartbeat_s`, and a worker killed mid-trial leaves a trial that another (or a restarted) one
+marks failed and runs again with the same params, up to `hpo.max_retries` times. Each trial is an
+MLflow run nested under the flow's run. The result, metrics/hpo.json, holds the best params and the
+`dvc exp run` line that applies them to the real pipeline.
 """
 
 from __future__ import annotations
 
+import importlib.util
+import os
 import shlex
+import socket
 import tempfile
+import warnings
+from collections.abc import Callable
 from dataclasses import replace
 from pathlib import Path
 
@@ -30,6 +38,7 @@ from tisslm.train.trainer import Paths, train
 RESULT_FILE = Path("metrics/hpo.json")
 FINISHED = (optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.PRUNED)
 RUN_STATUS = {"COMPLETE": "FINISHED", "PRUNED": "KILLED", "FAIL": "FAILED"}
+STORAGE_ENV = "TISSLM_HPO_STORAGE"  # overrides hpo.storage: a database URL holds a password params.yaml should not
 
 
 def _suggest(trial: optuna.Trial, name: str, dimension: FloatRange | Choices):
@@ -38,39 +47,116 @@ def _suggest(trial: optuna.Trial, name: str, dimension: FloatRange | Choices):
     return trial.suggest_float(name, dimension.low, dimension.high, log=dimension.log)
 
 
-def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
-    """The study in its journal file; trials left running by a killed process are marked failed."""
-    from optuna.storages import JournalStorage
-    from optuna.storages.journal import JournalFileBackend
+def worker_id() -> str:
+    """Each trial's `worker` user attr: the host and process that ran it."""
+    return f"{socket.gethostname()}:{os.getpid()}"
 
-    journal = root / hpo.storage
-    journal.parent.mkdir(parents=True, exist_ok=True)
+
+def storage_of(hpo: HpoParams) -> str:
+    """$TISSLM_HPO_STORAGE if set, else `hpo.storage`: a journal file (relative to the project) or a database URL."""
+    return os.environ.get(STORAGE_ENV) or hpo.storage
+
+
+def is_database(storage: str) -> bool:
+    return "://" in storage
+
+
+def masked(storage: str) -> str:
+    """The storage as it may be logged or written down: a URL's password replaced by ***."""
+    if not is_database(storage):
+        return storage
+    from sqlalchemy.engine import make_url
+
+    return make_url(storage).render_as_string(hide_password=True)
+
+
+def _engine_url(url: str) -> str:
+    """A bare postgresql:// URL means psycopg2 to SQLAlchemy; without it, psycopg (3), which the project installs."""
+    scheme, _, rest = url.partition("://")
+    if scheme in ("postgresql", "postgres") and importlib.util.find_spec("psycopg2") is None:
+        return f"postgresql+psycopg://{rest}"
+    return url
+
+
+def open_study(root: Path, hpo: HpoParams) -> optuna.Study:
+    """The study in its storage (`storage_of`).
+
+    Journal file: one worker at a time; trials left running by a killed process are marked failed here.
+    Database: any number of workers; a trial whose heartbeat stopped for 2 x `hpo.heartbeat_s` is
+    marked failed (by whichever worker starts a trial next) and retried with the same params."""
+    storage_name = storage_of(hpo)
+    if is_database(storage_name):
+        with warnings.catch_warnings():  # heartbeats and their retry callback are "experimental" since Optuna 2.8
+            warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
+            storage = optuna.storages.RDBStorage(
+                _engine_url(storage_name),
+                heartbeat_interval=hpo.heartbeat_s,
+                grace_period=2 * hpo.heartbeat_s,
+                heartbeat_stale_trial_callback=optuna.storages.RetryHeartbeatStaleTrialCallback(
+                    max_retry=hpo.max_retries
+                ),
+            )
+    else:
+        from optuna.storages import JournalStorage
+        from optuna.storages.journal import JournalFileBackend
+
+        journal = root / storage_name
+        journal.parent.mkdir(parents=True, exist_ok=True)
+        storage = JournalStorage(JournalFileBackend(str(journal)))
     study = optuna.create_study(
         study_name=hpo.study_name,
-        storage=JournalStorage(JournalFileBackend(str(journal))),
+        storage=storage,
         load_if_exists=True,
         direction="minimize",
         sampler=optuna.samplers.TPESampler(seed=hpo.seed),
         pruner=optuna.pruners.MedianPruner(n_startup_trials=hpo.startup_trials, n_warmup_steps=hpo.warmup_steps),
     )
-    for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
-        study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
+    if not is_database(storage_name):
+        for stale in study.get_trials(deepcopy=False, states=(optuna.trial.TrialState.RUNNING,)):
+            study.tell(stale.number, state=optuna.trial.TrialState.FAIL)
     return study
+
+
+def run_trials(
+    study: optuna.Study, objective: Callable[[optuna.Trial], float], hpo: HpoParams, catch: tuple = ()
+) -> None:
+    """Run trials until the study, counting every worker's, has `hpo.n_trials` finished (complete or
+    pruned) ones. Workers running together may each finish the trial they hold when the count is
+    reached: the study can end up to (workers - 1) trials over. Each trial records its `worker`."""
+    remaining = hpo.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
+    if remaining <= 0:
+        return
+
+    def tagged(trial: optuna.Trial) -> float:
+        trial.set_user_attr("worker", worker_id())
+        return objective(trial)
+
+    study.optimize(
+        tagged,
+        n_trials=remaining,  # this worker alone; the callback stops it when all workers together are there
+        callbacks=[optuna.study.MaxTrialsCallback(hpo.n_trials, states=FINISHED)],
+        catch=catch,
+    )
+
+
+def trial_params(trial: optuna.Trial, base: Params, hpo: HpoParams) -> tuple[dict, Params]:
+    """The trial's sampled values (a retried trial's are its failed original's) and the params it trains with."""
+    sampled = {name: _suggest(trial, name, dim) for name, dim in hpo.search_space.items()}
+    trial_budget = {
+        "train.max_steps": hpo.trial_steps, "train.eval_interval": hpo.eval_interval,
+        "train.checkpoint_interval": hpo.trial_steps, "train.keep_checkpoints": 1, "train.nproc": 1,
+    }  # fmt: skip
+    return sampled, with_updates(base, trial_budget | sampled)
 
 
 def _objective(root: Path, base: Params, hpo: HpoParams, parent_run_id: str):
     logger = get_run_logger()
     # The pipeline's train stage reads its data and tokenizer from dvc.yaml's command line; so do the trials.
     stage_paths = Paths(**stage_arguments(root, "train"))
-    trial_budget = {
-        "train.max_steps": hpo.trial_steps, "train.eval_interval": hpo.eval_interval,
-        "train.checkpoint_interval": hpo.trial_steps, "train.keep_checkpoints": 1, "train.nproc": 1,
-        "train.mlflow": True,
-    }  # fmt: skip
+    base = with_updates(base, {"train.mlflow": True})
 
     def objective(trial: optuna.Trial) -> float:
-        sampled = {name: _suggest(trial, name, dim) for name, dim in hpo.search_space.items()}
-        params = with_updates(base, trial_budget | sampled)
+        sampled, params = trial_params(trial, base, hpo)
         run_id = open_run(f"trial-{trial.number}", parent_run_id, {"optuna.trial": str(trial.number)})
         trial.set_user_attr("mlflow_run_id", run_id)
 
@@ -105,7 +191,8 @@ def _objective(root: Path, base: Params, hpo: HpoParams, parent_run_id: str):
 def _result(study: optuna.Study, hpo: HpoParams) -> dict:
     trials = study.get_trials(deepcopy=False)
     count = {state.name.lower(): sum(t.state == state for t in trials) for state in optuna.trial.TrialState}
-    result: dict = {"study": hpo.study_name, "storage": hpo.storage, "trials": count, "best": None, "apply": None}
+    storage = masked(storage_of(hpo))
+    result: dict = {"study": hpo.study_name, "storage": storage, "trials": count, "best": None, "apply": None}
     if count["complete"]:
         best = study.best_trial
         result["best"] = {"trial": best.number, "val_bits_per_byte": best.value, "params": best.params}
@@ -127,14 +214,10 @@ def tisslm_hpo(overrides: list[str] | None = None, n_trials: int | None = None) 
     upstream = stage_order(root, "train")[:-1]  # the data and tokenizer the trials train on
     with parent_run("hpo", root, params, {"overrides": " ".join(overrides)}) as (client, run_id):
         run_stages(upstream, root, run_id, params)
+        get_run_logger().info(f"hpo: study {hpo.study_name!r} in {masked(storage_of(hpo))}, worker {worker_id()}")
         study = open_study(root, hpo)
-        remaining = hpo.n_trials - len(study.get_trials(deepcopy=False, states=FINISHED))
-        if remaining > 0:
-            study.optimize(
-                _objective(root, params, hpo, run_id),
-                n_trials=remaining,
-                catch=(TissLMError,),  # a sampled combination the schema refuses fails that trial, not the study
-            )
+        # A sampled combination the schema refuses fails that trial, not the study.
+        run_trials(study, _objective(root, params, hpo, run_id), hpo, catch=(TissLMError,))
         result = _result(study, hpo)
         if result["best"]:
             client.log_metric(run_id, "best_val_bits_per_byte", result["best"]["val_bits_per_byte"])
