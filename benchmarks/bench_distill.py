@@ -120,7 +120,7 @@ def main() -> None:
     report = {
         "machine": {"cpu": platform.processor() or platform.machine(), "threads": torch.get_num_threads(),
                     "device": "cuda" if torch.cuda.is_available() else "cpu", "torch": torch.__version__},
-        "project_tokens": str(tokens.resolve()),
+        "project_tokens": str(tokens),  # as given (data/tokens by default), not where this machine keeps it
         "student_config": args.student_config,
         "teacher_config": None if args.teacher else args.teacher_config,
         "distill_weight": args.weight,

@@ -69,6 +69,23 @@ def f16_matrices(model):
     return rounded
 
 
+TIE = 1e-3  # logits this close are a tie that the order of F16 accumulation decides, not the runtime
+
+
+@torch.no_grad()
+def assert_same_greedy(model, prompt: list[int], ours: list[int], theirs: list[int]) -> None:
+    """Two greedy continuations agree token for token, or up to a step where the reference's own
+    top two logits tie (within TIE): from there the texts part by rounding alone. The test model
+    trains on this repository's sources, so which prompt meets such a tie changes with the code;
+    a wrong layout, position or mask changes confident choices, which this still catches."""
+    assert len(theirs) == len(ours)
+    step = next((i for i, (a, b) in enumerate(zip(ours, theirs, strict=True)) if a != b), None)
+    if step is not None:
+        logits = model(torch.tensor([prompt + ours[:step]]))[0, -1]
+        gap = (logits[ours[step]] - logits[theirs[step]]).item()
+        assert abs(gap) < TIE, f"greedy choices part at step {step} where the logits differ by {gap:.4f}"
+
+
 def test_f16_greedy_continuation_equals_tisslm_token_for_token(model_and_tokenizer, llama):
     model, tokenizer = model_and_tokenizer
     model = f16_matrices(model)
@@ -79,7 +96,7 @@ def test_f16_greedy_continuation_equals_tisslm_token_for_token(model_and_tokeniz
             theirs.append(token)
             if len(theirs) == NEW_TOKENS:
                 break
-        assert theirs == generate(model, [ids], NEW_TOKENS, temperature=0)[0], prompt
+        assert_same_greedy(model, ids, generate(model, [ids], NEW_TOKENS, temperature=0)[0], theirs)
 
 
 @torch.no_grad()
@@ -117,11 +134,14 @@ def test_the_llama_cpp_engine_decodes_what_tisslm_decodes(model_and_tokenizer, e
     engine on the F16-rounded weights; speculation on it gives plain greedy's tokens."""
     model, tokenizer = model_and_tokenizer
     prompts = [tokenizer.encode(p).ids for p in PROMPTS[:4]]
-    ours = generate(f16_matrices(model), prompts, NEW_TOKENS, temperature=0)
+    reference = f16_matrices(model)
+    ours = generate(reference, prompts, NEW_TOKENS, temperature=0)
     batched = generate(model, prompts, NEW_TOKENS, temperature=0, decoder=engine)
-    assert batched == ours
-    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine)[0] for p in prompts] == ours
-    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine, lookahead=4)[0] for p in prompts] == ours
+    alone = [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine)[0] for p in prompts]
+    for prompt, expected, got in zip(prompts, ours, batched, strict=True):
+        assert_same_greedy(reference, prompt, expected, got)
+    assert alone == batched  # the engine itself: batching changes nothing
+    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine, lookahead=4)[0] for p in prompts] == alone
 
 
 def test_the_server_on_the_llama_cpp_engine_serves_what_generate_gives(model_and_tokenizer):
