@@ -3,11 +3,14 @@ tolerances like atol=1e-5 are tight relative to the values compared."""
 
 from __future__ import annotations
 
+import os
 import shutil
 import socket
 import subprocess
 import time
 import urllib.request
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -34,8 +37,6 @@ def make_model(seed: int = 0, dtype: torch.dtype = torch.float32, **overrides) -
 def _audit_key_file(tmp_path_factory):
     """Audit logs sign their heads with a key file: the tests' own, never the user's ~/.config one
     (servers and CLIs the tests start inherit it through the environment)."""
-    import os
-
     if "TISSLM_AUDIT_KEY_FILE" not in os.environ and "TISSLM_AUDIT_KEY" not in os.environ:
         os.environ["TISSLM_AUDIT_KEY_FILE"] = str(tmp_path_factory.mktemp("audit-key") / "audit.key")
     yield
@@ -129,3 +130,45 @@ def corpus(tmp_path_factory) -> Path:
     split = split_documents(ids, texts, [False] * len(ids), 0.1)
     tokenize_corpus(split, tokenizer, root / "tokenizer" / TOKENIZER_FILE, root / "tokens", 0.1, 64, 0)
     return root
+
+
+def postgres_binaries() -> Path:
+    """The newest installed PostgreSQL server's bin directory (Debian's layout, else PATH)."""
+    import glob
+
+    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]))
+    initdb = Path(found[-1]) if found else Path(shutil.which("initdb") or "initdb")
+    assert initdb.is_file(), "PostgreSQL's server is not installed (make test installs Debian's postgresql)"
+    return initdb.parent
+
+
+@contextmanager
+def postgres_server(user: str, password: str, prefix: str = "tisslm-pg-") -> Iterator[int]:
+    """A real PostgreSQL server on a free loopback port (scram-sha-256, superuser `user`); yields the
+    port, stops it after. PostgreSQL refuses to run as root, so under root it runs as Debian's
+    `postgres` user."""
+    import tempfile
+
+    binaries = postgres_binaries()
+    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
+    data = Path(tempfile.mkdtemp(prefix=prefix))
+    password_file = data / "password"
+    password_file.write_text(password + "\n")
+    if as_owner:
+        shutil.chown(data, "postgres", "postgres")
+        shutil.chown(password_file, "postgres", "postgres")
+    port = free_port()
+
+    def run(*command: str) -> None:
+        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
+        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+
+    run(str(binaries / "initdb"), "-D", str(data / "db"), "-U", user, "--auth=scram-sha-256",
+        f"--pwfile={password_file}", "--encoding=UTF8", "--locale=C")  # fmt: skip
+    run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t", "60",
+        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")  # fmt: skip
+    try:
+        yield port
+    finally:
+        run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
+        shutil.rmtree(data, ignore_errors=True)

@@ -11,18 +11,15 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import free_port
-from test_mlflow_stack import postgres_binaries
+from conftest import postgres_server
 
 from tisslm.core.config import HpoParams
 from tisslm.flows.hpo import STORAGE_ENV, masked, open_study, storage_of
@@ -64,32 +61,11 @@ def database() -> str:
     PostgreSQL refuses to run as root, so under root it runs as Debian's `postgres` user."""
     import psycopg
 
-    binaries = postgres_binaries()
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data = Path(tempfile.mkdtemp(prefix="tisslm-hpo-pg-"))
-    password_file = data / "password"
-    password_file.write_text(PASSWORD + "\n")
-    if as_owner:
-        shutil.chown(data, "postgres", "postgres")
-        shutil.chown(password_file, "postgres", "postgres")
-    port = free_port()
-
-    def run(*command: str) -> None:
-        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-    run(str(binaries / "initdb"), "-D", str(data / "db"), "-U", "tisslm", "--auth=scram-sha-256",
-        f"--pwfile={password_file}", "--encoding=UTF8", "--locale=C")  # fmt: skip
-    run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t", "60",
-        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")  # fmt: skip
-    try:
+    with postgres_server("tisslm", PASSWORD, prefix="tisslm-hpo-pg-") as port:
         with psycopg.connect(host="127.0.0.1", port=port, user="tisslm", password=PASSWORD, dbname="postgres",
                              autocommit=True) as connection:  # fmt: skip
             connection.execute("CREATE DATABASE hpo")
         yield f"postgresql://tisslm:{quote(PASSWORD, safe='')}@127.0.0.1:{port}/hpo"
-    finally:
-        run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
-        shutil.rmtree(data, ignore_errors=True)
 
 
 def start_worker(corpus: Path, scratch: Path, url: str, log: Path) -> subprocess.Popen:

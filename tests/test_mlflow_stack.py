@@ -7,31 +7,21 @@ registered model version land there and read back, through MLflow and straight f
 
 from __future__ import annotations
 
-import glob
 import json
 import os
-import shutil
 import subprocess
 import sys
-import tempfile
 from pathlib import Path
 from urllib.parse import urlsplit
 
 import pytest
-from conftest import free_port, wait_until_up
+from conftest import free_port, postgres_server, wait_until_up
 from test_infra import compose, created_buckets
 from test_registry import TEXTS, save, trained
 from test_train import run_training
 
 from tisslm.core.config import RegisterParams
 from tisslm.core.model import TissLM
-
-
-def postgres_binaries() -> Path:
-    found = sorted(glob.glob("/usr/lib/postgresql/*/bin/initdb"), key=lambda p: int(Path(p).parts[4]))
-    initdb = Path(found[-1]) if found else Path(shutil.which("initdb") or "initdb")
-    assert initdb.is_file(), "PostgreSQL's server is not installed (make test installs Debian's postgresql)"
-    return initdb.parent
 
 
 def query(port: int, store, sql: str, parameters: tuple = (), database: str | None = None) -> list[tuple]:
@@ -60,30 +50,9 @@ def postgres(stack_settings):
     """A PostgreSQL server on a free loopback port, with the compose file's user, password and database.
     PostgreSQL refuses to run as root, so under root it runs as Debian's `postgres` user."""
     _, _, store, _ = stack_settings
-    binaries = postgres_binaries()
-    as_owner = ["runuser", "-u", "postgres", "--"] if os.geteuid() == 0 else []
-    data = Path(tempfile.mkdtemp(prefix="tisslm-pg-"))
-    password_file = data / "password"
-    password_file.write_text(store.password + "\n")
-    if as_owner:
-        shutil.chown(data, "postgres", "postgres")
-        shutil.chown(password_file, "postgres", "postgres")
-    port = free_port()
-
-    def run(*command: str) -> None:
-        done = subprocess.run([*as_owner, *command], capture_output=True, text=True, timeout=120)
-        assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
-
-    run(str(binaries / "initdb"), "-D", str(data / "db"), "-U", store.username, "--auth=scram-sha-256",
-        f"--pwfile={password_file}", "--encoding=UTF8", "--locale=C")  # fmt: skip
-    run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-l", str(data / "server.log"), "-w", "-t", "60",
-        "-o", f"-p {port} -k {data} -c listen_addresses=127.0.0.1", "start")  # fmt: skip
-    try:
+    with postgres_server(store.username, store.password) as port:
         query(port, store, f'CREATE DATABASE "{store.path.lstrip("/")}"', database="postgres")
         yield port
-    finally:
-        run(str(binaries / "pg_ctl"), "-D", str(data / "db"), "-m", "fast", "stop")
-        shutil.rmtree(data, ignore_errors=True)
 
 
 @pytest.fixture(scope="module")
