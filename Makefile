@@ -61,10 +61,10 @@ test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system
 
 # llama-cpp-python, compiled from its sdist the first time (about 5 minutes on 2 cores; pip's wheel
 # cache keeps the build): for the tests marked slow, `serve.backend: llama.cpp` and bench_model's
-# llama.cpp figures.
+# llama.cpp figures; and Ray, for the clean stage on a two-node cluster.
 LLAMA_STAMP := $(VENV)/.llama-installed
 $(LLAMA_STAMP): $(STAMP)
-	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS),llama]"
+	$(BIN)/python -m pip install --quiet -c constraints.txt -e ".[$(EXTRAS),llama,ray]"
 	@touch $@
 
 test-slow: $(LLAMA_STAMP)

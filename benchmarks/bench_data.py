@@ -1,133 +1,162 @@
-"""Data-stage benchmarks: writes benchmarks/results/data.json.
+"""Data stages at two scales: writes benchmarks/results/data.json.
 
-- the ingest and clean stages on the default corpus, run as `python -m stages.<name>` (the wall
-  time a user waits, imports and validation included) and their in-process throughput;
-- MinHash throughput on one core (shingling + signatures), against BigCode's published
-  ~0.8 MB/s per vCPU for their near-deduplication;
-- near-deduplication recall and precision on a synthetic corpus with planted near-copies.
+The clean stage as it was before datatrove (`datasets.map` workers, every document and MinHash in
+memory, an in-memory LSH; its code taken from git at BASELINE) against the datatrove pipeline, on
+the same raw shards of two corpora: the standard library (the default run) and the .py files of
+this environment's installed distributions (`{type: site_packages}`, about 30x larger). For each:
+wall time of `python -m stages.clean`, MB/s per core, peak RSS of the whole process tree (workers
+included, sampled every 50 ms), documents kept and duplicates found.
 
-Run from the repository root after `dvc repro clean` or on a fresh checkout (it runs the stages
-itself): python benchmarks/bench_data.py
+Run from the repository root (git history needed; the baseline also needs `datasketch`):
+    python benchmarks/bench_data.py [--skip-site-packages]
 """
 
 from __future__ import annotations
 
-import itertools
+import argparse
+import io
+import json
+import os
+import platform
 import subprocess
 import sys
+import tarfile
+import tempfile
 import time
 from pathlib import Path
 
-from datasketch import MinHash
+import psutil
+import yaml
 
-from tisslm.core.config import CleanParams, IngestParams
 from tisslm.core.io import atomic_write_json
-from tisslm.data.clean import clean, normalize
-from tisslm.data.dedup import TOKEN_RE, jaccard, minhash_signature, near_duplicate_clusters, shingle_hashes
-from tisslm.data.ingest import ingest
 
-sys.path.insert(0, str(Path(__file__).parents[1] / "tests"))  # the planted corpora the tests use
-from synthetic import planted_near_duplicates
-
+ROOT = Path(__file__).parents[1]
 RESULTS = Path(__file__).parent / "results" / "data.json"
-BIGCODE_MB_PER_S_PER_VCPU = 0.8
+BASELINE = "d41c4f6"  # the last commit with the in-memory clean stage
+CORES = 2
+CORPORA = {
+    "stdlib": [{"type": "stdlib"}, {"type": "stdlib", "part": "tests", "train_only": True}],
+    "site_packages": [{"type": "site_packages"}],
+}
 
 
-def stage_wall_seconds(name: str) -> float:
+def run_measured(command: list[str], cwd: Path, env: dict) -> dict:
+    """Wall seconds and peak RSS (MB) of `command` and all its descendants; raises on failure."""
     start = time.perf_counter()
-    subprocess.run([sys.executable, "-m", f"stages.{name}"], check=True, capture_output=True)
-    return time.perf_counter() - start
+    process = subprocess.Popen(command, cwd=cwd, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
+    root = psutil.Process(process.pid)
+    peak = 0
+    while process.poll() is None:
+        try:
+            tree = [root, *root.children(recursive=True)]
+            peak = max(peak, sum(p.memory_info().rss for p in tree if p.is_running()))
+        except psutil.Error:
+            pass
+        time.sleep(0.05)
+    seconds = time.perf_counter() - start
+    stderr = process.stderr.read().decode(errors="replace")
+    if process.returncode:
+        raise SystemExit(f"{' '.join(command)} failed ({process.returncode}):\n{stderr[-3000:]}")
+    return {"seconds": round(seconds, 2), "peak_rss_mb": round(peak / 1e6, 1)}
 
 
-def datasketch_default_signature(text: str, params: CleanParams) -> None:
-    """The textbook use of datasketch: joined n-gram strings, hashed by its default sha1_hash32."""
-    tokens = TOKEN_RE.findall(text)
-    size = params.dedup.shingle_size
-    grams = {" ".join(tokens[i : i + size]).encode() for i in range(max(1, len(tokens) - size + 1))}
-    MinHash(num_perm=params.dedup.num_perm, seed=params.dedup.seed).update_batch(list(grams))
+def baseline_tree(directory: Path) -> Path:
+    """src/ and stages/ as they were at BASELINE."""
+    archive = subprocess.run(["git", "archive", BASELINE, "src", "stages"], cwd=ROOT, capture_output=True, check=True)
+    with tarfile.open(fileobj=io.BytesIO(archive.stdout)) as tar:
+        tar.extractall(directory, filter="data")
+    return directory
 
 
-def minhash_throughput(texts: list[str], params: CleanParams) -> dict:
-    """Shingling + MinHash signatures in this one process (MB/s per core), ours against the
-    textbook datasketch usage on the same texts, alternating."""
-    dedup = params.dedup
-    seconds = {"tisslm": 0.0, "datasketch_default": 0.0}
-    for text in texts:
-        start = time.perf_counter()
-        minhash_signature(shingle_hashes(text, dedup.shingle_size), dedup.num_perm, dedup.seed)
-        middle = time.perf_counter()
-        datasketch_default_signature(text, params)
-        seconds["tisslm"] += middle - start
-        seconds["datasketch_default"] += time.perf_counter() - middle
-    megabytes = sum(len(t.encode()) for t in texts) / 1e6
-    ours = megabytes / seconds["tisslm"]
-    return {
-        "megabytes": megabytes,
-        "seconds": seconds,
-        "mb_per_s_per_core": ours,
-        "datasketch_default_mb_per_s_per_core": megabytes / seconds["datasketch_default"],
-        "speedup_vs_datasketch_default": seconds["datasketch_default"] / seconds["tisslm"],
-        # Published figure, other hardware: a reference point, not a side-by-side measurement.
-        "vs_bigcode_published_0_8_mb_per_s_per_vcpu": ours / BIGCODE_MB_PER_S_PER_VCPU,
+def workspace(directory: Path, params: dict) -> Path:
+    directory.mkdir(parents=True)
+    (directory / "params.yaml").write_text(yaml.safe_dump(params))
+    return directory
+
+
+def clean_command(raw: Path, work: Path | None) -> list[str]:
+    command = [sys.executable, "-m", "stages.clean", "--raw", str(raw), "--clean", "data/clean"]
+    command += ["--metrics", "metrics/clean.json", "--validation", "metrics/validation.json"]
+    command += ["--data-docs", "reports/data_docs"]
+    return command + (["--work", str(work)] if work else [])
+
+
+def summary(run: dict, metrics_dir: Path) -> dict:
+    clean = json.loads((metrics_dir / "clean.json").read_text())
+    seconds = run["seconds"]
+    return run | {
+        "mb_in": round(clean["bytes_in"] / 1e6, 1),
+        "mb_per_s_per_core": round(clean["bytes_in"] / 1e6 / seconds / CORES, 3),
+        "docs_in": clean["docs_in"],
+        "docs_out": clean["docs_out"],
+        "exact_duplicates": clean["dropped"].get("exact_duplicate", 0),
+        "near_duplicates": clean["dropped"].get("near_duplicate", 0),
     }
 
 
-def dedup_quality(n_docs: int, params: CleanParams) -> dict:
-    dedup = params.dedup
-    docs, origin = planted_near_duplicates(n_docs, seed=0)
-    shingles = [shingle_hashes(d, dedup.shingle_size) for d in docs]
-    signatures = [minhash_signature(s, dedup.num_perm, dedup.seed) for s in shingles]
-    clusters = near_duplicate_clusters(signatures, shingles, dedup.threshold, dedup.num_perm, dedup.seed)
-    found = {pair for c in clusters for pair in itertools.combinations(c, 2)}
-    true_pairs = {
-        (a, b)
-        for a, b in itertools.combinations(range(len(docs)), 2)
-        if origin[a] == origin[b] and jaccard(shingles[a], shingles[b]) >= dedup.threshold
-    }
+def bench_corpus(name: str, sources: list[dict], scratch: Path, baseline: Path) -> dict:
+    params = yaml.safe_load((ROOT / "params.yaml").read_text())
+    params["ingest"]["sources"] = sources
+    env = os.environ | {"PYTHONPATH": str(ROOT / "src") + os.pathsep + str(ROOT)}
+    ingest_dir = workspace(scratch / name / "ingest", params)
+    ingest = run_measured(
+        [
+            *(sys.executable, "-m", "stages.ingest", "--raw", "data/raw", "--metrics", "metrics/ingest.json"),
+            *("--validation", "metrics/validation.json", "--data-docs", "reports/data_docs"),
+        ],
+        ingest_dir,
+        env,
+    )
+    raw = ingest_dir / "data" / "raw"
+    print(f"{name}: ingest {ingest}", flush=True)
+
+    new_dir = workspace(scratch / name / "datatrove", params)
+    new = summary(run_measured(clean_command(raw, new_dir / "work"), new_dir, env), new_dir / "metrics")
+    print(f"{name}: datatrove clean {new}", flush=True)
+
+    old_params = json.loads(json.dumps(params))
+    for key in ("executor", "tasks", "workers"):
+        old_params["clean"].pop(key)
+    old_params["clean"]["num_proc"] = CORES
+    old_params["ingest"]["sources"] = CORPORA["stdlib"]  # its schema predates site_packages; it only reads raw
+    old_dir = workspace(scratch / name / "baseline", old_params)
+    old_env = os.environ | {"PYTHONPATH": str(baseline / "src") + os.pathsep + str(baseline)}
+    old = summary(run_measured(clean_command(raw, None), old_dir, old_env), old_dir / "metrics")
+    print(f"{name}: baseline clean {old}", flush=True)
     return {
-        "documents": len(docs),
-        "planted_pairs_at_or_above_threshold": len(true_pairs),
-        "found_pairs": len(found),
-        "recall": len(found & true_pairs) / len(true_pairs),
-        "precision": sum(origin[a] == origin[b] for a, b in found) / max(1, len(found)),
-        "threshold": dedup.threshold,
+        "raw_mb": round(sum(f.stat().st_size for f in raw.glob("*.parquet")) / 1e6, 1),
+        "ingest_stage": ingest,
+        "clean_stage": {"baseline_in_memory": old, "datatrove": new},
+        "datatrove_vs_baseline_speed": round(old["seconds"] / new["seconds"], 3),
+        "datatrove_vs_baseline_peak_rss": round(new["peak_rss_mb"] / old["peak_rss_mb"], 3),
     }
 
 
 def main() -> None:
-    ingest_params, clean_params = IngestParams(), CleanParams()
-    print("stages as a user runs them ...", flush=True)
-    wall = {"ingest": stage_wall_seconds("ingest"), "clean": stage_wall_seconds("clean")}
-
-    print("in-process throughput ...", flush=True)
-    start = time.perf_counter()
-    raw, ingest_report = ingest(ingest_params)
-    ingest_seconds = time.perf_counter() - start
-    start = time.perf_counter()
-    _, clean_report = clean(raw, clean_params)
-    clean_seconds = time.perf_counter() - start
-    megabytes = ingest_report.bytes_kept / 1e6
-
-    print("MinHash on one core ...", flush=True)
-    texts = [normalize(t, clean_params.unicode_form) for t in raw["text"]]
-    report = {
-        "corpus": {"source": "stdlib", "documents": ingest_report.kept, "megabytes": megabytes},
-        "stage_wall_seconds": wall,
-        "clean_stage_goal_under_15_s": wall["clean"] < 15,
-        "ingest": {"seconds": ingest_seconds, "mb_per_s": megabytes / ingest_seconds},
-        "clean": {
-            "seconds": clean_seconds,
-            "mb_per_s": megabytes / clean_seconds,
-            "num_proc": clean_params.num_proc,
-            "phase_seconds": clean_report.seconds,
-        },
-        "minhash_one_core": minhash_throughput(texts, clean_params),
-        "near_dedup_quality": dedup_quality(400, clean_params),
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--skip-site-packages", action="store_true", help="the stdlib corpus only (about a minute)")
+    args = parser.parse_args()
+    corpora = {k: v for k, v in CORPORA.items() if not (args.skip_site_packages and k == "site_packages")}
+    results: dict = {
+        "machine": {"cpu": platform.machine(), "cores": CORES, "python": platform.python_version()},
+        "baseline_commit": BASELINE,
+        "corpora": {},
     }
-    atomic_write_json(RESULTS, report)
-    print(
-        f"clean stage {wall['clean']:.1f} s wall; MinHash {report['minhash_one_core']['mb_per_s_per_core']:.2f} MB/s/core"
-    )
+    with tempfile.TemporaryDirectory() as scratch:
+        baseline = baseline_tree(Path(scratch) / "baseline")
+        for name, sources in corpora.items():
+            results["corpora"][name] = bench_corpus(name, sources, Path(scratch), baseline)
+    if {"stdlib", "site_packages"} <= results["corpora"].keys():
+        small, large = (results["corpora"][k]["clean_stage"] for k in ("stdlib", "site_packages"))
+        results["growth"] = {
+            "corpus": round(large["datatrove"]["mb_in"] / small["datatrove"]["mb_in"], 1),
+            "datatrove_peak_rss": round(large["datatrove"]["peak_rss_mb"] / small["datatrove"]["peak_rss_mb"], 2),
+            "baseline_peak_rss": round(
+                large["baseline_in_memory"]["peak_rss_mb"] / small["baseline_in_memory"]["peak_rss_mb"], 2
+            ),
+        }
+    atomic_write_json(RESULTS, results)
+    print(json.dumps(results.get("growth", {}), indent=2))
     print(f"wrote {RESULTS}")
 
 

@@ -7,14 +7,14 @@ from tisslm.core.config import load_params
 from tisslm.core.errors import run_main
 from tisslm.core.model import TOKENIZER_FILE
 from tisslm.core.tokenizer import load_tokenizer
-from tisslm.data.tokens import read_split, tokenize_corpus
+from tisslm.data.tokens import tokenize_shards
 
 
 def main() -> None:
     paths = stage_paths(__doc__, ["clean", "tokenizer", "tokens"])
     params = load_params().tokenize
-    meta = tokenize_corpus(
-        read_split(paths.clean, params.val_fraction),
+    meta = tokenize_shards(  # streams data/clean: the corpus is never in memory
+        paths.clean,
         load_tokenizer(paths.tokenizer),
         paths.tokenizer / TOKENIZER_FILE,
         paths.tokens,

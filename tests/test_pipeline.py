@@ -24,7 +24,7 @@ from synthetic import code_doc
 
 TINY_PARAMS = {
     "ingest": {"min_rows": 10},
-    "clean": {"min_rows": 10, "num_proc": 1},
+    "clean": {"min_rows": 10, "workers": 1},
     "tokenizer": {"vocab_size": 320},
     "model": {"vocab_size": 320, "d_model": 48, "n_layers": 2, "n_heads": 4, "n_kv_heads": 2, "d_ff": 96,
               "max_seq_len": 128},

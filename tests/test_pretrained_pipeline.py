@@ -23,7 +23,7 @@ from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 
 TINY_PARAMS = {
     "ingest": {"min_rows": 10},
-    "clean": {"min_rows": 10, "num_proc": 1},
+    "clean": {"min_rows": 10, "workers": 1},
     "tokenize": {"val_fraction": 0.2},  # of 60 documents: enough held-out functions for sft and dpo
     "train": {"init_from": "models/pretrained", "max_steps": 4, "seq_len": 32, "batch_size": 4, "warmup_steps": 1,
               "eval_interval": 2, "eval_batches": 1, "log_interval": 2, "checkpoint_interval": 2, "nproc": 1,

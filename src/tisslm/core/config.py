@@ -84,6 +84,43 @@ class StdlibSource(_SourceSection):
     part: Literal["library", "tests"] = "library"
 
 
+class SitePackagesSource(_SourceSection):
+    """The .py files of the installed distributions (this environment's site-packages, or `paths`),
+    each tagged with its distribution's name, version and license; a distribution whose license is
+    not in `licenses` has its files skipped as license_excluded, counted per license."""
+
+    type: Literal["site_packages"]
+    # Allow-list of license names, compared case-insensitively with each distribution's license,
+    # normalised to an SPDX-like name (License-Expression, else a trove classifier, else a short
+    # License field; else "unknown"). An expression is allowed when it holds: "MIT OR GPL-3.0" needs
+    # MIT listed, "MIT AND Zlib" needs both. Default: permissive licenses only (no GPL, LGPL, MPL, EPL);
+    # "BSD" is what a bare "BSD License" classifier or field becomes.
+    licenses: list[str] = Field(
+        default_factory=lambda: [
+            "MIT",
+            "MIT-0",
+            "MIT-CMU",
+            "BSD",
+            "BSD-2-Clause",
+            "BSD-3-Clause",
+            "0BSD",
+            "Apache-2.0",
+            "PSF-2.0",
+            "Python-2.0",
+            "CNRI-Python",
+            "ISC",
+            "Zlib",
+            "Unlicense",
+            "CC0-1.0",
+            "HPND",
+            "BSL-1.0",
+        ],
+        min_length=1,
+    )
+    exclude_tests: bool = True  # leave out files under test/ and tests/ directories (not seen)
+    paths: list[Path] | None = None  # directories to search for *.dist-info; None: this environment's site-packages
+
+
 class DirSource(_SourceSection):
     """Files under a directory, chosen by gitignore-style globs relative to it."""
 
@@ -113,7 +150,7 @@ class HFSource(_SourceSection):
     max_docs: PositiveInt | None = None  # stop after this many records
 
 
-Source = Annotated[StdlibSource | DirSource | FilesSource | HFSource, Field(discriminator="type")]
+Source = Annotated[StdlibSource | SitePackagesSource | DirSource | FilesSource | HFSource, Field(discriminator="type")]
 
 
 class IngestParams(_Section):
@@ -121,7 +158,7 @@ class IngestParams(_Section):
         default_factory=lambda: [StdlibSource(), StdlibSource(part="tests", train_only=True)], min_length=1
     )
     max_file_bytes: PositiveInt = 1_000_000  # larger documents are skipped as too_large
-    shard_rows: PositiveInt = 2_000  # documents per parquet shard in data/raw
+    shard_rows: PositiveInt = 500  # documents per parquet shard in data/raw and data/clean: a clean task reads whole raw shards
     min_rows: NonNegativeInt = 100  # validation: fewer kept documents fail the stage
 
 
@@ -144,9 +181,9 @@ class FilterParams(_Section):
 
 class DedupParams(_Section):
     exact: bool = True  # drop documents whose cleaned text is identical to an earlier one
-    near: bool = True  # drop near-duplicates (MinHash LSH), keeping the earliest of each cluster
+    near: bool = True  # drop near-duplicates (datatrove's MinHash LSH), keeping one document of each cluster
     num_perm: PositiveInt = 128  # MinHash permutations: more is more precise and slower
-    threshold: float = Field(0.85, gt=0, le=1)  # Jaccard similarity of shingle sets that makes a duplicate
+    threshold: float = Field(0.85, gt=0, le=1)  # LSH bands are chosen so this Jaccard similarity is found half the time
     shingle_size: PositiveInt = 5  # tokens per shingle
     seed: int = 1  # MinHash permutation seed
 
@@ -165,7 +202,9 @@ class CleanParams(_Section):
     filters: FilterParams = FilterParams()
     dedup: DedupParams = DedupParams()
     anonymize: AnonymizeParams = AnonymizeParams()
-    num_proc: PositiveInt = 2  # worker processes for the per-document work
+    executor: Literal["local", "ray"] = "local"  # ray: the cluster RAY_ADDRESS names (a local one when unset)
+    tasks: PositiveInt = 4  # partitions of the corpus (raw shards rank::tasks): they, not workers, fix the output
+    workers: PositiveInt = 2  # tasks run at once: processes of the local executor, Ray tasks on a cluster
     min_rows: NonNegativeInt = 100  # validation: fewer clean documents fail the stage
 
 

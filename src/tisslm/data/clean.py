@@ -1,25 +1,65 @@
-"""Clean: normalise, filter, anonymise and deduplicate the raw document table.
+"""Clean: normalise, filter, anonymise and deduplicate the raw document table, as datatrove pipelines.
 
-Per-document work (normalisation, filters, anonymisation, shingles and MinHash) runs in
-parallel through `datasets.map(num_proc=...)`; deduplication then looks across documents in
-table order, so the same input always keeps the same documents. Every dropped document is
-counted under the rule that dropped it.
+The corpus is cut into `clean.tasks` partitions (raw shards rank::tasks, datatrove's rule), and
+every pass runs task by task, so the result depends on the partitions alone, never on how many
+workers or machines ran them: the local executor on this machine's cores and a Ray cluster write
+the same shards. Each pass is one datatrove executor that records its finished tasks in the work
+directory, so a killed run continues where its finished tasks stopped:
+
+1. raw shards -> normalise, filter, anonymise -> `cleaned/` -> exact-dedup signatures
+2. exact duplicates found (one task)
+3. `cleaned/` -> drop exact duplicates -> `unique/` -> MinHash signatures
+4. LSH buckets (one task per band)   5. clusters (one task)
+6. `unique/` -> drop near duplicates -> `kept/`
+
+Nothing holds the corpus in memory: readers and writers stream, signatures live on disk, and
+`merged_documents` puts `kept/` back into raw order with a k-way merge for the stage's writer.
 """
 
 from __future__ import annotations
 
+import hashlib
+import heapq
+import json
+import os
+import re
+import shutil
 import time
 import unicodedata
 from collections import Counter
+from collections.abc import Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 
-import datasets
-import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+from datatrove.data import Document, DocumentsPipeline
+from datatrove.pipeline.base import PipelineStep
+from datatrove.pipeline.readers import ParquetReader
+from datatrove.pipeline.writers import ParquetWriter
+from datatrove.utils.stats import MetricStats
+from datatrove.utils.text import TextNormConfig
+from datatrove.utils.word_tokenizers import WordTokenizer
 
-from tisslm.core.config import CleanParams, FilterParams
+from tisslm.core.config import CleanParams, DedupParams, FilterParams
+from tisslm.core.errors import TissLMError
+from tisslm.core.io import atomic_dir
 from tisslm.data.anonymize import REDACTION_TYPES, anonymize
-from tisslm.data.dedup import minhash_signature, near_duplicate_clusters, shingle_hashes
-from tisslm.data.shards import COLUMNS, text_sha256
+from tisslm.data.shards import COLUMNS, shard_name, shard_tables, text_sha256
+from tisslm.data.validate import ShardedValidation
+
+# Where a document sat in the raw table: the merge key that restores raw order after the passes.
+ORDER_COLUMNS = ("raw_shard", "raw_row")
+DOCUMENT_SCHEMA = pa.schema(
+    [
+        *((name, pa.string()) for name in ("id", "source", "path", "text", "sha256", "redactions")),
+        ("n_bytes", pa.int64()),
+        ("train_only", pa.bool_()),
+        *((name, pa.int64()) for name in ORDER_COLUMNS),
+    ]
+)
+PASSES = ("clean", "exact_find", "exact_filter", "minhash_buckets", "minhash_clusters", "minhash_filter")
+TOKEN_RE = re.compile(r"[A-Za-z_0-9]+")
 
 
 def normalize(text: str, form: str) -> str:
@@ -45,42 +85,225 @@ def filter_reason(text: str, params: FilterParams) -> str | None:
     return None
 
 
-PROCESSED_FEATURES = datasets.Features(
-    {
-        **{name: datasets.Value("string") for name in ("id", "source", "path", "text", "filter", "sha256")},
-        "n_bytes": datasets.Value("int64"),
-        "train_only": datasets.Value("bool"),
-        "shingles": datasets.Sequence(datasets.Value("uint32")),
-        "minhash": datasets.Sequence(datasets.Value("uint32")),
-        **{f"redacted_{kind}": datasets.Value("int64") for kind in REDACTION_TYPES},
+class CleanDocuments(PipelineStep):
+    """Normalise, filter and anonymise each document; every drop and redaction is a datatrove stat."""
+
+    name = "normalise, filter, anonymise"
+    type = "🧹 TissLM"
+
+    def __init__(self, params: CleanParams):
+        super().__init__()
+        self.params = params
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for document in data:
+            with self.track_time():
+                self.stat_update("documents_in")
+                self.stat_update("bytes_in", value=document.metadata["n_bytes"])
+                text = normalize(document.text, self.params.unicode_form)
+                if reason := filter_reason(text, self.params.filters):
+                    self.stat_update(f"dropped_{reason}")
+                    continue
+                text, redactions = anonymize(text, self.params.anonymize)
+                document.metadata["redactions"] = json.dumps(redactions)  # counted once dedup has chosen
+                document.text = text
+                document.metadata["sha256"] = text_sha256(text)
+                document.metadata["n_bytes"] = len(text.encode("utf-8"))
+            yield document
+
+
+class CountRedactions(PipelineStep):
+    """Counts the placeholders of the documents that survive every filter: what the corpus holds."""
+
+    name = "count redactions"
+    type = "🧹 TissLM"
+
+    def run(self, data: DocumentsPipeline, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        for document in data:
+            for kind, count in json.loads(document.metadata["redactions"]).items():
+                self.stat_update(f"redacted_{kind}", value=count)
+            yield document
+
+
+class CodeWordTokenizer(WordTokenizer):
+    """Identifier-and-number words for MinHash shingles: datatrove's language tokenizers split prose
+    (and NLTK's English one loads a pickle), while code duplicates are about identifiers."""
+
+    def word_tokenize(self, text: str) -> list[str]:
+        return TOKEN_RE.findall(text)
+
+    def sent_tokenize(self, text: str) -> list[str]:
+        return text.split("\n")
+
+    def span_tokenize(self, text: str) -> list[tuple[int, int]]:
+        return [match.span() for match in TOKEN_RE.finditer(text)]
+
+
+def lsh_bands(threshold: float, num_perm: int) -> tuple[int, int]:
+    """(bands, rows per band) with bands * rows <= num_perm whose LSH threshold (1/b)^(1/r), the
+    similarity a pair is found at about half the time, lies within 0.005 of `threshold`, using the
+    most hashes (a sharper S-curve); the nearest one if none is that close."""
+    pairs = [(b, r) for r in range(1, num_perm + 1) for b in range(1, num_perm // r + 1)]
+    return min(pairs, key=lambda p: (max(0.005, abs((1 / p[0]) ** (1 / p[1]) - threshold)), -p[0] * p[1]))
+
+
+def minhash_config(dedup: DedupParams):
+    from datatrove.pipeline.dedup.minhash import MinhashConfig
+
+    bands, rows = lsh_bands(dedup.threshold, dedup.num_perm)
+    # Words are TOKEN_RE matches; normalising only whitespace keeps case and digits, which tell code apart.
+    norm = TextNormConfig(lowercase=False, remove_punctuation=False, norm_unicode_diacritics=False, norm_numbers=False)
+    return MinhashConfig(
+        n_grams=dedup.shingle_size, num_buckets=bands, hashes_per_bucket=rows, seed=dedup.seed, norm_config=norm
+    )
+
+
+def text_bytes(document: Document) -> bytes:
+    return document.text.encode("utf-8")
+
+
+def raw_adapter(reader: ParquetReader, data: dict, path: str, id_in_file: int) -> dict:
+    """A raw-table row as a Document that remembers its raw position (shard-00003.parquet row 7)."""
+    shard = int(Path(path).stem.removeprefix("shard-"))
+    return {
+        "text": data.pop("text"),
+        "id": data.pop("id"),
+        "metadata": data | {"raw_shard": shard, "raw_row": id_in_file},
     }
-)
 
 
-def _process_batch(batch: dict[str, list], params: CleanParams) -> dict[str, list]:
-    """Per-document work for one `datasets.map` batch (runs in a worker process)."""
-    out: dict[str, list] = {"text": [], "filter": [], "sha256": [], "n_bytes": [], "shingles": [], "minhash": []}
-    out |= {f"redacted_{kind}": [] for kind in REDACTION_TYPES}
-    for text in batch["text"]:
-        text = normalize(text, params.unicode_form)
-        reason = filter_reason(text, params.filters)
-        counts: Counter = Counter()
-        if reason is None:
-            text, counts = anonymize(text, params.anonymize)
-        shingles = signature = np.zeros(0, dtype=np.uint32)
-        if reason is None and params.dedup.near:
-            shingles = shingle_hashes(text, params.dedup.shingle_size)
-            signature = minhash_signature(shingles, params.dedup.num_perm, params.dedup.seed).astype(np.uint32)
-            shingles = shingles.astype(np.uint32)  # both are 32-bit values, as datasketch hashes are
-        out["text"].append(text)
-        out["filter"].append(reason or "")
-        out["sha256"].append(text_sha256(text))
-        out["n_bytes"].append(len(text.encode("utf-8")))
-        for kind in REDACTION_TYPES:
-            out[f"redacted_{kind}"].append(counts[kind])
-        out["shingles"].append(shingles)
-        out["minhash"].append(signature)
-    return out
+def row_adapter(writer: ParquetWriter, document: Document) -> dict:
+    return {"id": document.id, "text": document.text} | {
+        name: document.metadata[name] for name in DOCUMENT_SCHEMA.names if name not in ("id", "text")
+    }
+
+
+class TaskFileReader(ParquetReader):
+    """Reads the one file its own task wrote in the previous pass, so that document indices line up
+    with that pass's dedup signatures whatever files the other tasks left."""
+
+    def run(self, data: DocumentsPipeline = None, rank: int = 0, world_size: int = 1) -> DocumentsPipeline:
+        name = f"{rank:05d}.parquet"
+        if self.data_folder.exists(name):
+            yield from self.read_files_shard([name])
+
+
+def _writer(folder: Path) -> ParquetWriter:
+    # One file per task, never rotated: the next pass's TaskFileReader reads `${rank}.parquet` by name.
+    return ParquetWriter(str(folder), "${rank}.parquet", adapter=row_adapter, schema=DOCUMENT_SCHEMA, max_file_size=-1)
+
+
+def pipelines(raw_dir: Path, work: Path, params: CleanParams) -> dict[str, tuple[list, int]]:
+    """Each pass's datatrove steps and task count, keyed by PASSES."""
+    from datatrove.pipeline.dedup.exact_dedup import (
+        ExactDedupConfig,
+        ExactDedupFilter,
+        ExactDedupSignature,
+        ExactFindDedups,
+    )
+    from datatrove.pipeline.dedup.minhash import (
+        MinhashDedupBuckets,
+        MinhashDedupCluster,
+        MinhashDedupFilter,
+        MinhashDedupSignature,
+    )
+
+    dedup = params.dedup
+    exact = ExactDedupConfig(content_getter=text_bytes)
+    near = minhash_config(dedup)
+    reader = ParquetReader(str(raw_dir), glob_pattern="shard-*.parquet", adapter=raw_adapter)
+    stage_one = [reader, CleanDocuments(params), _writer(work / "cleaned")]
+    stage_three = [TaskFileReader(str(work / "cleaned"))]
+    if dedup.exact:
+        stage_one.append(ExactDedupSignature(str(work / "exact_sigs"), exact))
+        stage_three.append(ExactDedupFilter(str(work / "exact_dups"), exact))
+    stage_three.append(_writer(work / "unique"))
+    stage_six = [TaskFileReader(str(work / "unique"))]
+    if dedup.near:
+        tokenizer = CodeWordTokenizer()
+        stage_three.append(MinhashDedupSignature(str(work / "minhash_sigs"), near, language=tokenizer))
+        stage_six.append(MinhashDedupFilter(str(work / "minhash_remove")))
+    stage_six += [CountRedactions(), _writer(work / "kept")]
+    return {
+        "clean": (stage_one, params.tasks),
+        "exact_find": ([ExactFindDedups(str(work / "exact_sigs"), str(work / "exact_dups"), exact)], 1)
+        if dedup.exact
+        else ([], 0),
+        "exact_filter": (stage_three, params.tasks),
+        "minhash_buckets": (
+            [MinhashDedupBuckets(str(work / "minhash_sigs"), str(work / "minhash_buckets"), config=near)],
+            near.num_buckets,
+        )
+        if dedup.near
+        else ([], 0),
+        "minhash_clusters": (
+            [MinhashDedupCluster(str(work / "minhash_buckets"), str(work / "minhash_remove"), config=near)],
+            1,
+        )
+        if dedup.near
+        else ([], 0),
+        "minhash_filter": (stage_six, params.tasks),
+    }
+
+
+def make_executor(pipeline: list, tasks: int, logging_dir: Path, params: CleanParams):
+    """The configured datatrove executor: local processes, or Ray (RAY_ADDRESS names the cluster)."""
+    if params.executor == "ray":
+        try:
+            import ray
+        except ImportError:
+            raise TissLMError("clean.executor: ray needs Ray installed: pip install -e '.[ray]'") from None
+        from datatrove.executor import RayPipelineExecutor
+
+        if not ray.is_initialized():
+            ray.init(address=os.environ.get("RAY_ADDRESS"), log_to_driver=False)
+        return RayPipelineExecutor(pipeline, tasks=tasks, workers=params.workers, logging_dir=str(logging_dir))
+    from datatrove.executor import LocalPipelineExecutor
+
+    return LocalPipelineExecutor(
+        pipeline, tasks=tasks, workers=min(params.workers, tasks), logging_dir=str(logging_dir)
+    )
+
+
+def fingerprint(raw_dir: Path, params: CleanParams) -> str:
+    """What a work directory was made from: a run resumes only on the same raw shards and settings."""
+    digest = hashlib.sha256(params.model_dump_json(exclude={"workers", "executor"}).encode())
+    for file in sorted(raw_dir.glob("shard-*.parquet")):
+        with file.open("rb") as f:
+            digest.update(file.name.encode() + hashlib.file_digest(f, "sha256").digest())
+    return digest.hexdigest()[:16]
+
+
+def run_passes(raw_dir: Path, work_root: Path, params: CleanParams) -> tuple[Path, dict[str, float]]:
+    """Run (or resume) every pass: the work directory of this input, whose `kept/` holds the result,
+    and each pass's wall-clock seconds."""
+    work = work_root / fingerprint(raw_dir, params)
+    if work_root.is_dir():  # work left by other inputs can never be resumed
+        for stale in work_root.iterdir():
+            if stale != work:
+                shutil.rmtree(stale)
+    seconds = {}
+    for name, (pipeline, tasks) in pipelines(raw_dir, work, params).items():
+        if pipeline:
+            start = time.perf_counter()
+            make_executor(pipeline, tasks, work / "logs" / name, params).run()
+            seconds[name] = time.perf_counter() - start
+    return work, seconds
+
+
+def pass_stats(work: Path, name: str) -> dict[str, MetricStats]:
+    """The datatrove stats of one pass, summed over its tasks and steps."""
+    totals: dict[str, MetricStats] = {}
+    for file in sorted((work / "logs" / name / "stats").glob("*.json")):
+        for step in json.loads(file.read_text()):
+            for stat, value in step.get("stats", {}).items():
+                metric = MetricStats.from_dict(value)
+                totals[stat] = totals[stat] + metric if stat in totals else metric
+    return totals
+
+
+def _total(stats: dict[str, MetricStats], name: str) -> int:
+    return int(stats[name].total) if name in stats else 0
 
 
 @dataclass
@@ -94,10 +317,38 @@ class CleanReport:
     exact_duplicate_groups: int = 0
     near_duplicate_clusters: int = 0
     largest_near_duplicate_cluster: int = 0
+    lsh: dict = field(default_factory=dict)
+    tasks: int = 0
+    executor: str = ""
     seconds: dict[str, float] = field(default_factory=dict)
 
+    @classmethod
+    def from_work(cls, work: Path, params: CleanParams) -> CleanReport:
+        report = cls(tasks=params.tasks, executor=params.executor)
+        clean = pass_stats(work, "clean")
+        report.docs_in = _total(clean, "documents_in")
+        report.bytes_in = _total(clean, "bytes_in")
+        for stat in clean:
+            if stat.startswith("dropped_"):
+                report.dropped[stat.removeprefix("dropped_")] = _total(clean, stat)
+        kept = pass_stats(work, "minhash_filter")
+        for kind in REDACTION_TYPES:
+            report.redactions[kind] = _total(kept, f"redacted_{kind}")
+        if params.dedup.exact:
+            report.dropped["exact_duplicate"] = _total(pass_stats(work, "exact_filter"), "dropped")
+            counts = list((work / "exact_dups").rglob("*.c4_counts"))
+            report.exact_duplicate_groups = sum(f.stat().st_size for f in counts) // 8  # (doc, count) uint32 pairs
+        if params.dedup.near:
+            report.dropped["near_duplicate"] = _total(kept, "dropped")
+            sizes = pass_stats(work, "minhash_clusters").get("cluster_size")
+            report.near_duplicate_clusters = sizes.n if sizes else 0
+            report.largest_near_duplicate_cluster = int(sizes.max) if sizes else 0
+            bands, rows = lsh_bands(params.dedup.threshold, params.dedup.num_perm)
+            report.lsh = {"bands": bands, "rows": rows, "threshold": round((1 / bands) ** (1 / rows), 4)}
+        report.dropped = Counter({k: v for k, v in report.dropped.items() if v})
+        return report
+
     def to_json(self) -> dict:
-        total = sum(self.seconds.values())
         return {
             "docs_in": self.docs_in,
             "docs_out": self.docs_out,
@@ -106,72 +357,49 @@ class CleanReport:
             "exact_duplicate_groups": self.exact_duplicate_groups,
             "near_duplicate_clusters": self.near_duplicate_clusters,
             "largest_near_duplicate_cluster": self.largest_near_duplicate_cluster,
+            "minhash_lsh": self.lsh,
             "redactions": dict(sorted(self.redactions.items())),
             "bytes_in": self.bytes_in,
             "bytes_out": self.bytes_out,
+            "executor": self.executor,
+            "tasks": self.tasks,
             "seconds": {k: round(v, 3) for k, v in self.seconds.items()},
-            "mb_per_s": round(self.bytes_in / 1e6 / total, 3) if total else None,
+            "mb_per_s": round(self.bytes_in / 1e6 / total, 3) if (total := sum(self.seconds.values())) else None,
         }
 
 
-def clean(raw: datasets.Dataset, params: CleanParams) -> tuple[datasets.Dataset, CleanReport]:
-    """The clean table (columns COLUMNS, raw order) and what happened to every document."""
-    report = CleanReport(docs_in=len(raw), bytes_in=sum(raw["n_bytes"]))
-    start = time.perf_counter()
-    processed = raw.map(
-        _process_batch,
-        batched=True,
-        batch_size=32,
-        num_proc=min(params.num_proc, max(1, len(raw) // 32)),
-        fn_kwargs={"params": params},
-        remove_columns=["text", "sha256", "n_bytes"],
-        features=PROCESSED_FEATURES,
-        desc="normalise, filter, anonymise, MinHash",
-    )
-    report.seconds["per_document"] = time.perf_counter() - start
+def _task_rows(file: Path) -> Iterator[tuple[tuple[int, int], dict]]:
+    for batch in pq.ParquetFile(file).iter_batches(batch_size=256):
+        for row in batch.to_pylist():
+            yield (row["raw_shard"], row["raw_row"]), {name: row[name] for name in COLUMNS}
 
-    start = time.perf_counter()
-    reasons = processed["filter"]
-    keep = [not r for r in reasons]
-    report.dropped.update(r for r in reasons if r)
-    if params.dedup.exact:
-        first_with_hash: dict[str, int] = {}
-        groups = set()
-        for index, digest in enumerate(processed["sha256"]):
-            if not keep[index]:
-                continue
-            if digest in first_with_hash:
-                keep[index] = False
-                report.dropped["exact_duplicate"] += 1
-                groups.add(digest)
-            else:
-                first_with_hash[digest] = index
-        report.exact_duplicate_groups = len(groups)
-    report.seconds["exact_dedup"] = time.perf_counter() - start
 
-    start = time.perf_counter()
-    if params.dedup.near:
-        candidates = [i for i, k in enumerate(keep) if k]
-        subset = processed.select(candidates).with_format("numpy", columns=["shingles", "minhash"])
-        clusters = near_duplicate_clusters(
-            list(subset["minhash"]),
-            list(subset["shingles"]),
-            params.dedup.threshold,
-            params.dedup.num_perm,
-            params.dedup.seed,
-        )
-        for members in clusters:
-            for member in members[1:]:  # the earliest document of a cluster stays
-                keep[candidates[member]] = False
-                report.dropped["near_duplicate"] += 1
-        report.near_duplicate_clusters = len(clusters)
-        report.largest_near_duplicate_cluster = max((len(c) for c in clusters), default=0)
-    report.seconds["near_dedup"] = time.perf_counter() - start
+def merged_documents(work: Path) -> Iterator[dict]:
+    """The kept documents in raw-table order (columns COLUMNS), streamed from every task's file."""
+    files = sorted((work / "kept").glob("*.parquet"))
+    for _, row in heapq.merge(*map(_task_rows, files), key=lambda item: item[0]):
+        yield row
 
-    kept_mask = np.array(keep, dtype=bool)
-    for kind in REDACTION_TYPES:
-        report.redactions[kind] = int(np.asarray(processed[f"redacted_{kind}"])[kept_mask].sum()) if len(keep) else 0
-    kept = processed.select([i for i, k in enumerate(keep) if k]).select_columns(list(COLUMNS))
-    report.docs_out = len(kept)
-    report.bytes_out = sum(kept["n_bytes"])
-    return kept, report
+
+def clean_documents(raw_dir: Path, work_root: Path, params: CleanParams) -> tuple[Path, CleanReport]:
+    """Run the passes over `raw_dir`'s shards; the work directory to merge from, and the report."""
+    if not sorted(raw_dir.glob("shard-*.parquet")):
+        raise TissLMError(f"{raw_dir}: no shard-*.parquet files (run the ingest stage first)")
+    work, seconds = run_passes(raw_dir, work_root, params)
+    report = CleanReport.from_work(work, params)
+    report.seconds = seconds
+    return work, report
+
+
+def write_clean(work: Path, directory: Path, shard_rows: int, validation: ShardedValidation) -> tuple[int, int]:
+    """Replace `directory` atomically with the merged documents as shards of `shard_rows` rows, each
+    checked as it is written; a failed check leaves the old directory. (documents, bytes) written."""
+    documents = n_bytes = 0
+    with atomic_dir(directory) as tmp:
+        for index, shard in enumerate(shard_tables(merged_documents(work), shard_rows)):
+            validation.check(shard.to_pandas())
+            pq.write_table(shard, tmp / shard_name(index))
+            documents += shard.num_rows
+            n_bytes += sum(shard.column("n_bytes").to_pylist())
+        validation.finish()
+    return documents, n_bytes

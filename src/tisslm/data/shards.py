@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Iterable, Iterator
+from itertools import islice
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+import pyarrow as pa
 import pyarrow.parquet as pq
 
 from tisslm.core.errors import TissLMError
@@ -15,6 +18,12 @@ if TYPE_CHECKING:  # imported where used: training reads token files and never n
     import datasets
 
 COLUMNS = ("id", "source", "path", "text", "n_bytes", "sha256", "train_only")
+SHARD_SCHEMA = pa.schema(
+    [
+        (name, pa.int64() if name == "n_bytes" else pa.bool_() if name == "train_only" else pa.string())
+        for name in COLUMNS
+    ]
+)
 
 
 def doc_id(source: str, path: str) -> str:
@@ -26,6 +35,19 @@ def text_sha256(text: str) -> str:
     return hashlib.sha256(text.encode("utf-8")).hexdigest()
 
 
+def shard_name(index: int) -> str:
+    return f"shard-{index:05d}.parquet"
+
+
+def shard_tables(rows: Iterable[dict], shard_rows: int) -> Iterator[pa.Table]:
+    """`rows` (dicts with COLUMNS) as tables of `shard_rows` rows, one at a time; one empty table for no rows."""
+    rows = iter(rows)
+    first = True
+    while (batch := list(islice(rows, shard_rows))) or first:
+        first = False
+        yield pa.Table.from_pylist(batch, schema=SHARD_SCHEMA)
+
+
 def write_shards(table: datasets.Dataset, directory: str | Path, shard_rows: int) -> list[Path]:
     """Replace `directory` atomically with `table` as shard-00000.parquet, shard-00001.parquet, ..."""
     names = []
@@ -33,7 +55,7 @@ def write_shards(table: datasets.Dataset, directory: str | Path, shard_rows: int
         n_shards = max(1, -(-len(table) // shard_rows))
         for i in range(n_shards):
             shard = table.select(range(i * shard_rows, min(len(table), (i + 1) * shard_rows)))
-            name = f"shard-{i:05d}.parquet"
+            name = shard_name(i)
             shard.to_parquet(str(tmp / name))
             names.append(name)
     return [Path(directory) / n for n in names]

@@ -24,6 +24,34 @@ def _sources(ingest: dict) -> str:
     return "; ".join(f"{v.get('description', name)}: {v['kept']} kept" for name, v in ingest["by_source"].items())
 
 
+def _licenses(ingest: dict) -> str:
+    """Licenses included and excluded (metrics/ingest.json's licenses, written for site_packages sources);
+    nothing when the corpus had none."""
+    licenses = ingest.get("licenses")
+    if not licenses:
+        return ""
+    included = ", ".join(name for name, v in licenses.items() if v["included"]) or "none"
+    excluded = ", ".join(name for name, v in licenses.items() if v["excluded"]) or "none"
+    rows = [
+        (
+            name,
+            len(v.get("distributions", [])),
+            v["included"],
+            f"{v.get('included_bytes', 0) / 1e6:.1f}",
+            v["excluded"],
+            f"{v.get('excluded_bytes', 0) / 1e6:.1f}",
+        )
+        for name, v in licenses.items()
+    ]
+    header = ("license", "distributions", "files included", "MB included", "files excluded", "MB excluded")
+    return f"""
+
+Installed distributions' files by their license (from each distribution's metadata; a license outside
+ingest's allow-list excludes its files, counted as license_excluded). Included: {included}. Excluded: {excluded}.
+
+{_table(header, rows)}"""
+
+
 def _hardware(train: dict) -> str:
     device = train.get("device", "cpu")
     kind = "CPU process(es), no accelerator" if device == "cpu" else f"process(es) on {device}"
@@ -341,7 +369,7 @@ so the whole pipeline runs anywhere without downloads.
 {clean["bytes_out"] / 1e6:.1f} MB. Instances are whole files or records.
 
 ## Collection Process
-Read from {_sources(ingest)}: {ingest["seen"]} documents seen, {ingest["kept"]} kept, skipped: {skipped}.
+Read from {_sources(ingest)}: {ingest["seen"]} documents seen, {ingest["kept"]} kept, skipped: {skipped}.{_licenses(ingest)}
 
 ## Preprocessing
 Unicode NFC, Unix line endings; quality filters and deduplication dropped {clean["dropped_total"]}
