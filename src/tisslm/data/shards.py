@@ -61,8 +61,9 @@ def write_shards(table: datasets.Dataset, directory: str | Path, shard_rows: int
     return [Path(directory) / n for n in names]
 
 
-def read_shards(directory: str | Path) -> datasets.Dataset:
-    """The shards of `directory`, in order, as one in-memory Dataset; a one-line error if unusable."""
+def checked_shard_files(directory: str | Path) -> list[Path]:
+    """The shard files of `directory` in order, each checked (footer and columns) before any is read;
+    a one-line error naming the file if one is unusable."""
     directory = Path(directory)
     files = sorted(directory.glob("shard-*.parquet"))
     if not files:
@@ -71,9 +72,19 @@ def read_shards(directory: str | Path) -> datasets.Dataset:
         try:
             columns = set(pq.read_schema(file).names)
         except Exception as err:  # pyarrow raises several types for a damaged file
-            raise TissLMError(f"{file}: not a readable parquet file ({err})") from None
+            raise TissLMError(f"{file}: not a readable parquet file ({one_line(err)})") from None
         if missing := set(COLUMNS) - columns:
             raise TissLMError(f"{file}: missing columns {sorted(missing)}")
+    return files
+
+
+def one_line(err: BaseException) -> str:
+    return " ".join(str(err).split()) or type(err).__name__
+
+
+def read_shards(directory: str | Path) -> datasets.Dataset:
+    """The shards of `directory`, in order, as one in-memory Dataset; a one-line error if unusable."""
+    files = checked_shard_files(directory)
     import datasets
 
     return datasets.Dataset.from_parquet([str(f) for f in files], keep_in_memory=True)

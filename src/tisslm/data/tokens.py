@@ -27,7 +27,7 @@ from tqdm import tqdm
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_dir
 from tisslm.core.tokenizer import END_OF_TEXT
-from tisslm.data.shards import COLUMNS, read_shards
+from tisslm.data.shards import checked_shard_files, one_line, read_shards
 from tisslm.eval.compression import bits_per_byte
 
 META_FILE = "meta.json"
@@ -68,19 +68,6 @@ def token_dtype(vocab_size: int) -> np.dtype:
     return np.dtype(np.uint16) if vocab_size <= 65536 else np.dtype(np.uint32)
 
 
-def encode_documents(texts: list[str], tokenizer: Tokenizer, batch_docs: int, desc: str) -> np.ndarray:
-    """All documents' ids, each followed by <|endoftext|>, in one flat array (Rust encodes on every core)."""
-    end = tokenizer.token_to_id(END_OF_TEXT)
-    if end is None:
-        raise TissLMError(f"the tokenizer has no {END_OF_TEXT!r} token")
-    dtype = token_dtype(tokenizer.get_vocab_size())
-    pieces = []
-    for start in tqdm(range(0, len(texts), batch_docs), desc=desc, unit=" batches"):
-        for encoding in tokenizer.encode_batch(texts[start : start + batch_docs], add_special_tokens=False):
-            pieces.append(np.asarray([*encoding.ids, end], dtype=dtype))
-    return np.concatenate(pieces) if pieces else np.zeros(0, dtype=dtype)
-
-
 def read_meta(tokens_dir: str | Path) -> dict:
     path = Path(tokens_dir) / META_FILE
     try:
@@ -109,56 +96,22 @@ def tokenize_corpus(
     batch_docs: int,
     baseline_context_bytes: int,
 ) -> dict:
-    """Write out_dir/{train,val}.bin and meta.json from `read_split`'s texts; return the meta."""
-    if not split_texts["train"] or not split_texts["val"]:
-        count = sum(map(len, split_texts.values()))
-        raise TissLMError(f"tokenize.val_fraction={val_fraction}: one split is empty with {count} documents")
-    meta: dict = {
-        "dtype": token_dtype(tokenizer.get_vocab_size()).name,
-        "vocab_size": tokenizer.get_vocab_size(),
-        "tokenizer_sha256": hashlib.sha256(tokenizer_path.read_bytes()).hexdigest(),
-        "val_fraction": val_fraction,
-    }
-    split_bytes = {}
-    with atomic_dir(out_dir) as tmp:  # the .bin files and meta.json appear together or not at all
+    """Write out_dir/{train,val}.bin and meta.json from texts already in memory (`read_split`'s):
+    the same files `tokenize_shards` streams from the shards. Returns the meta."""
+    with atomic_dir(out_dir) as tmp, _TokenWriter(tmp, tokenizer, baseline_context_bytes) as writer:
         for split in SPLITS:
-            tokens = encode_documents(split_texts[split], tokenizer, batch_docs, f"tokenize {split}")
-            tokens.tofile(tmp / f"{split}.bin")  # raw array bytes, read back with np.memmap
-            split_bytes[split] = "".join(split_texts[split]).encode("utf-8")
-            meta[split] = {
-                "documents": len(split_texts[split]),
-                "tokens": len(tokens),
-                "bytes": len(split_bytes[split]),
-                "bytes_per_token": len(split_bytes[split]) / max(1, len(tokens)),
-            }
-        context = split_bytes["train"][-baseline_context_bytes:] if baseline_context_bytes else b""
-        meta["val_baselines_bits_per_byte"] = {
-            "xz_9e": bits_per_byte("xz_9e", split_bytes["val"]),
-            "xz_9e_after_train_text": bits_per_byte("xz_9e", split_bytes["val"], context),
-            "train_context_bytes": len(context),
-        }
+            texts = split_texts[split]
+            for start in tqdm(range(0, len(texts), batch_docs), desc=f"tokenize {split}", unit=" batches"):
+                batch = texts[start : start + batch_docs]
+                writer.write(batch, [split] * len(batch))
+        meta = writer.finish(tokenizer_path, val_fraction)
         (tmp / META_FILE).write_text(json.dumps(meta, indent=2) + "\n")
     return meta
 
 
-def _one_line(err: BaseException) -> str:
-    return " ".join(str(err).split()) or type(err).__name__
-
-
 def clean_shard_files(clean_dir: str | Path) -> list[Path]:
     """The shard files of `clean_dir` in order, each checked (footer and schema) before any is read."""
-    directory = Path(clean_dir)
-    files = sorted(directory.glob("shard-*.parquet"))
-    if not files:
-        raise TissLMError(f"{directory}: no shard-*.parquet files (run the stage that writes it first)")
-    for file in files:
-        try:
-            columns = set(pq.read_schema(file).names)
-        except Exception as err:  # pyarrow raises several types for a damaged file
-            raise TissLMError(f"{file}: not a readable parquet file ({_one_line(err)})") from None
-        if missing := set(COLUMNS) - columns:
-            raise TissLMError(f"{file}: missing columns {sorted(missing)}")
-    return files
+    return checked_shard_files(clean_dir)
 
 
 def iter_clean_batches(files: list[Path], batch_docs: int) -> Iterator[tuple[list[str], list[str], list[bool]]]:
@@ -169,7 +122,7 @@ def iter_clean_batches(files: list[Path], batch_docs: int) -> Iterator[tuple[lis
         try:
             batches = pq.ParquetFile(file).iter_batches(batch_size=batch_docs, columns=list(READ_COLUMNS))
         except Exception as err:
-            raise TissLMError(f"{file}: not a readable parquet file ({_one_line(err)})") from None
+            raise TissLMError(f"{file}: not a readable parquet file ({one_line(err)})") from None
         while True:
             try:
                 batch = next(batches, None)
@@ -181,7 +134,7 @@ def iter_clean_batches(files: list[Path], batch_docs: int) -> Iterator[tuple[lis
             except TissLMError:
                 raise
             except Exception as err:  # a damaged page, a column of the wrong type, ...
-                raise TissLMError(f"{file}: not a readable parquet file ({_one_line(err)})") from None
+                raise TissLMError(f"{file}: not a readable parquet file ({one_line(err)})") from None
             yield columns[0], columns[1], columns[2]
 
 
