@@ -158,7 +158,7 @@ class IngestParams(_Section):
         default_factory=lambda: [StdlibSource(), StdlibSource(part="tests", train_only=True)], min_length=1
     )
     max_file_bytes: PositiveInt = 1_000_000  # larger documents are skipped as too_large
-    shard_rows: PositiveInt = 500  # documents per parquet shard in data/raw and data/clean: a clean task reads whole raw shards
+    shard_rows: PositiveInt = 500  # documents per shard of data/raw and data/clean (clean tasks read whole raw shards)
     min_rows: NonNegativeInt = 100  # validation: fewer kept documents fail the stage
 
 
