@@ -130,3 +130,30 @@ def test_a_two_node_ray_cluster_writes_the_same_documents(raw, reference, tmp_pa
         ray.shutdown()
         cluster.shutdown()
         os.environ.pop("RAY_ADDRESS", None)
+
+
+def test_datatrove_logs_go_to_the_work_directory_and_a_failed_pass_names_it(raw, tmp_path, capfd, monkeypatch):
+    from tisslm.core.errors import TissLMError
+    from tisslm.data import clean
+
+    clean_rows(raw, tmp_path / "ok", workers=2)
+    out, err = capfd.readouterr()
+    assert "datatrove" not in err and "INFO" not in err  # the tasks' logs are not the user's to read
+    assert [line.split(":")[1].strip().split()[1] for line in out.splitlines()] == [
+        "clean",
+        "exact_find",
+        "exact_filter",
+        "minhash_buckets",
+        "minhash_clusters",
+        "minhash_filter",
+    ]
+    (work,) = (tmp_path / "ok").iterdir()
+    assert "Processing done for rank=0" in (work / "logs" / "console.log").read_text()
+
+    def broken(self, data, rank=0, world_size=1):
+        raise ValueError("disk full")
+        yield
+
+    monkeypatch.setattr(clean.CleanDocuments, "run", broken)
+    with pytest.raises(TissLMError, match=r"clean: pass clean failed \(disk full\); datatrove's log: .*console.log"):
+        clean_rows(raw, tmp_path / "bad", workers=1)

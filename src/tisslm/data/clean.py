@@ -24,10 +24,12 @@ import json
 import os
 import re
 import shutil
+import sys
 import time
 import unicodedata
 from collections import Counter
 from collections.abc import Iterator
+from contextlib import contextmanager, redirect_stderr
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,7 +47,7 @@ from tisslm.core.config import CleanParams, DedupParams, FilterParams
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import atomic_dir
 from tisslm.data.anonymize import REDACTION_TYPES, anonymize
-from tisslm.data.shards import COLUMNS, shard_name, shard_tables, text_sha256
+from tisslm.data.shards import COLUMNS, one_line, shard_name, shard_tables, text_sha256
 from tisslm.data.validate import ShardedValidation
 
 # Where a document sat in the raw table: the merge key that restores raw order after the passes.
@@ -274,6 +276,25 @@ def fingerprint(raw_dir: Path, params: CleanParams) -> str:
     return digest.hexdigest()[:16]
 
 
+@contextmanager
+def stderr_to(path: Path) -> Iterator[None]:
+    """File descriptor 2 of this process, and of every process it starts meanwhile, appends to `path`.
+
+    Datatrove logs every task at INFO level to stderr (hundreds of lines per run); the stage keeps
+    them in the work directory and prints a line per pass instead."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    sys.stderr.flush()
+    saved = os.dup(2)
+    try:
+        with path.open("a", encoding="utf-8") as log, redirect_stderr(log):  # what writes to sys.stderr
+            os.dup2(log.fileno(), 2)  # and what writes to the descriptor: child processes, C code
+            yield
+    finally:
+        sys.stderr.flush()
+        os.dup2(saved, 2)
+        os.close(saved)
+
+
 def run_passes(raw_dir: Path, work_root: Path, params: CleanParams) -> tuple[Path, dict[str, float]]:
     """Run (or resume) every pass: the work directory of this input, whose `kept/` holds the result,
     and each pass's wall-clock seconds."""
@@ -283,11 +304,17 @@ def run_passes(raw_dir: Path, work_root: Path, params: CleanParams) -> tuple[Pat
             if stale != work:
                 shutil.rmtree(stale)
     seconds = {}
+    console = work / "logs" / "console.log"
     for name, (pipeline, tasks) in pipelines(raw_dir, work, params).items():
         if pipeline:
             start = time.perf_counter()
-            make_executor(pipeline, tasks, work / "logs" / name, params).run()
+            try:
+                with stderr_to(console):
+                    make_executor(pipeline, tasks, work / "logs" / name, params).run()
+            except Exception as err:
+                raise TissLMError(f"clean: pass {name} failed ({one_line(err)}); datatrove's log: {console}") from err
             seconds[name] = time.perf_counter() - start
+            print(f"clean: pass {name}: {tasks} task(s), {seconds[name]:.1f} s", flush=True)
     return work, seconds
 
 
