@@ -214,3 +214,14 @@ def test_importing_the_anonymiser_keeps_warnings_visible():
     code = "import warnings, tisslm.data.anonymize; warnings.warn('still visible')"
     result = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=60)
     assert "UserWarning: still visible" in result.stderr
+
+
+def test_a_document_that_redaction_shortens_below_the_minimum_is_dropped(tmp_path):
+    token = "ghp_" + "aZ3" * 12
+    short = f'headers = {{"Authorization": "token {token}"}}\nresponse = send(headers)\n'  # 100+ chars with the token
+    rng = random.Random(6)
+    texts = [short, *("\n".join(code_doc(rng)) for _ in range(3))]
+    assert len(normalize(short, "NFC")) >= 100
+    rows, report = run_clean(texts, tmp_path, CleanParams(workers=1), shard_rows=2)
+    assert report.dropped == {"too_short_after_redaction": 1} and len(rows) == 3
+    assert all(len(row["text"]) >= 100 for row in rows)  # what the clean suite then checks

@@ -107,6 +107,10 @@ class CleanDocuments(PipelineStep):
                     self.stat_update(f"dropped_{reason}")
                     continue
                 text, redactions = anonymize(text, self.params.anonymize)
+                # Placeholders change the length: a document must still meet the rules it is kept under.
+                if redactions and (reason := filter_reason(text, self.params.filters)):
+                    self.stat_update(f"dropped_{reason}_after_redaction")
+                    continue
                 document.metadata["redactions"] = json.dumps(redactions)  # counted once dedup has chosen
                 document.text = text
                 document.metadata["sha256"] = text_sha256(text)
