@@ -3,7 +3,7 @@
 The clean stage as it was before datatrove (`datasets.map` workers, every document and MinHash in
 memory, an in-memory LSH; its code taken from git at BASELINE) against the datatrove pipeline, on
 the same raw shards of two corpora: the standard library (the default run) and the .py files of
-this environment's installed distributions (`{type: site_packages}`, about 30x larger). For each:
+this environment's installed distributions (`{type: site_packages}`, about 13x larger). For each:
 wall time of `python -m stages.clean`, MB/s per core, peak RSS of the whole process tree (workers
 included, sampled every 50 ms), documents kept and duplicates found.
 
