@@ -234,61 +234,30 @@ def normalize_license(metadata) -> str:
     return "unknown"
 
 
-_SPDX_TOKEN = re.compile(r"\(|\)|[^\s()]+")
-
-
 def license_allowed(license: str, allowed: Iterable[str]) -> bool:
-    """Whether `license` (a name or an SPDX expression) holds under the allow-list: listed as a whole, or
-    an expression whose OR has an allowed side and whose AND has both (X WITH an exception: as X)."""
+    """Whether `license` (a name, or an SPDX expression as `license-expression` parses it) holds under
+    the allow-list: listed as a whole, or an expression whose OR has an allowed side and whose AND has
+    every side allowed (X WITH an exception counts as X, or as itself when listed whole)."""
+    from license_expression import ExpressionError, LicenseWithExceptionSymbol, Licensing
+
     allowed = {name.lower() for name in allowed}
     if license.lower() in allowed:
         return True
-    tokens = _SPDX_TOKEN.findall(license)
-    position = 0
-
-    def peek() -> str | None:
-        return tokens[position].upper() if position < len(tokens) else None
-
-    def take() -> str:
-        nonlocal position
-        position += 1
-        return tokens[position - 1]
-
-    def any_of() -> bool:
-        result = all_of()
-        while peek() == "OR":
-            take()
-            result = all_of() or result
-        return result
-
-    def all_of() -> bool:
-        result = term()
-        while peek() == "AND":
-            take()
-            result = term() and result
-        return result
-
-    def term() -> bool:
-        if peek() == "(":
-            take()
-            result = any_of()
-            if take() != ")":
-                raise ValueError
-            return result
-        if peek() in (None, ")", "AND", "OR", "WITH"):
-            raise ValueError
-        name = take()
-        if peek() == "WITH":
-            take()
-            exception = take()
-            return f"{name} WITH {exception}".lower() in allowed or name.lower() in allowed
-        return name.lower() in allowed
-
+    licensing = Licensing()
     try:
-        result = any_of()
-    except (ValueError, IndexError):
+        expression = licensing.parse(license)
+    except ExpressionError:
         return False
-    return result and position == len(tokens)
+    if expression is None:
+        return False
+
+    def holds(symbol) -> bool:
+        if isinstance(symbol, LicenseWithExceptionSymbol):
+            return str(symbol).lower() in allowed or symbol.license_symbol.key.lower() in allowed
+        return symbol.key.lower() in allowed
+
+    values = {symbol: licensing.TRUE if holds(symbol) else licensing.FALSE for symbol in expression.symbols}
+    return expression.subs(values).simplify() == licensing.TRUE
 
 
 @dataclass(frozen=True)
