@@ -22,9 +22,8 @@ from tisslm.core.errors import TissLMError
 from tisslm.core.model import TOKENIZER_FILE
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer, train_bpe
 from tisslm.data import tokens as tokens_module
-from tisslm.data.shards import doc_id, text_sha256, write_shards
+from tisslm.data.shards import checked_shard_files, doc_id, text_sha256, write_shards
 from tisslm.data.tokens import (
-    clean_shard_files,
     is_val,
     iter_clean_batches,
     read_split,
@@ -76,7 +75,7 @@ def files_of(directory: Path) -> dict[str, bytes]:
 @pytest.mark.parametrize(("batch_docs", "context", "read_ahead"), [(16, 3000, 4), (5, 0, 1), (64, 10**9, 2)])
 def test_streaming_writes_the_bytes_of_the_in_memory_encoding(corpus, tmp_path, batch_docs, context, read_ahead):
     root, ids, texts, train_only, tokenizer = corpus
-    assert len(clean_shard_files(root / "clean")) == 5
+    assert len(checked_shard_files(root / "clean")) == 5
     val_fraction = 0.2
     meta = tokenize_shards(root / "clean", tokenizer, root / TOKENIZER_FILE, tmp_path / "tokens", val_fraction,
                            batch_docs, context, read_ahead=read_ahead)  # fmt: skip
@@ -117,7 +116,7 @@ def test_streaming_writes_the_bytes_of_the_in_memory_encoding(corpus, tmp_path, 
 
 def test_the_reader_yields_one_batch_at_a_time(corpus):
     root, ids, texts, train_only, _ = corpus
-    batches = iter_clean_batches(clean_shard_files(root / "clean"), 10)
+    batches = iter_clean_batches(checked_shard_files(root / "clean"), 10)
     assert inspect.isgenerator(batches)
     first = next(batches)
     assert first == (ids[:10], texts[:10], train_only[:10])
@@ -170,7 +169,7 @@ def test_a_damaged_shard_is_one_line_and_keeps_the_old_output(corpus, tmp_path, 
     tokenize_shards(clean, tokenizer, root / TOKENIZER_FILE, out, 0.2, 16, 3000)
     before = files_of(out)
 
-    shard = clean_shard_files(clean)[2]
+    shard = checked_shard_files(clean)[2]
     data = bytearray(shard.read_bytes())
     if damage == "footer":  # not parquet at all: refused before anything is read
         data[-200:] = b"\0" * 200

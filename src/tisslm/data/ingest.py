@@ -11,7 +11,6 @@ import importlib.metadata
 import json
 import os
 import platform
-import re
 import site
 import sysconfig
 from collections import Counter
@@ -22,6 +21,7 @@ from pathlib import Path
 import datasets
 import pathspec
 import pyarrow.parquet as pq
+from packaging.utils import canonicalize_name
 from tqdm import tqdm
 
 from tisslm.core.config import (
@@ -285,17 +285,13 @@ def installed_distributions(paths: Sequence[str | Path] | None = None) -> list[i
     for directory in site_directories() if paths is None else paths:
         for dist in sorted(
             importlib.metadata.distributions(path=[str(directory)]),
-            key=lambda d: (_canonical(d.metadata["Name"] or ""), d.version or "", str(d.locate_file(""))),
+            key=lambda d: (canonicalize_name(d.metadata["Name"] or ""), d.version or "", str(d.locate_file(""))),
         ):
-            name = _canonical(dist.metadata["Name"] or "")
+            name = canonicalize_name(dist.metadata["Name"] or "")
             if name and name not in names:
                 names.add(name)
                 found.append(dist)
     return found
-
-
-def _canonical(name: str) -> str:
-    return re.sub(r"[-_.]+", "-", name).lower()
 
 
 def site_packages_files(

@@ -109,11 +109,6 @@ def tokenize_corpus(
     return meta
 
 
-def clean_shard_files(clean_dir: str | Path) -> list[Path]:
-    """The shard files of `clean_dir` in order, each checked (footer and schema) before any is read."""
-    return checked_shard_files(clean_dir)
-
-
 def iter_clean_batches(files: list[Path], batch_docs: int) -> Iterator[tuple[list[str], list[str], list[bool]]]:
     """(ids, texts, train_only) of at most `batch_docs` documents at a time, in table order (the
     files' order, then their rows'): only the batch being read is in memory. A file that fails to
@@ -282,7 +277,7 @@ def tokenize_shards(
     while `encode_batch` encodes one on every core; the files grow in atomic_dir's temporary
     directory, so a failure (a damaged shard, an empty split) leaves the old out_dir as it was.
     Returns the meta."""
-    files = clean_shard_files(clean_dir)
+    files = checked_shard_files(clean_dir)
     rows = sum(pq.ParquetFile(file).metadata.num_rows for file in files)
 
     def split_batches() -> Iterator[tuple[list[str], list[str]]]:  # run by the read-ahead thread
