@@ -3,9 +3,10 @@
 - retrieval quality, as an ablation table: the index the pipeline builds (the train split of
   data/clean, test suites included; the standard library itself when data/clean is absent), every
   ranking choice turned off or changed one at a time (identifier splitting, field weights, file-level
-  aggregation, test and deprecated-module down-weighting, the dense side), on both query sets (the
-  project's queries.jsonl, on which the defaults were chosen, and queries_heldout.jsonl, written
-  before any of it and never tuned on), with the whole-file BM25 baseline side by side;
+  aggregation, test and deprecated-module down-weighting, test evidence, the dense side), on both
+  query sets (the project's queries.jsonl, on which the defaults were chosen, and
+  queries_heldout.jsonl, written blind to the ranking and never tuned on), with the whole-file BM25
+  baseline side by side;
 - the default corpus (this Python's standard library, no tests, no train/val split): indexing
   MB/s, a no-change re-index, and the default ranking and baseline on both query sets;
 - query latency p50/p99 per mode at 10k and 100k chunks of synthetic code (sizes the stdlib cannot
@@ -56,12 +57,13 @@ ABLATION = [
     ("no file aggregation", "fused", {"file_weight": 0.0}),
     ("file aggregation at 0.5", "fused", {"file_weight": 0.5}),
     (
-        "file aggregation at 0.5, identifier words at 0.5 (the previous default)",
+        "file aggregation at 0.5, identifier words at 0.5, no test evidence (the first round's default)",
         "fused",
-        {"file_weight": 0.5, "field_weights": (4.0, 2.0, 2.0, 1.0, 0.5)},
+        {"file_weight": 0.5, "field_weights": (4.0, 2.0, 2.0, 1.0, 0.5), "test_evidence": 0.0},
     ),
     ("tests not down-weighted", "fused", {"test_weight": 1.0}),
     ("tests left out", "fused", {"test_weight": 0.0}),
+    ("no test evidence (the second round's default)", "fused", {"test_evidence": 0.0}),
     ("deprecated not down-weighted", "fused", {"deprecated_weight": 1.0}),
     (
         "no fields, aggregation or down-weighting; equal fusion",
@@ -70,6 +72,7 @@ ABLATION = [
             "field_weights": (4.0, 0.0, 0.0, 1.0, 1.0),
             "file_weight": 0.0,
             "test_weight": 1.0,
+            "test_evidence": 0.0,
             "deprecated_weight": 1.0,
             "dense_weight": 1.0,
         },

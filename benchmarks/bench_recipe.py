@@ -179,7 +179,7 @@ def tisslm_recipe(name: str, params: Params, project: Path) -> Recipe:
 def four_recipes(project: Path) -> list[Recipe]:
     from transformers import LlamaForCausalLM
 
-    from tisslm.release.hf import llama_config
+    from tisslm.release.hf import hf_config
 
     previous = load_params(project / "params.yaml", overrides(PREVIOUS))
     m, t = previous.model, previous.train
@@ -194,7 +194,7 @@ def four_recipes(project: Path) -> list[Recipe]:
     recipes.append(Recipe("nanogpt", gpt2, make_optimizer(gpt2, nanogpt), nanogpt, tokens, tokenizer))
 
     torch.manual_seed(t.seed)
-    llama = LlamaScorer(LlamaForCausalLM(llama_config(m)))
+    llama = LlamaScorer(LlamaForCausalLM(hf_config(m)))
     plain = t.model_copy(update={"grad_clip": 0.0})
     recipes.append(Recipe("transformers", llama, torch.optim.AdamW(llama.parameters(), lr=t.lr), plain, tokens,
                           tokenizer))  # fmt: skip

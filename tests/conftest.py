@@ -7,6 +7,7 @@ import os
 import shutil
 import socket
 import subprocess
+import tempfile
 import time
 import urllib.request
 from collections.abc import Iterator
@@ -94,6 +95,23 @@ def copy_project(destination: Path) -> Path:
 
     shutil.copytree(REPO, destination, ignore=ignore)
     return destination
+
+
+@pytest.fixture(scope="session")
+def humaneval_problems() -> dict:
+    from tisslm.agent.humaneval import load_problems
+
+    return load_problems()
+
+
+@pytest.fixture
+def locked_workspace() -> Iterator[Path]:
+    """A fresh directory below a 0700 mkdtemp() parent, as the evaluate stage's: uid 65534 (the
+    sandbox's user when the caller is root) cannot enter it, so its launcher must hand the way in."""
+    top = Path(tempfile.mkdtemp(prefix="tisslm-ws-"))
+    (top / "ws").mkdir()
+    yield top / "ws"
+    shutil.rmtree(top, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

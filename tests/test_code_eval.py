@@ -2,10 +2,6 @@
 
 from __future__ import annotations
 
-import shutil
-import tempfile
-from pathlib import Path
-
 import pytest
 import torch
 from conftest import make_model
@@ -22,7 +18,6 @@ from tisslm.agent.code_eval import (
     sft_heldout,
     truncate_at_stop,
 )
-from tisslm.agent.humaneval import load_problems
 from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import HumanEvalParams
 from tisslm.core.tokenizer import byte_level_tokenizer
@@ -39,20 +34,6 @@ DOUBLE = '''def double(x):
     """
     return 2 * x
 '''
-
-
-@pytest.fixture(scope="module")
-def problems():
-    return load_problems()
-
-
-@pytest.fixture
-def workspace():
-    """Below a 0700 mkdtemp() directory, as the stage's: a root caller's sandbox needs its launcher's way in."""
-    top = Path(tempfile.mkdtemp(prefix="tiss-code-eval-"))
-    (top / "checks").mkdir()
-    yield top / "checks"
-    shutil.rmtree(top, ignore_errors=True)
 
 
 DOCSTRING = "Twice x.\n\n>>> double(21)\n42\n>>> double('ab')\n'abab'"
@@ -91,12 +72,12 @@ def test_has_doctests_ignores_skipped_and_missing_examples():
     assert not has_doctests(">>> token_bytes(16)  #doctest:+SKIP\nb'...'")
 
 
-def test_a_doctest_program_passes_the_reference_and_fails_wrong_or_missing_answers(workspace):
+def test_a_doctest_program_passes_the_reference_and_fails_wrong_or_missing_answers(locked_workspace):
     wrong = DOUBLE.replace("2 * x", "x + x if isinstance(x, int) else x")
     renamed = DOUBLE.replace("def double", "def twice")
     outcomes = run_checks(
         [doctest_program(example(), code) for code in (DOUBLE, wrong, renamed, "def double(x):\n    return (\n")],
-        workspace,
+        locked_workspace,
         FAST,
         "test",
     )
@@ -104,17 +85,17 @@ def test_a_doctest_program_passes_the_reference_and_fails_wrong_or_missing_answe
     assert "1 of 2 doctest examples failed" in outcomes[1].detail
 
 
-def test_imports_that_fail_do_not_sink_the_others(workspace):
+def test_imports_that_fail_do_not_sink_the_others(locked_workspace):
     uses_math = 'def root(x):\n    """Square root.\n\n    >>> root(9.0)\n    3.0\n    """\n    return math.sqrt(x)\n'
     imports = "from __future__ import annotations\nfrom . import sibling\nimport math\nfrom .x import (a,\n    b)"
     program = doctest_program(example(uses_math, imports, ">>> root(9.0)\n3.0", "root"), uses_math)
     assert program.startswith("from __future__ import annotations\n")
-    assert run_checks([program], workspace, FAST, "test")[0].passed
+    assert run_checks([program], locked_workspace, FAST, "test")[0].passed
 
 
-def test_humaneval_scores_exactly_what_the_sandbox_says(problems, workspace, monkeypatch):
+def test_humaneval_scores_exactly_what_the_sandbox_says(humaneval_problems, locked_workspace, monkeypatch):
     """Greedy: canonical for the first problem, wrong for the second; 3 samples of which 2, then 0, pass."""
-    tasks = list(problems.values())[:2]
+    tasks = list(humaneval_problems.values())[:2]
     canonical, wrong = [t["canonical_solution"] for t in tasks], "    return None\n"
 
     def canned(model, tokenizer, prompts, params, temperature, stop_tokens, desc):
@@ -124,7 +105,9 @@ def test_humaneval_scores_exactly_what_the_sandbox_says(problems, workspace, mon
 
     monkeypatch.setattr(code_eval, "continuations", canned)
     params = FAST.model_copy(update={"problems": 2, "samples": 3})
-    summary, records = humaneval(make_model(vocab_size=257), byte_level_tokenizer(), problems, params, workspace)
+    summary, records = humaneval(
+        make_model(vocab_size=257), byte_level_tokenizer(), humaneval_problems, params, locked_workspace
+    )
     assert summary["problems"] == 2 and summary["samples"] == 3 and summary["executor"] == "bubblewrap"
     assert summary["pass@1"] == 0.5 and summary["greedy_outcomes"] == {"passed": 1, "failed": 1}
     assert summary["pass@1_sampled"] == pytest.approx((2 / 3 + 0) / 2)
@@ -134,12 +117,12 @@ def test_humaneval_scores_exactly_what_the_sandbox_says(problems, workspace, mon
     assert "unrelated" not in records[0]["completion"]
 
 
-def test_humaneval_with_a_real_model_runs_end_to_end_and_repeats_itself(problems, workspace):
+def test_humaneval_with_a_real_model_runs_end_to_end_and_repeats_itself(humaneval_problems, locked_workspace):
     """A tiny random model: whatever it scores, the run is complete, in the sandbox, and deterministic."""
     model, tokenizer = make_model(vocab_size=257), byte_level_tokenizer()  # context 64: prompts keep their end
     params = FAST.model_copy(update={"problems": 3, "samples": 10})
-    first = humaneval(model, tokenizer, problems, params, workspace)
-    again = humaneval(model, tokenizer, problems, params, workspace)
+    first = humaneval(model, tokenizer, humaneval_problems, params, locked_workspace)
+    again = humaneval(model, tokenizer, humaneval_problems, params, locked_workspace)
     assert first[1] == again[1]  # the same completions and outcomes, sampled ones included
     summary = first[0]
     assert summary["problems"] == 3 and summary["prompts_truncated"] == 3
@@ -172,7 +155,7 @@ def test_a_context_too_short_for_max_new_tokens_is_a_clear_error():
                       0.0, (), "test")  # fmt: skip
 
 
-def test_sft_heldout_scores_parses_and_doctests_of_the_answers(workspace, monkeypatch):
+def test_sft_heldout_scores_parses_and_doctests_of_the_answers(locked_workspace, monkeypatch):
     """Four examples: a right answer, a wrong one, an unparsable one, and one whose reference fails its
     own doctests (a missing import): scored for parsing, left out of the doctest figure."""
     broken = example(imports="import not_a_module_anywhere",
@@ -187,7 +170,7 @@ def test_sft_heldout_scores_parses_and_doctests_of_the_answers(workspace, monkey
 
     monkeypatch.setattr(code_eval, "continuations", canned)
     model, tokenizer = make_model(vocab_size=257), byte_level_tokenizer()
-    summary, records = sft_heldout(model, tokenizer, ChatTemplate(), examples, FAST, workspace)
+    summary, records = sft_heldout(model, tokenizer, ChatTemplate(), examples, FAST, locked_workspace)
     assert summary["examples"] == 5 and summary["parse_rate"] == 4 / 5
     assert summary["doctest_examples"] == 3 and summary["doctest_references_failing"] == 1
     assert summary["doctest_pass@1"] == 1 / 3
@@ -195,7 +178,7 @@ def test_sft_heldout_scores_parses_and_doctests_of_the_answers(workspace, monkey
     assert [r["parses"] for r in records] == [True, True, False, True, True]
 
 
-def test_sft_heldout_asks_in_chat_form_and_stops_at_the_end_of_the_turn(workspace, monkeypatch):
+def test_sft_heldout_asks_in_chat_form_and_stops_at_the_end_of_the_turn(locked_workspace, monkeypatch):
     seen = {}
 
     def canned(model, tokenizer, prompts, params, temperature, stop_tokens, desc):
@@ -204,13 +187,13 @@ def test_sft_heldout_asks_in_chat_form_and_stops_at_the_end_of_the_turn(workspac
 
     monkeypatch.setattr(code_eval, "continuations", canned)
     tokenizer, template = byte_level_tokenizer(), ChatTemplate()
-    sft_heldout(make_model(vocab_size=257), tokenizer, template, [example()], FAST, workspace)
+    sft_heldout(make_model(vocab_size=257), tokenizer, template, [example()], FAST, locked_workspace)
     assert seen["prompts"] == [template.prompt_ids(tokenizer, example().messages[:1])]
     assert seen["stop"] == template.stop_token_ids(tokenizer)
 
 
-def test_no_examples_is_no_figure(workspace):
+def test_no_examples_is_no_figure(locked_workspace):
     summary, records = sft_heldout(
-        make_model(vocab_size=257), byte_level_tokenizer(), ChatTemplate(), [], FAST, workspace
+        make_model(vocab_size=257), byte_level_tokenizer(), ChatTemplate(), [], FAST, locked_workspace
     )
     assert records == [] and summary["parse_rate"] is None and summary["doctest_pass@1"] is None

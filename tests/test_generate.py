@@ -200,6 +200,53 @@ def test_a_compiled_step_runs_the_fewest_slots_that_hold_the_active_ones():
     assert step_buckets(12) == [1, 2, 4, 8, 12]
 
 
+def test_a_compiled_step_attends_over_the_shortest_length_bucket_past_every_position():
+    from tisslm.core.decode import attended_length, length_buckets
+
+    assert length_buckets(1024) == [128, 256, 512, 1024]
+    assert length_buckets(300) == [128, 256, 300]  # max_len is always one
+    assert length_buckets(64) == [64]
+    assert length_buckets(64, shortest=16) == [16, 32, 64]
+    assert attended_length(0, 1024) == 128
+    assert attended_length(127, 1024) == 128  # keys 0..127: exactly the bucket
+    assert attended_length(128, 1024) == 256  # one more: the next bucket
+    assert attended_length(1023, 1024) == 1024  # the buffer's last position
+    assert attended_length(1024, 1024) == 1024  # past the end (a free slot that keeps stepping): the whole buffer
+    assert attended_length(250, 300) == 256 and attended_length(256, 300) == 300
+
+
+def test_compiled_decoding_across_a_length_bucket_decodes_what_the_eager_step_decodes(monkeypatch):
+    """fp32 greedy: prompts just under the 128-position bucket decode past it, so the compiled step runs
+    at two attended lengths (two graphs) and still gives the eager reference's tokens."""
+    from tisslm.core import decode
+
+    lengths = []
+    attended_length = decode.attended_length
+    monkeypatch.setattr(decode, "attended_length", lambda *a: lengths.append(attended_length(*a)) or lengths[-1])
+    model = make_model(max_seq_len=256)
+    prompts = [[1 + (7 * i) % 96 for i in range(120)], [2 + (5 * i) % 95 for i in range(100)]]
+    eager = generate(model, prompts, 20, temperature=0)
+    assert generate(model, prompts, 20, temperature=0, compile=True) == eager
+    assert sorted(set(lengths)) == [128, 256]
+
+
+def test_a_free_slot_past_the_attended_length_leaves_the_active_one_exact():
+    """As in the server: slot 1 steps alone (over the 128 bucket its length needs) while slot 0, free,
+    sits at position 200, past it; slot 1 still decodes what it decodes alone."""
+    from tisslm.core.decode import Decoder
+
+    model = make_model(max_seq_len=256)
+    prompt = [3, 1, 4, 1, 5]
+    with torch.inference_mode():
+        decoder = Decoder(model, 2, compile=True)
+        decoder.prefill(0, [7] * 200)
+        tokens = [int(decoder.prefill(1, prompt).argmax())]
+        for _ in range(7):
+            tokens.append(int(decoder.step([1], tokens[-1:]).argmax()))
+    assert decoder.cache.host_lengths == [207, 12]  # the free slot stepped too, past 128
+    assert tokens == generate(model, [prompt], 8, temperature=0)[0]
+
+
 def test_a_decoder_with_too_few_slots_is_refused(tiny_model):
     from tisslm.core.decode import Decoder
 

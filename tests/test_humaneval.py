@@ -12,58 +12,47 @@ from pathlib import Path
 
 import pytest
 
-from tisslm.agent.humaneval import DEFAULT_LIMITS, check_completion, load_problems, pass_at_k
+from tisslm.agent.humaneval import DEFAULT_LIMITS, check_completion, pass_at_k
 
 FAST = dataclasses.replace(DEFAULT_LIMITS, timeout_s=2.0, cpu_s=2)
 
 
-@pytest.fixture(scope="module")
-def problems():
-    return load_problems()
+def correct_body(humaneval_problems) -> str:
+    return humaneval_problems["HumanEval/0"]["canonical_solution"]
 
 
-@pytest.fixture
-def workspace():
-    """A fresh directory under /tmp whose 0700 parent (a mkdtemp()) uid 65534 cannot enter."""
-    top = Path(tempfile.mkdtemp(prefix="tiss-he-"))
-    path = top / "ws"
-    path.mkdir()
-    yield path
-    shutil.rmtree(top, ignore_errors=True)
-
-
-def correct_body(problems) -> str:
-    return problems["HumanEval/0"]["canonical_solution"]
-
-
-def test_canonical_solution_passes(problems, workspace):
-    outcome = check_completion(problems["HumanEval/0"], correct_body(problems), workspace, FAST)
+def test_canonical_solution_passes(humaneval_problems, locked_workspace):
+    outcome = check_completion(
+        humaneval_problems["HumanEval/0"], correct_body(humaneval_problems), locked_workspace, FAST
+    )
     assert (outcome.passed, outcome.status) == (True, "passed"), outcome.detail
-    assert list(workspace.iterdir()) == []  # the per-check directory is gone
+    assert list(locked_workspace.iterdir()) == []  # the per-check directory is gone
 
 
-def test_wrong_solution_fails(problems, workspace):
-    outcome = check_completion(problems["HumanEval/0"], "    return False\n", workspace, FAST)
+def test_wrong_solution_fails(humaneval_problems, locked_workspace):
+    outcome = check_completion(humaneval_problems["HumanEval/0"], "    return False\n", locked_workspace, FAST)
     assert (outcome.passed, outcome.status) == (False, "failed")
     assert "AssertionError" in outcome.detail
 
 
-def test_syntax_error_is_an_error(problems, workspace):
-    outcome = check_completion(problems["HumanEval/0"], "    return (\n", workspace, FAST)
+def test_syntax_error_is_an_error(humaneval_problems, locked_workspace):
+    outcome = check_completion(humaneval_problems["HumanEval/0"], "    return (\n", locked_workspace, FAST)
     assert (outcome.passed, outcome.status) == (False, "error")
     assert "SyntaxError" in outcome.detail
 
 
-def test_endless_loop_is_stopped(problems, workspace):
+def test_endless_loop_is_stopped(humaneval_problems, locked_workspace):
     start = time.monotonic()
-    outcome = check_completion(problems["HumanEval/0"], "    while True:\n        pass\n", workspace, FAST)
+    outcome = check_completion(
+        humaneval_problems["HumanEval/0"], "    while True:\n        pass\n", locked_workspace, FAST
+    )
     assert (outcome.passed, outcome.status) == (False, "timed_out")
     assert time.monotonic() - start < 10
 
 
-def test_writes_outside_the_workspace_do_not_reach_the_host(problems, workspace):
+def test_writes_outside_the_workspace_do_not_reach_the_host(humaneval_problems, locked_workspace):
     name = f"tiss-he-escape-{uuid.uuid4().hex}"
-    outside = workspace.parent / name  # next to the workspace, outside it
+    outside = locked_workspace.parent / name  # next to the locked_workspace, outside it
     in_tmp = Path("/tmp") / name  # the host's /tmp (the sandbox has a private one)
     var_tmp = Path(tempfile.mkdtemp(prefix="tiss-he-outside-", dir="/var/tmp"))  # on the read-only root
     var_tmp.chmod(0o777)
@@ -75,9 +64,9 @@ def test_writes_outside_the_workspace_do_not_reach_the_host(problems, workspace)
             "            with open(target, 'w') as handle:\n"
             "                handle.write('escaped')\n"
             "        except OSError:\n"
-            "            pass\n" + correct_body(problems)
+            "            pass\n" + correct_body(humaneval_problems)
         )
-        outcome = check_completion(problems["HumanEval/0"], completion, workspace, FAST)
+        outcome = check_completion(humaneval_problems["HumanEval/0"], completion, locked_workspace, FAST)
         assert outcome.passed, outcome.detail  # the writes failed or landed in the sandbox, silently
         for target in (outside, in_tmp, var_tmp / name):
             assert not target.exists(), target
@@ -87,17 +76,19 @@ def test_writes_outside_the_workspace_do_not_reach_the_host(problems, workspace)
         outside.unlink(missing_ok=True)
 
 
-def test_environment_does_not_leak(problems, workspace, monkeypatch):
+def test_environment_does_not_leak(humaneval_problems, locked_workspace, monkeypatch):
     monkeypatch.setenv("TISSLM_SECRET_PROBE", "hunter2")
     assert os.environ["TISSLM_SECRET_PROBE"] == "hunter2"
-    completion = "    import os\n    assert 'TISSLM_SECRET_PROBE' not in os.environ\n" + correct_body(problems)
-    outcome = check_completion(problems["HumanEval/0"], completion, workspace, FAST)
+    completion = "    import os\n    assert 'TISSLM_SECRET_PROBE' not in os.environ\n" + correct_body(
+        humaneval_problems
+    )
+    outcome = check_completion(humaneval_problems["HumanEval/0"], completion, locked_workspace, FAST)
     assert outcome.passed, outcome.detail
-    leaking = "    import os\n    assert 'TISSLM_SECRET_PROBE' in os.environ\n" + correct_body(problems)
-    assert check_completion(problems["HumanEval/0"], leaking, workspace, FAST).status == "failed"
+    leaking = "    import os\n    assert 'TISSLM_SECRET_PROBE' in os.environ\n" + correct_body(humaneval_problems)
+    assert check_completion(humaneval_problems["HumanEval/0"], leaking, locked_workspace, FAST).status == "failed"
 
 
-def test_no_network(problems, workspace):
+def test_no_network(humaneval_problems, locked_workspace):
     completion = (
         "    import socket\n"
         "    try:\n"
@@ -105,18 +96,18 @@ def test_no_network(problems, workspace):
         "    except OSError:\n"
         "        pass\n"
         "    else:\n"
-        "        raise AssertionError('network reachable')\n" + correct_body(problems)
+        "        raise AssertionError('network reachable')\n" + correct_body(humaneval_problems)
     )
-    outcome = check_completion(problems["HumanEval/0"], completion, workspace, FAST)
+    outcome = check_completion(humaneval_problems["HumanEval/0"], completion, locked_workspace, FAST)
     assert outcome.passed, outcome.detail
 
 
-def test_every_canonical_solution_passes(problems, workspace):
-    """All 164 problems load and their canonical solutions pass in the sandbox (about 3 s on 2 cores)."""
-    assert len(problems) == 164
+def test_every_canonical_solution_passes(humaneval_problems, locked_workspace):
+    """All 164 humaneval_problems load and their canonical solutions pass in the sandbox (about 3 s on 2 cores)."""
+    assert len(humaneval_problems) == 164
     failures = {}
-    for task_id, problem in problems.items():
-        outcome = check_completion(problem, problem["canonical_solution"], workspace)
+    for task_id, problem in humaneval_problems.items():
+        outcome = check_completion(problem, problem["canonical_solution"], locked_workspace)
         if not outcome.passed:
             failures[task_id] = outcome
     assert failures == {}

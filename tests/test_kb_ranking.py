@@ -1,7 +1,7 @@
 """Code-aware ranking of the knowledge base, each behaviour on a tiny corpus written by the test:
 identifier splitting, field weights (name, signature, docstring), file-level aggregation, test files
-down-weighted or left out, deprecated modules down-weighted, the ranking stored in the index, the
-grounding warning, and the held-out query set's labels."""
+down-weighted or left out, tests lifting the file they test, deprecated modules down-weighted, the
+ranking stored in the index, the grounding warning, and the held-out query set's labels."""
 
 from __future__ import annotations
 
@@ -16,8 +16,8 @@ from tisslm.kb import KnowledgeBase, build_index
 from tisslm.kb.build import record_grounding
 from tisslm.kb.chunk import chunk_python
 from tisslm.kb.evaluate import HELDOUT_QUERIES, load_queries
-from tisslm.kb.index import DEFAULT_RANKING, Ranking, rank_chunks
-from tisslm.kb.store import is_deprecated_module, is_test_path
+from tisslm.kb.index import DEFAULT_RANKING, Ranking, covered_documents, rank_chunks
+from tisslm.kb.store import covered_paths, is_deprecated_module, is_test_path
 
 STDLIB = Path(sysconfig.get_paths()["stdlib"])
 
@@ -187,6 +187,57 @@ def test_test_files_no_longer_crowd_out_the_library(code_kb):
     assert any(h.path == "test/test_csvlib.py" for h in hits)  # down-weighted, still found
     for mode in ("bm25", "dense", "fused"):
         assert all(h.path != "test/test_csvlib.py" for h in search(code_kb, query, mode=mode, test_weight=0.0))
+
+
+def test_a_test_file_names_the_library_file_it_tests():
+    assert covered_paths("test/test_shutil.py") == ["shutil.py", "shutil/__init__.py"]
+    assert covered_paths("test/test_email/test_utils.py") == [
+        "email/utils.py", "email/utils/__init__.py", "email.py", "email/__init__.py",
+    ]  # fmt: skip
+    assert covered_paths("idlelib/idle_test/test_pyparse.py")[0] == "idlelib/pyparse.py"
+    assert covered_paths("pkg/tests/io_test.py")[0] == "pkg/io.py"
+    assert covered_paths("unittest/test/support.py") == []  # a test's helper, of no module in particular
+    assert covered_paths("shutil.py") == []  # not a test
+
+
+def test_covered_documents_resolve_exactly_then_by_a_unique_suffix():
+    keys = {p: f"key:{p}" for p in ["shutil.py", "src/pkg/io.py", "email/__init__.py", "a/util.py", "b/util.py"]}
+    keys |= {p: f"key:{p}" for p in ["test/test_shutil.py", "tests/test_io.py", "test/test_email/test_parser.py",
+                                     "test/test_util.py", "test/test_nothing.py"]}  # fmt: skip
+    assert covered_documents(keys) == {
+        "key:test/test_shutil.py": "key:shutil.py",
+        "key:tests/test_io.py": "key:src/pkg/io.py",  # the one library path ending in io.py
+        "key:test/test_email/test_parser.py": "key:email/__init__.py",  # no email/parser.py: its package
+    }  # test_util.py: two util.py, which one is unknown; test_nothing.py: nothing of that name
+
+
+def test_test_evidence_lifts_the_tested_file_by_its_tests_scores():
+    # (chunk id, bm25, document, is_test): lib.py matches weakly, other.py better; lib.py's test strongly.
+    rows = [(1, 5.0, "other.py", 0), (2, 4.0, "lib.py", 0), (3, 9.0, "test_lib.py", 1), (4, 6.0, "test_lib.py", 1)]
+    plain = Ranking(file_weight=0.0, test_weight=0.3, test_evidence=0.0)
+    assert [i for i, _ in rank_chunks(rows, plain, covered={"test_lib.py": "lib.py"})] == [1, 2, 3, 4]
+    ranked = rank_chunks(
+        rows, Ranking(file_weight=0.0, test_weight=0.3, test_evidence=0.15), covered={"test_lib.py": "lib.py"}
+    )
+    assert ranked[0] == (2, 4.0 + 0.15 * (9.0 + 0.5 * 6.0))  # the tests' raw scores, summed as a file's
+    assert dict(ranked)[3] == pytest.approx(0.3 * 9.0)  # the test chunks themselves stay down-weighted
+    with pytest.raises(TissLMError, match="test_evidence"):
+        Ranking(test_evidence=-1.0)
+
+
+def test_a_library_function_named_unlike_the_question_is_found_through_its_tests(tmp_path):
+    root = write(tmp_path / "src", {
+        "shellutil.py": 'def which(cmd, path=None):\n    """Return the full path of cmd, or None."""\n    return _look(cmd, path)\n',
+        "configfiles.py": 'def full_path(name):\n    """The full path of a config file."""\n    return _home() + name\n',
+        "test/test_shellutil.py": "from shellutil import which\n\n\ndef test_locates_an_executable_program():\n"
+        '    """An executable program on the search path is located."""\n    assert which("python")  # executable\n',
+    })  # fmt: skip
+    build_index(tmp_path / "kb", directory=root, progress=False)
+    query = "locate the full path of an executable program"
+    without = [h.path for h in search(tmp_path / "kb", query, test_evidence=0.0) if h.path != "test/test_shellutil.py"]
+    assert without[0] == "configfiles.py"  # "full path" in its name and docstring
+    with_tests = [h.path for h in search(tmp_path / "kb", query) if h.path != "test/test_shellutil.py"]
+    assert with_tests[0] == "shellutil.py"
 
 
 def test_test_files_can_be_left_out_of_the_index(tmp_path):

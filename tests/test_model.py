@@ -121,6 +121,26 @@ def test_static_step_equals_the_full_forward_of_every_slot():
     torch.testing.assert_close(step[0], model(torch.tensor([sequences[0]]))[0, -1], atol=1e-5, rtol=0)
 
 
+def test_static_step_over_a_length_bucket_equals_the_full_forward():
+    """A static step over the first L positions only (L past every slot's position) gives each slot the
+    logits of its own sequence, and the keys it writes in place serve later steps at another length."""
+    model = make_model()
+    cache = KVCache.for_model(model.config, slots=3, max_len=20)
+    sequences = [torch.randint(0, 97, (n,)).tolist() for n in (5, 9, 12)]
+    for slot, sequence in enumerate(sequences):
+        model(torch.tensor([sequence]), cache=cache.rows([slot]))
+    for length in (16, 14, 20):  # the furthest slot's new token at 12, 13 (L = 14: exactly keys 0..13), 14
+        new = torch.randint(0, 97, (3,))
+        step = model(new[:, None], cache=cache.static(3, length))[:, -1]  # (3, vocab)
+        for slot, token in enumerate(new.tolist()):
+            sequences[slot].append(token)
+            alone = model(torch.tensor([sequences[slot]]))[0, -1]
+            torch.testing.assert_close(step[slot], alone, atol=1e-5, rtol=0)
+    assert cache.lengths.tolist() == [8, 12, 15]
+    with pytest.raises(ValueError, match="attended length 21"):
+        cache.static(3, 21)
+
+
 def test_rope_scores_depend_only_on_relative_offset():
     head_dim = 16
     cos, sin = rope_tables(head_dim, 128, 10000.0)

@@ -38,6 +38,8 @@ def test_device_choice():
     assert uses_cuda("auto", True) and not uses_cuda("auto", False) and not uses_cuda("cpu", True)
     with pytest.raises(TissLMError, match=r"train\.device=cuda: no CUDA device"):
         uses_cuda("cuda", False)
+    with pytest.raises(TissLMError, match=r"sft\.device=cuda: no CUDA device"):  # the stage's own setting named
+        uses_cuda("cuda", False, "sft.device")
 
 
 def test_compile_is_on_for_cuda_only_when_auto():

@@ -7,9 +7,9 @@ new keys and values and return all of them. Each cache answers in its own way:
 - `KVCache` keeps `slots` independent sequences in buffers preallocated to `max_len` positions,
   each slot at its own length. A forward runs either on a chosen set of slots, reading keys up
   to the longest of them (`rows`: prefill, and the eager reference decode), or on the first n
-  slots at once over the whole buffer (`static`): then a decode step has the same shapes every
-  time for a given n, so it compiles once per n, and on a GPU replays as one CUDA graph (the
-  gpt-fast pattern).
+  slots at once over the first L positions of the buffer (`static`): then a decode step has the
+  same shapes every time for a given (n, L), so it compiles once per pair, and on a GPU replays as
+  one CUDA graph (the gpt-fast pattern).
 - `release.export`'s ONNX decoder keeps past keys and values as graph inputs and concatenates.
 """
 
@@ -89,10 +89,11 @@ class KVCache:
         """The cache for a forward over `slots` (batch row i continues slot slots[i])."""
         return SlotRows(self, list(slots))
 
-    def static(self, slots: int | None = None) -> StaticSlots:
+    def static(self, slots: int | None = None, length: int | None = None) -> StaticSlots:
         """The cache for a forward of one new token in each of the first `slots` slots (all by
-        default), over the whole buffer: fixed shapes for a given number of slots."""
-        return StaticSlots(self, slots or self.slots)
+        default), over the first `length` positions of the buffer (all by default): fixed shapes for
+        a given number of slots and length."""
+        return StaticSlots(self, slots or self.slots, length or self.max_len)
 
 
 class SlotRows:
@@ -137,13 +138,17 @@ class SlotRows:
 
 
 class StaticSlots:
-    """One new token in each of the first `slots` slots, attending over the whole buffer under a mask: the
-    same shapes at every step and no host state read, so the step compiles to one graph per number of
-    slots. A slot past the end of the buffer (a free slot that keeps stepping) writes to the last position
-    instead of out of bounds; nothing reads it."""
+    """One new token in each of the first `slots` slots, attending over the first `length` positions of the
+    buffer under a mask: the same shapes at every step and no host state read, so the step compiles to one
+    graph per (slots, length). The caller picks a `length` past every position that matters (see
+    `tisslm.core.decode.attended_length`); keys and values are still written in place into the whole buffer.
+    A slot past the end of the buffer (a free slot that keeps stepping) writes to the last position instead
+    of out of bounds, and a slot at or past `length` attends to all `length` keys; nothing reads either's output."""
 
-    def __init__(self, cache: KVCache, slots: int):
-        self.cache, self.slots = cache, slots
+    def __init__(self, cache: KVCache, slots: int, length: int):
+        if not 0 < length <= cache.max_len:
+            raise ValueError(f"attended length {length} outside 1..{cache.max_len}")
+        self.cache, self.slots, self.length = cache, slots, length
         self._positions = cache.lengths[:slots].clamp(max=cache.max_len - 1)[:, None]  # (slots, 1)
 
     def positions(self, new_tokens: int) -> torch.Tensor:
@@ -152,8 +157,8 @@ class StaticSlots:
         return self._positions
 
     def mask(self) -> torch.Tensor:
-        key_pos = torch.arange(self.cache.max_len, device=self._positions.device)  # (S,)
-        return (key_pos[None, :] <= self._positions)[:, None, None, :]  # (slots, 1, 1, S)
+        key_pos = torch.arange(self.length, device=self._positions.device)  # (L,)
+        return (key_pos[None, :] <= self._positions)[:, None, None, :]  # (slots, 1, 1, L)
 
     def update(self, layer: int, k: torch.Tensor, v: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         rows = torch.arange(self.slots, device=k.device)  # (slots,)
@@ -161,7 +166,8 @@ class StaticSlots:
         keys, values = self.cache.keys[layer], self.cache.values[layer]
         keys[rows, :, position] = k[:, :, 0]  # (slots, n_kv_heads, head_dim), in place in the layer's buffer
         values[rows, :, position] = v[:, :, 0]
-        return keys[: self.slots], values[: self.slots]  # (slots, n_kv_heads, max_len, head_dim)
+        end = self.length
+        return keys[: self.slots, :, :end], values[: self.slots, :, :end]  # (slots, n_kv_heads, L, head_dim)
 
     def advance(self, new_tokens: int) -> None:
         # The device's lengths only: a compiled step must not touch host state, so its caller

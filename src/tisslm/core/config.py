@@ -401,6 +401,7 @@ class KnowledgeBaseRanking(_Section):
     field_weights: KnowledgeBaseFieldWeights = KnowledgeBaseFieldWeights()
     file_weight: float = Field(0.3, ge=0)  # a chunk's score + this x its file's score (0: no aggregation)
     test_weight: float = Field(0.3, ge=0, le=1)  # test files' chunk scores x this (0: left out)
+    test_evidence: float = Field(0.15, ge=0)  # a file's chunks + this x the scores of its tests' chunks
     deprecated_weight: float = Field(0.5, ge=0, le=1)  # deprecated modules' chunk scores x this
     dense_weight: float = Field(0.25, ge=0)  # fused mode: the dense ranking's weight against the lexical one's
 

@@ -7,9 +7,10 @@ behind the same interface, is `tisslm.release.llamacpp.LlamaCppDecoder`.
 
 A prompt enters a slot by `prefill` (any length, eager). Then `step` feeds one token to each
 active slot and returns each one's next-token logits. Compiled, the step feeds the first n slots
-(n from `step_buckets`, the fewest that hold the active ones) and attends over the whole
-preallocated buffer under a mask (`KVCache.static`), so its shapes never change for a given n:
-one graph per bucket. On a CPU that graph is Inductor's C++ (the Python and dispatch overhead of
+(n from `step_buckets`, the fewest that hold the active ones) and attends over the first L
+positions of the preallocated buffer under a mask (`KVCache.static`; L from `length_buckets`,
+the shortest past every active slot's position), so its shapes never change for a given (n, L):
+one graph per pair of buckets. On a CPU that graph is Inductor's C++ (the Python and dispatch overhead of
 ~150 small ops per token is what eager decoding pays at this size); on a GPU it is captured in a
 CUDA graph and replayed, one launch per token instead of hundreds. Compilation is a first-call
 cost (seconds on a CPU, cached on disk in TORCHINDUCTOR_CACHE_DIR), so it is an option, worth it
@@ -35,9 +36,10 @@ def compile_settings(device_type: str) -> dict:
     return settings | {"options": {"cpp_wrapper": True}}
 
 
-def _step(model: TissLM, cache: KVCache, tokens: torch.Tensor) -> torch.Tensor:
-    """Logits (n, vocab) of the token after `tokens` (n,) in the first n slots: the static decode step."""
-    return model(tokens[:, None], cache=cache.static(tokens.size(0)))[:, -1]  # (n, vocab)
+def _step(model: TissLM, cache: KVCache, tokens: torch.Tensor, length: int) -> torch.Tensor:
+    """Logits (n, vocab) of the token after `tokens` (n,) in the first n slots, attending over the first
+    `length` positions of the buffer: the static decode step (`length` a constant: one graph per value)."""
+    return model(tokens[:, None], cache=cache.static(tokens.size(0), length))[:, -1]  # (n, vocab)
 
 
 def step_buckets(slots: int) -> list[int]:
@@ -45,6 +47,23 @@ def step_buckets(slots: int) -> list[int]:
     runs the smallest that holds every active slot (slots are handed out lowest first), so one request
     does not pay for a server's 32 slots, and there are only a few graphs to compile."""
     return sorted({min(2**i, slots) for i in range(slots.bit_length() + 1)})
+
+
+def length_buckets(max_len: int, shortest: int = 128) -> list[int]:
+    """How many key positions a compiled step may attend over: powers of two from `shortest` below
+    `max_len`, and `max_len` itself. Attention over the whole buffer costs a short sequence as much as
+    a full one; a few lengths keep that cost near the filled part with only a few graphs."""
+    buckets, size = [], shortest
+    while size < max_len:
+        buckets.append(size)
+        size *= 2
+    return [*buckets, max_len]
+
+
+def attended_length(position: int, max_len: int) -> int:
+    """The bucket a step attends over when its furthest new token sits at `position` (0-based): the
+    shortest of `length_buckets(max_len)` that holds keys 0..position, or max_len past the buffer."""
+    return next((b for b in length_buckets(max_len) if b > position), max_len)
 
 
 class DecodeEngine(ABC):
@@ -104,13 +123,15 @@ class Decoder(DecodeEngine):
         parameter = next(model.parameters())
         self.device = parameter.device
         self.slots = slots
-        # Buffers of max_seq_len positions whatever the prompts: one shape, so one compiled graph.
+        # Buffers of max_seq_len positions whatever the prompts; a compiled step attends over a length bucket of them.
         self.cache = KVCache.for_model(model.config, slots, dtype=parameter.dtype, device=parameter.device)
         self.compiled = compile
         self._step = None
         if compile:
-            # One graph per step bucket, per model: more than dynamo's default of 8 in one process.
-            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64)
+            # One graph per (step bucket, length bucket), per model: 16 for 8 slots over 1024 positions, more
+            # than dynamo's default of 8, and a process (tests, a benchmark) may compile several models.
+            graphs = len(step_buckets(slots)) * len(length_buckets(self.cache.max_len))
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 64, 4 * graphs)
             self._step = torch.compile(_step, **compile_settings(self.device.type))
 
     def prefill(self, slot: int, tokens: list[int], all_logits: bool = False) -> torch.Tensor:
@@ -132,29 +153,34 @@ class Decoder(DecodeEngine):
         self.cache.reset(slot, length)
 
     def step(self, slots: list[int], tokens: list[int]) -> torch.Tensor:
-        """Compiled: the first n slots step (n the smallest bucket holding `slots`; the static shape),
-        the others among them fed a 0 and their outputs dropped. Eager: the given slots step, over
-        the keys up to the longest of them, which is cheaper without a compiler (the whole buffer
-        costs attention over every position)."""
+        """Compiled: the first n slots step (n the smallest bucket holding `slots`) over the first L
+        positions (L the shortest length bucket past the furthest of `slots`): the static shape. The
+        others among the n are fed a 0 and their outputs dropped (one may sit past L: it attends to
+        garbage, harmlessly). Eager: the given slots step, over the keys up to the longest of them."""
         if not self.compiled:
             idx = torch.tensor(tokens, dtype=torch.long, device=self.device)[:, None]  # (B, 1)
             return self.model(idx, cache=self.cache.rows(slots))[:, -1]  # (B, vocab)
         n = next(b for b in step_buckets(self.slots) if b > max(slots))
+        length = attended_length(max(self.cache.host_lengths[slot] for slot in slots), self.cache.max_len)
         fed = [0] * n
         for slot, token in zip(slots, tokens, strict=True):
             fed[slot] = token
         if self.device.type == "cuda":
             torch.compiler.cudagraph_mark_step_begin()  # the previous step's outputs may be overwritten
-        logits = self._step(self.model, self.cache, torch.tensor(fed, dtype=torch.long, device=self.device))
+        fed_tensor = torch.tensor(fed, dtype=torch.long, device=self.device)
+        logits = self._step(self.model, self.cache, fed_tensor, length)
         for slot in range(n):  # the step counted on the device only
             self.cache.host_lengths[slot] += 1
         return logits[slots] if slots != list(range(n)) else logits.clone()  # never the graph's own buffer
 
     def warm_up(self) -> None:
-        """Compile the step for every bucket now, not on the request that first needs it."""
+        """Compile the step for every pair of buckets now, not on the request that first needs it."""
         if self.compiled:
-            for n in step_buckets(self.slots):
-                self.step(list(range(n)), [0] * n)
+            for length in length_buckets(self.cache.max_len):
+                for n in step_buckets(self.slots):
+                    for slot in range(n):
+                        self.cache.reset(slot, length - 1)  # the furthest position this length holds
+                    self.step(list(range(n)), [0] * n)
             for slot in range(self.slots):
                 self.cache.reset(slot)
 

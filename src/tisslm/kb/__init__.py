@@ -7,8 +7,9 @@ tisslm.kb.context.with_context(prompt, hits, ...)       retrieved chunks placed 
 
 from __future__ import annotations
 
-from importlib import import_module
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING
+
+from tisslm.core.lazy import lazy_exports
 
 if TYPE_CHECKING:
     from tisslm.kb.build import build_index
@@ -20,9 +21,4 @@ __all__ = ["Hit", "KnowledgeBase", "build_index"]
 _HOMES = {"Hit": "tisslm.kb.index", "KnowledgeBase": "tisslm.kb.index", "build_index": "tisslm.kb.build"}
 
 
-def __getattr__(name: str) -> Any:
-    if name not in _HOMES:
-        raise AttributeError(f"module 'tisslm.kb' has no attribute {name!r}")
-    value = getattr(import_module(_HOMES[name]), name)
-    globals()[name] = value
-    return value
+__getattr__, __dir__ = lazy_exports(__name__, _HOMES)

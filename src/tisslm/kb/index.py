@@ -26,14 +26,24 @@ import re
 import sqlite3
 import threading
 from collections import defaultdict
+from collections.abc import Mapping
 from dataclasses import asdict, dataclass
 from pathlib import Path
+from types import MappingProxyType
 
 import numpy as np
 
 from tisslm.core.errors import TissLMError
 from tisslm.kb import embed
-from tisslm.kb.store import FIELDS, TOKENIZE, index_path, open_for_reading, split_identifier
+from tisslm.kb.store import (
+    FIELDS,
+    TOKENIZE,
+    covered_paths,
+    index_path,
+    is_test_path,
+    open_for_reading,
+    split_identifier,
+)
 
 MODES = ("fused", "bm25", "dense")
 DEFAULT_MODE = "fused"
@@ -78,6 +88,10 @@ class Ranking:
       halved after the first (so a file many chunks of which match lifts all of them); 0 turns it off.
     - test_weight: chunks of test files (`store.is_test_path`) have their score multiplied by it:
       1 ranks them as any code, 0 leaves them out (they stay indexed, and a weight above 0 finds them).
+    - test_evidence: a test chunk's score (before test_weight) also lifts the file it tests
+      (`store.covered_paths`: `test/test_shutil.py` -> `shutil.py`), times this, summed as the file
+      score is. Tests call the code in the words users ask with ("executable", "timeout") where the
+      code's own names and docstrings may not; 0 turns it off.
     - deprecated_weight: the same for chunks of deprecated modules (a module that warns at import
       that it is deprecated, or any module of a package whose `__init__` does: distutils, lib2to3,
       asyncore, ...): the maintained module that does the same job is the better answer.
@@ -89,6 +103,7 @@ class Ranking:
     field_weights: tuple[float, ...] = (4.0, 2.0, 2.0, 1.0, 0.25)
     file_weight: float = 0.3
     test_weight: float = 0.3
+    test_evidence: float = 0.15
     deprecated_weight: float = 0.5
     dense_weight: float = 0.25
     depth: int = 500  # lexical candidates scored and aggregated per query
@@ -98,8 +113,8 @@ class Ranking:
             raise TissLMError(f"kb ranking: field_weights needs {len(FIELDS)} weights >= 0 ({', '.join(FIELDS)})")
         if not (0 <= self.test_weight <= 1 and 0 <= self.deprecated_weight <= 1):
             raise TissLMError("kb ranking: test_weight and deprecated_weight must be in [0, 1]")
-        if self.file_weight < 0 or self.dense_weight < 0:
-            raise TissLMError("kb ranking: file_weight and dense_weight must be >= 0")
+        if min(self.file_weight, self.dense_weight, self.test_evidence) < 0:
+            raise TissLMError("kb ranking: file_weight, dense_weight and test_evidence must be >= 0")
 
     def to_json(self) -> dict:
         return {**asdict(self), "field_weights": dict(zip(FIELDS, self.field_weights, strict=True))}
@@ -177,17 +192,27 @@ def rrf(rankings: list[list[int]], k: int = RRF_K, weights: list[float] | None =
     return scores
 
 
+def _file_score(scores: list[float]) -> float:
+    """A file's score from its chunks' scores: the best FILE_TOP, each halved after the first."""
+    return sum(s * 0.5**i for i, s in enumerate(sorted(scores, reverse=True)[:FILE_TOP]))
+
+
 def rank_chunks(
     rows: list[tuple[int, float, str, int]],
     ranking: Ranking = DEFAULT_RANKING,
     deprecated: frozenset[str] | set[str] = frozenset(),
+    covered: Mapping[str, str] = MappingProxyType({}),
 ) -> list[tuple[int, float]]:
     """(chunk id, BM25 score, document, is_test) candidates -> (chunk id, score), best first: test
     chunks' scores times `test_weight` and those of `deprecated` documents times `deprecated_weight`
-    (left out at 0), then each chunk lifted by `file_weight` times its file's score (its best
-    FILE_TOP chunk scores, each halved after the first)."""
+    (left out at 0), then each chunk lifted by `file_weight` times its file's score and by
+    `test_evidence` times the score of the test chunks of the file (`covered`: test document -> the
+    document it tests), both summed over the best FILE_TOP chunks, each halved after the first."""
     scored = []
+    evidence: dict[str, list[float]] = defaultdict(list)
     for chunk_id, score, document, is_test in rows:
+        if document in covered:
+            evidence[covered[document]].append(score)
         weight = (ranking.test_weight if is_test else 1.0) * (
             ranking.deprecated_weight if document in deprecated else 1.0
         )
@@ -196,12 +221,32 @@ def rank_chunks(
     per_file: dict[str, list[float]] = defaultdict(list)
     for _, score, document in scored:
         per_file[document].append(score)
-    file_score = {
-        document: sum(s * 0.5**i for i, s in enumerate(sorted(scores, reverse=True)[:FILE_TOP]))
+    lift = {
+        document: ranking.file_weight * _file_score(scores) + ranking.test_evidence * _file_score(evidence[document])
         for document, scores in per_file.items()
     }
-    final = [(chunk_id, score + ranking.file_weight * file_score[document]) for chunk_id, score, document in scored]
+    final = [(chunk_id, score + lift[document]) for chunk_id, score, document in scored]
     return sorted(final, key=lambda item: -item[1])
+
+
+def covered_documents(keys: Mapping[str, str]) -> dict[str, str]:
+    """Test document key -> the key of the library document it tests, for the tests whose target
+    (`store.covered_paths`) is indexed: that path, else the one library path ending in it
+    (`tests/test_io.py` -> `src/pkg/io.py`). `keys` maps every indexed path to its document key."""
+    by_suffix: dict[str, list[str]] = defaultdict(list)  # every tail of every library path -> those paths
+    for path in keys:
+        if not is_test_path(path):
+            parts = path.split("/")
+            for start in range(len(parts)):
+                by_suffix["/".join(parts[start:])].append(path)
+    covered = {}
+    for path, key in keys.items():
+        for candidate in covered_paths(path):
+            matches = [candidate] if candidate in keys else by_suffix.get(candidate, [])
+            if len(matches) == 1:
+                covered[key] = keys[matches[0]]
+                break
+    return covered
 
 
 class KnowledgeBase:
@@ -220,7 +265,8 @@ class KnowledgeBase:
         self._bits = np.zeros((embed.DIM // 64, 0), dtype=np.uint64)
         self._flagged: list[tuple[int, bool, bool]] = []
         self._deprecated: frozenset[str] = frozenset()
-        self._deprecated_generation: str | None = None
+        self._covered: dict[str, str] = {}
+        self._documents_generation: str | None = None
         self._tests_generation: str | None = None
         # The query's words go through the index's own tokenizer (Porter stems included), so that
         # their chunk counts can be looked up in term_df; temp tables live in this connection only.
@@ -328,21 +374,22 @@ class KnowledgeBase:
             " WHERE chunks_fts MATCH ? ORDER BY s DESC LIMIT ?",
             (*weights, match, max(depth, ranking.depth)),
         ).fetchall()  # bm25() is negative: lower is better, so it is negated
-        return rank_chunks(rows, ranking, self._deprecated_documents())[:depth]
+        self._read_documents()
+        return rank_chunks(rows, ranking, self._deprecated, self._covered)[:depth]
 
-    def _deprecated_documents(self) -> frozenset[str]:
-        """Keys of the deprecated documents: flagged at build, or under a flagged package's __init__."""
+    def _read_documents(self) -> None:
+        """Refresh, once per build, the keys of the deprecated documents (flagged at build, or under a
+        flagged package's __init__) and which library document each test document tests."""
         generation = self._conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]
-        if self._deprecated_generation != generation:
-            rows = self._conn.execute("SELECT key, path, deprecated FROM documents").fetchall()
-            packages = tuple(
-                path[: -len("__init__.py")] for _, path, flag in rows if flag and path.endswith("__init__.py")
-            )
-            self._deprecated = frozenset(
-                key for key, path, flag in rows if flag or (packages and path.startswith(packages))
-            )
-            self._deprecated_generation = generation
-        return self._deprecated
+        if self._documents_generation == generation:
+            return
+        rows = self._conn.execute("SELECT key, path, deprecated FROM documents").fetchall()
+        packages = tuple(path[: -len("__init__.py")] for _, path, flag in rows if flag and path.endswith("__init__.py"))
+        self._deprecated = frozenset(
+            key for key, path, flag in rows if flag or (packages and path.startswith(packages))
+        )
+        self._covered = covered_documents({path: key for key, path, _ in rows})
+        self._documents_generation = generation
 
     def _dense(
         self, query_vector: np.ndarray, depth: int, ranking: Ranking = DEFAULT_RANKING
@@ -359,7 +406,8 @@ class KnowledgeBase:
     def _chunk_weights(self, ranking: Ranking) -> dict[int, float]:
         """Chunk id -> its test/deprecated weight, for the chunks whose weight is not 1."""
         if self._tests_generation != self._generation:
-            deprecated = self._deprecated_documents()
+            self._read_documents()
+            deprecated = self._deprecated
             self._flagged = [
                 (i, bool(is_test), document in deprecated)
                 for i, is_test, document in self._conn.execute("SELECT id, is_test, document FROM chunks")

@@ -110,6 +110,23 @@ def is_test_path(path: str) -> bool:
     return TEST_PATH.search(path) is not None
 
 
+def covered_paths(path: str) -> list[str]:
+    """The library files a test file most likely tests, best first, by the usual layout:
+    `test/test_shutil.py` -> `shutil.py`; `test/test_email/test_utils.py` -> `email/utils.py`, then
+    the package its test directory names (`email.py`, `email/__init__.py`); `pkg/tests/test_io.py`
+    -> `pkg/io.py`. A stem ends at a name marked as a test's (`test_x`, `x_test`), so a test of
+    no such name (`unittest/test/support.py`) tests nothing in particular. Empty for a non-test."""
+    if not is_test_path(path):
+        return []
+    parts: list[tuple[str, bool]] = []  # (name with its test marker removed, whether it had one)
+    for part in path.rsplit(".", 1)[0].split("/"):
+        name = part.removeprefix("test_").removesuffix("_test")
+        if part not in ("test", "tests", "idle_test", "testing") and name:
+            parts.append((name, name != part))
+    stems = ["/".join(name for name, _ in parts[:end]) for end in range(len(parts), 0, -1) if parts[end - 1][1]]
+    return [candidate for stem in stems for candidate in (f"{stem}.py", f"{stem}/__init__.py")]
+
+
 def is_deprecated_module(path: str, text: str) -> bool:
     """Does the Python module warn at import that it is deprecated (DEPRECATED)? A deprecated
     package's `__init__.py` makes every module under it deprecated (see KnowledgeBase)."""

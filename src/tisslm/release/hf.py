@@ -27,7 +27,7 @@ from tisslm.core.io import atomic_dir
 from tisslm.core.model import CONFIG_FILE, TOKENIZER_FILE, WEIGHTS_FILE, ModelConfig, TissLM
 
 if TYPE_CHECKING:
-    from transformers import LlamaConfig, PretrainedConfig, PreTrainedModel
+    from transformers import PretrainedConfig, PreTrainedModel
 
 
 # ModelConfig field -> LlamaConfig field, for the settings that mean the same in both.
@@ -45,38 +45,22 @@ CONFIG_FIELDS = {
 }
 
 
-def llama_config(config: ModelConfig) -> LlamaConfig:
-    from transformers import LlamaConfig
-
-    llama = LlamaConfig(
-        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
-        head_dim=config.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        hidden_act="silu",
-        attention_bias=False,
-        mlp_bias=False,
-    )
-    llama.rope_theta = config.rope_theta  # transformers 4.x reads this key, not rope_parameters
-    return llama
-
-
 def hf_config(config: ModelConfig) -> PretrainedConfig:
     """The transformers config of the same network: Llama's, or with q/k/v biases Qwen2's (Llama's
     own attention_bias would put a bias on o_proj too)."""
-    if not config.attention_bias:
-        return llama_config(config)
-    from transformers import Qwen2Config
+    from transformers import LlamaConfig, Qwen2Config
 
-    qwen2 = Qwen2Config(
-        **{theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()},
-        head_dim=config.head_dim,
-        rope_parameters={"rope_type": "default", "rope_theta": config.rope_theta},
-        hidden_act="silu",
-        use_sliding_window=False,
-        sliding_window=None,
-    )
-    qwen2.rope_theta = config.rope_theta  # as in llama_config, for transformers 4.x
-    return qwen2
+    shared = {theirs: getattr(config, ours) for ours, theirs in CONFIG_FIELDS.items()} | {
+        "head_dim": config.head_dim,
+        "rope_parameters": {"rope_type": "default", "rope_theta": config.rope_theta},
+        "hidden_act": "silu",
+    }
+    if config.attention_bias:
+        hf = Qwen2Config(**shared, use_sliding_window=False, sliding_window=None)
+    else:
+        hf = LlamaConfig(**shared, attention_bias=False, mlp_bias=False)
+    hf.rope_theta = config.rope_theta  # transformers 4.x reads this key, not rope_parameters
+    return hf
 
 
 def _fused_layout(config: ModelConfig, layer: int) -> list[tuple[str, list[str], list[int]]]:

@@ -41,7 +41,9 @@ from tisslm.core.tokenizer import load_tokenizer
 from tisslm.data.instructions import FunctionExample, function_examples
 from tisslm.data.tokens import is_val
 from tisslm.train.lora import ADAPTER_DIR, add_lora, merged, save_adapter
-from tisslm.train.sft import autocast, sequence_logprobs
+from tisslm.train.plan import uses_cuda
+from tisslm.train.sft import sequence_logprobs
+from tisslm.train.trainer import autocast
 
 SAMPLE_ROWS = 64  # prompts decoded together when sampling the default pairs' answers
 TRAIN_ACCURACY_STEPS = 10  # the train reward accuracy is over the pairs of the last this many steps
@@ -351,9 +353,7 @@ def run_dpo(params: Params, clean_dir: Path, model_dir: Path, out_dir: Path) -> 
     if p.steps == 0:
         save_model(None, model_dir, out_dir)
         return {"steps": 0, "seconds": {"total": round(time.perf_counter() - start, 1)}}
-    if p.device == "cuda" and not torch.cuda.is_available():
-        raise TissLMError("dpo.device=cuda: no CUDA device is available")
-    device = torch.device("cuda" if p.device != "cpu" and torch.cuda.is_available() else "cpu")
+    device = torch.device("cuda" if uses_cuda(p.device, torch.cuda.is_available(), "dpo.device") else "cpu")
     policy = TissLM.from_pretrained(model_dir, device).float()
     tokenizer, template = load_tokenizer(model_dir), ChatTemplate.load(model_dir)
     counts: dict = {"sampled": None, "failed_to_parse": None}

@@ -15,10 +15,11 @@ from tisslm.core.errors import TissLMError
 CPU_PROCESSES = 2
 
 
-def uses_cuda(device: str, cuda_available: bool) -> bool:
-    """train.device: cuda (which must exist), cpu, or auto (CUDA when there is one)."""
+def uses_cuda(device: str, cuda_available: bool, setting: str = "train.device") -> bool:
+    """A stage's device `setting` (train.device, sft.device, dpo.device): cuda (which must exist),
+    cpu, or auto (CUDA when there is one)."""
     if device == "cuda" and not cuda_available:
-        raise TissLMError("train.device=cuda: no CUDA device is available")
+        raise TissLMError(f"{setting}=cuda: no CUDA device is available")
     return device == "cuda" or (device == "auto" and cuda_available)
 
 

@@ -15,7 +15,6 @@ the row and counted as truncated; one with no assistant token left after the cut
 
 from __future__ import annotations
 
-import contextlib
 import math
 import random
 import shutil
@@ -36,6 +35,8 @@ from tisslm.core.io import atomic_dir
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
 from tisslm.data.instructions import function_examples, read_conversations
+from tisslm.train.plan import uses_cuda
+from tisslm.train.trainer import autocast
 
 IGNORE = -100  # the target of a position without loss (cross-entropy's ignore_index)
 PAD_TOKEN = "<|pad|>"
@@ -149,12 +150,6 @@ def learning_rate(step: int, p: SftParams) -> float:
     return 0.5 * p.lr * (1 + math.cos(math.pi * min(1.0, progress)))
 
 
-def autocast(precision: str, device: torch.device):
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
-
-
 @torch.no_grad()
 def heldout_loss(model: nn.Module, data: Packed, batch_size: int, precision: str = "fp32") -> float:
     """Mean cross-entropy per assistant token over all rows of `data` (nan without any)."""
@@ -257,10 +252,6 @@ def finetune(
     }
 
 
-def _device(choice: str) -> torch.device:
-    return torch.device("cuda" if choice == "cuda" or (choice == "auto" and torch.cuda.is_available()) else "cpu")
-
-
 def run_sft(params: Params, clean_dir: str | Path, base_dir: str | Path, out_dir: str | Path) -> dict:
     """The sft stage: fine-tune the model in `base_dir` on the conversations `params.sft` names
     and write `out_dir` atomically (model.safetensors, config.json, tokenizer.json, the chat
@@ -276,7 +267,7 @@ def run_sft(params: Params, clean_dir: str | Path, base_dir: str | Path, out_dir
             template.save(tmp)
         return {"steps": 0, "copied_from": str(base_dir)}
     started = time.perf_counter()
-    device = _device(p.device)
+    device = torch.device("cuda" if uses_cuda(p.device, torch.cuda.is_available(), "sft.device") else "cpu")
     model = TissLM.from_pretrained(base_dir, device).float()
     if p.seq_len > model.config.max_seq_len:
         raise TissLMError(f"sft.seq_len={p.seq_len} exceeds {base_dir}'s max_seq_len={model.config.max_seq_len}")

@@ -203,8 +203,9 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.
     return batch[:, :-1], batch[:, 1:]
 
 
-def autocast(p: TrainParams, device: torch.device):
-    if p.precision == "bf16":
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast on `device` (CPU or CUDA) when `precision` is bf16, else nothing."""
+    if precision == "bf16":
         return torch.autocast(device.type, dtype=torch.bfloat16)
     return contextlib.nullcontext()
 
@@ -315,7 +316,7 @@ class Trainer:
             sync = contextlib.nullcontext()
             if d.world_size > 1 and micro < plan.accumulation - 1:
                 sync = self.trainable.no_sync()  # all-reduce once, after the last micro-batch
-            with sync, autocast(p, d.device):
+            with sync, autocast(p.precision, d.device):
                 loss = self.trainable(x, y) / plan.accumulation  # DDP averages over the processes
             loss.backward()
             step_loss += loss.detach()
@@ -343,7 +344,7 @@ class Trainer:
             starts = window_starts(p.seed, -1, batch, plan.global_batch, len(self.val_tokens), p.seq_len)
             for micro in range(plan.accumulation):
                 x, y = windows(self.val_tokens, starts[plan.rows(d.rank, micro)], p.seq_len, d.device)
-                with autocast(p, d.device):
+                with autocast(p.precision, d.device):
                     total += torch.stack(
                         [self.model.loss(x, y).float() * len(x), torch.tensor(len(x), device=d.device)]
                     )
