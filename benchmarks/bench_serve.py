@@ -68,7 +68,8 @@ def start_llama_server(binary: Path, model: Path, slots: int, log: Path) -> tupl
     gguf = export_gguf(lm, load_tokenizer(model), log.parent / "model-F16.gguf", "F16")
     port = free_port()
     threads = str(torch.get_num_threads())
-    command = [str(binary), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
+    # The binary resolved: a relative path (`make llama-server` builds one) would not survive the cwd.
+    command = [str(binary.resolve()), "-m", str(gguf), "--host", "127.0.0.1", "--port", str(port), "--parallel", str(slots),
                "--ctx-size", str(slots * lm.config.max_seq_len), "--threads", threads, "--threads-batch", threads,
                "--flash-attn", "off", "--no-webui"]  # fmt: skip
     process = subprocess.Popen(command, stdout=log.open("w"), stderr=subprocess.STDOUT, cwd=log.parent)
