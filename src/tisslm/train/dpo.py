@@ -41,9 +41,8 @@ from tisslm.core.tokenizer import load_tokenizer
 from tisslm.data.instructions import FunctionExample, function_examples
 from tisslm.data.tokens import is_val
 from tisslm.train.lora import ADAPTER_DIR, add_lora, merged, save_adapter
-from tisslm.train.plan import uses_cuda
+from tisslm.train.plan import autocast, uses_cuda
 from tisslm.train.sft import sequence_logprobs
-from tisslm.train.trainer import autocast
 
 SAMPLE_ROWS = 64  # prompts decoded together when sampling the default pairs' answers
 TRAIN_ACCURACY_STEPS = 10  # the train reward accuracy is over the pairs of the last this many steps

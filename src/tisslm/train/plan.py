@@ -1,12 +1,15 @@
-"""Where training runs: the device, the process count, the batch each process takes, and whether
-to compile. Each is a plain function of what the machine has, so that CPU tests cover the
-decisions a GPU run makes.
+"""Where and how training runs: the device, its precision, the process count, the batch each
+process takes, and whether to compile. Each is a plain function of what the machine has, so that
+CPU tests cover the decisions a GPU run makes.
 """
 
 from __future__ import annotations
 
+import contextlib
 from dataclasses import dataclass
 from typing import Literal
+
+import torch
 
 from tisslm.core.errors import TissLMError
 
@@ -21,6 +24,13 @@ def uses_cuda(device: str, cuda_available: bool, setting: str = "train.device") 
     if device == "cuda" and not cuda_available:
         raise TissLMError(f"{setting}=cuda: no CUDA device is available")
     return device == "cuda" or (device == "auto" and cuda_available)
+
+
+def autocast(precision: str, device: torch.device):
+    """bf16 autocast on `device` (CPU or CUDA) when `precision` is bf16, else nothing."""
+    if precision == "bf16":
+        return torch.autocast(device.type, dtype=torch.bfloat16)
+    return contextlib.nullcontext()
 
 
 def resolve_nproc(nproc: int | Literal["auto"], cuda: bool, cuda_devices: int, cpu_count: int) -> int:

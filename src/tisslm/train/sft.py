@@ -35,8 +35,7 @@ from tisslm.core.io import atomic_dir
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import END_OF_TEXT, load_tokenizer
 from tisslm.data.instructions import function_examples, read_conversations
-from tisslm.train.plan import uses_cuda
-from tisslm.train.trainer import autocast
+from tisslm.train.plan import autocast, uses_cuda
 
 IGNORE = -100  # the target of a position without loss (cross-entropy's ignore_index)
 PAD_TOKEN = "<|pad|>"

@@ -44,7 +44,7 @@ from tisslm.train.checkpoint import load_latest, save_checkpoint
 from tisslm.train.lora import ADAPTER_DIR, add_lora, merged, save_adapter
 from tisslm.train.optim import learning_rate, make_optimizer
 from tisslm.train.perf import device_name, peak_flops
-from tisslm.train.plan import BatchPlan, plan_batches, resolve_compile, uses_cuda
+from tisslm.train.plan import BatchPlan, autocast, plan_batches, resolve_compile, uses_cuda
 
 
 @dataclass
@@ -201,13 +201,6 @@ def windows(tokens: np.ndarray, starts: np.ndarray, seq_len: int, device: torch.
         batch = batch.pin_memory()
     batch = batch.to(device, non_blocking=True)  # (B, seq_len + 1)
     return batch[:, :-1], batch[:, 1:]
-
-
-def autocast(precision: str, device: torch.device):
-    """bf16 autocast on `device` (CPU or CUDA) when `precision` is bf16, else nothing."""
-    if precision == "bf16":
-        return torch.autocast(device.type, dtype=torch.bfloat16)
-    return contextlib.nullcontext()
 
 
 @dataclass
