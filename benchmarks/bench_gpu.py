@@ -17,7 +17,8 @@
    first compiled call's time, and how many tokens the two agree on.
 
 Usage: python benchmarks/bench_gpu.py [--smoke]
-(--smoke: tiny shapes on whatever device there is, to test this script without a GPU.)
+(--smoke: tiny shapes on whatever device there is, to test this script without a GPU; it writes
+gpu_smoke.json, so the GPU's figures in gpu.json stay.)
 The results are written after each part, so a run cut short keeps what it measured.
 """
 
@@ -47,6 +48,7 @@ from tisslm.train.perf import datasheet_peak_flops, device_name, measured_peak_f
 from tisslm.train.trainer import TrainingLoss  # noqa: E402
 
 RESULTS = ROOT / "benchmarks" / "results" / "gpu.json"
+SMOKE_RESULTS = ROOT / "benchmarks" / "results" / "gpu_smoke.json"  # ignored by git: never the GPU's figures
 GPT2_SMALL = ModelConfig(
     vocab_size=32768, d_model=768, n_layers=12, n_heads=12, n_kv_heads=4, d_ff=2048, max_seq_len=1024
 )
@@ -334,9 +336,10 @@ def decode(smoke: bool, device: torch.device) -> dict:
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--smoke", action="store_true", help="tiny shapes on any device: tests this script")
-    parser.add_argument("--out", type=Path, default=RESULTS, help="where the JSON goes")
+    parser.add_argument("--out", type=Path, help="where the JSON goes (default gpu.json; gpu_smoke.json with --smoke)")
     parser.add_argument("--worker", help=argparse.SUPPRESS)
     args = parser.parse_args()
+    args.out = args.out or (SMOKE_RESULTS if args.smoke else RESULTS)
     if args.worker:
         worker(args.worker, args.smoke, args.out)
         return
