@@ -46,8 +46,8 @@ from tisslm.kb.index import MODES, KnowledgeBase, Ranking, fts_query
 from tisslm.kb.store import TOKENIZE, identifier_terms
 
 DEFAULT_QUERIES = Path(str(package_files("tisslm.kb") / "queries.jsonl"))
-# Written before the last round of ranking work by someone blind to the ranking, never tuned on
-# (queries.md): the check on overfitting.
+# Written by someone blind to the ranking while its last round began, complete before any choice
+# in it was made, and never tuned on (queries.md): the check on overfitting.
 HELDOUT_QUERIES = Path(str(package_files("tisslm.kb") / "queries_heldout.jsonl"))
 # The whole-file baseline's bm25() weights of (name, text, terms), as the first index had them.
 BASELINE_WEIGHTS = (4.0, 1.0, 1.0)
