@@ -11,7 +11,7 @@ from conftest import make_model
 
 from tisslm.core.cache import KVCache
 from tisslm.core.loss import linear_cross_entropy
-from tisslm.core.model import ModelConfig, RMSNorm, apply_rope, rope_tables
+from tisslm.core.model import ModelConfig, RMSNorm, apply_rope, one_query_attention, rope_tables
 from tisslm.serve.attention import attention_maps
 
 
@@ -139,6 +139,28 @@ def test_static_step_over_a_length_bucket_equals_the_full_forward():
     assert cache.lengths.tolist() == [8, 12, 15]
     with pytest.raises(ValueError, match="attended length 21"):
         cache.static(3, 21)
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("n_kv_heads", [1, 2, 4])
+def test_one_query_attention_equals_sdpa_under_a_mask(dtype, n_kv_heads):
+    """The decode step's attention is SDPA's for one query per row: grouped heads, masked keys
+    (a row that sees 3 of 9 keys ignores the rest, whatever they hold), in fp32 and bf16."""
+    torch.manual_seed(0)
+    B, H, S, D = 3, 4, 9, 16
+    q = torch.randn(B, H, 1, D, dtype=dtype)
+    k, v = torch.randn(B, n_kv_heads, S, D, dtype=dtype), torch.randn(B, n_kv_heads, S, D, dtype=dtype)
+    lengths = torch.tensor([9, 3, 6])
+    mask = (torch.arange(S)[None, :] < lengths[:, None])[:, None, None, :]  # (B, 1, 1, S)
+    ours = one_query_attention(q, k, v, mask)
+    reference = F.scaled_dot_product_attention(
+        q.double(), k.double(), v.double(), attn_mask=mask, enable_gqa=n_kv_heads != H
+    )
+    assert ours.shape == q.shape and ours.dtype == dtype
+    tolerance = 1e-5 if dtype == torch.float32 else 2e-2
+    torch.testing.assert_close(ours.double(), reference, atol=tolerance, rtol=tolerance)
+    k[1, :, 3:] = 1e4  # keys the mask hides
+    torch.testing.assert_close(one_query_attention(q, k, v, mask)[1], ours[1], rtol=0, atol=0)
 
 
 def test_rope_scores_depend_only_on_relative_offset():

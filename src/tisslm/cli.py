@@ -65,6 +65,9 @@ def generate(
     compile: Annotated[
         bool, typer.Option("--compile", help="torch: compile the decode step first (seconds, cached).")
     ] = False,
+    precision: Annotated[
+        str, typer.Option(help="torch: fp32 or bf16 weights and activations (bf16: faster compiled where native).")
+    ] = "fp32",
     lookahead: Annotated[
         int, typer.Option(help="Speculative decoding: tokens drafted by prompt lookup per step (greedy only).")
     ] = 0,
@@ -98,6 +101,7 @@ def generate(
     detect` can later tell the continuation came from a model holding the key. On a terminal, a
     progress bar of the tokens generated (and their rate) shows on stderr; stdout holds only the
     text."""
+    from tisslm.core.decode import for_decoding
     from tisslm.core.generate import complete
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.release.llamacpp import decode_engine
@@ -109,6 +113,8 @@ def generate(
     settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
     lm, tokenizer = load_model(model, adapter), load_tokenizer(model)
+    if backend == "torch":
+        lm = for_decoding(lm, precision)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
     )

@@ -557,6 +557,7 @@ class ServeParams(_Section):
     max_batch: PositiveInt = 8  # sequences decoded together: the KV cache's slots
     backend: Literal["torch", "llama.cpp"] = "torch"  # decode engine; llama.cpp (the `llama` extra) is faster on CPUs
     compile: bool = False  # torch backend: compile the decode step at start (seconds, cached on disk)
+    precision: Literal["fp32", "bf16"] = "fp32"  # torch backend: the weights' and activations' dtype while serving
     lookahead: NonNegativeInt = (
         0  # speculative decoding: tokens drafted by prompt lookup per step of a lone greedy request
     )

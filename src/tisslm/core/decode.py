@@ -24,7 +24,26 @@ from abc import ABC, abstractmethod
 import torch
 
 from tisslm.core.cache import KVCache
+from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
+
+PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+
+
+def for_decoding(model: TissLM, precision: str) -> TissLM:
+    """`model` in eval mode with its weights (and so its activations and KV cache) in `precision`
+    (fp32 | bf16). bf16 halves the bytes a step reads and, compiled, runs on the CPU's bf16
+    instructions (AVX512-BF16, AMX) or a GPU's tensor cores; fp32 stays the reference."""
+    if precision not in PRECISIONS:
+        raise TissLMError(f"precision {precision!r}: one of {', '.join(PRECISIONS)}")
+    return model.to(PRECISIONS[precision]).eval()
+
+
+def native_bf16(device_type: str) -> bool:
+    """Whether bf16 matmuls run natively on this kind of device (a CPU: as oneDNN says; CUDA: the GPU's)."""
+    if device_type == "cuda":
+        return torch.cuda.is_bf16_supported()
+    return torch.ops.mkldnn._is_mkldnn_bf16_supported()
 
 
 def compile_settings(device_type: str) -> dict:

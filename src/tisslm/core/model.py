@@ -2,7 +2,8 @@
 
 Pre-norm RMSNorm, SwiGLU feed-forward, rotary position embeddings in Hugging Face Llama's
 rotate-half convention (so weights map one to one onto `LlamaForCausalLM`, see `tisslm.release.hf`),
-grouped-query attention through `F.scaled_dot_product_attention`, optional tied embeddings and
+grouped-query attention through `F.scaled_dot_product_attention` (a decode step's one query
+through `one_query_attention`), optional tied embeddings and
 optional q/k/v biases (Qwen2's: `attention_bias`).
 One forward pass serves training, prefill and decode: with a cache (`tisslm.core.cache`) it
 continues the sequences the cache holds; the training loss lives in `tisslm.core.loss`.
@@ -67,6 +68,25 @@ def apply_rope(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.T
     return x * cos.to(x.dtype) + rotated * sin.to(x.dtype)
 
 
+def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask: torch.Tensor | None) -> torch.Tensor:
+    """Attention of one new token per row (a decode step): q (B, n_heads, 1, head_dim) over keys and
+    values (B, n_kv_heads, S, head_dim) where `mask` (broadcastable to (B, 1, 1, S)) is true.
+
+    Each key head's group of query heads is one (group, S) matmul, so grouped keys are never
+    repeated, and the scores and softmax are in float32 whatever the model's dtype. For one query
+    this is what SDPA computes, in fewer and larger kernels: SDPA's CPU kernel costs about as much as
+    the rest of a compiled bf16 decode step (see docs/decoding.md).
+    """
+    B, H, _, D = q.shape
+    n_kv_heads = k.size(1)
+    grouped = q.reshape(B, n_kv_heads, H // n_kv_heads, D).float()  # (B, n_kv_heads, group, head_dim)
+    scores = grouped @ k.float().transpose(-1, -2) * D**-0.5  # (B, n_kv_heads, group, S)
+    if mask is not None:
+        scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, 1, -1), float("-inf"))
+    y = scores.softmax(dim=-1) @ v.float()  # (B, n_kv_heads, group, head_dim)
+    return y.reshape(B, H, 1, D).to(q.dtype)
+
+
 class Attention(nn.Module):
     def __init__(self, config: ModelConfig, layer: int):
         super().__init__()
@@ -89,15 +109,18 @@ class Attention(nn.Module):
         q, k, v = self.project(x, cos, sin)
         if cache is not None:
             k, v = cache.update(self.layer, k, v)  # (B, n_kv_heads, S, head_dim): the past keys and the new
-        y = F.scaled_dot_product_attention(
-            q,
-            k,
-            v,
-            attn_mask=mask,
-            is_causal=mask is None and T > 1,
-            dropout_p=self.dropout if self.training else 0.0,
-            enable_gqa=self.n_kv_heads != self.n_heads,
-        )  # (B, n_heads, T, head_dim)
+        if T == 1 and not self.training:
+            y = one_query_attention(q, k, v, mask)  # a decode step
+        else:
+            y = F.scaled_dot_product_attention(
+                q,
+                k,
+                v,
+                attn_mask=mask,
+                is_causal=mask is None and T > 1,
+                dropout_p=self.dropout if self.training else 0.0,
+                enable_gqa=self.n_kv_heads != self.n_heads,
+            )  # (B, n_heads, T, head_dim)
         y = self.o_proj(y.transpose(1, 2).reshape(B, T, -1))  # (B, T, d_model)
         return F.dropout(y, self.dropout, training=True) if self.dropout and self.training else y
 

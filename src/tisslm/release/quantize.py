@@ -1,12 +1,13 @@
 """Post-training int8 quantization with torchao, stored as safetensors.
 
-Two schemes: int8 weight-only (activations stay in float; weights stored and read as int8 with a
-scale per row) and int8 dynamic activation + int8 weight (activations quantized on the fly too).
-A scheme is offered (written to models/quantized) only where it decodes at least as fast as the
-float model through the same compiled step on the machine that runs the stage: smaller weights
-that decode slower are no use for serving. On the CPUs measured so far neither pays (PyTorch's
-int8 matmuls are slower there than its float ones); the int8 that pays on a CPU is the GGUF Q8_0
-export on llama.cpp (`serve.backend: llama.cpp`).
+Two schemes: int8 weight-only (weights stored and read as int8 with a scale per row; activations
+in bf16 where the device has native bf16, else fp32) and int8 dynamic activation + int8 weight
+(fp32 activations quantized on the fly too). A scheme is offered (written to models/quantized) only
+where it decodes at least as fast as the fp32 model through the same compiled step on the machine
+that runs the stage: smaller weights that decode slower are no use for serving. Weight-only with bf16
+activations pays on a CPU: compiled, each matmul is one int8-weight kernel (`_weight_int8pack_mm`).
+With fp32 activations it did not (torchao dequantizes the weight each step), nor does int8 dynamic
+at batch 1 (quantizing the activations costs more than it saves; docs/decoding.md has the figures).
 The embedding stays in float: a lookup reads one row per token, so int8 buys it nothing.
 torchao's tensor subclasses are flattened into plain tensors plus JSON metadata for safetensors
 and rebuilt from an allow-list of classes on load: nothing is unpickled.
@@ -39,11 +40,21 @@ def _config(scheme: str):
     return Int8WeightOnlyConfig() if scheme == "int8_weight_only" else Int8DynamicActivationInt8WeightConfig()
 
 
+def activation_dtype(scheme: str, bf16_native: bool) -> torch.dtype:
+    """The float dtype a quantized model computes in: bf16 for int8 weight-only where bf16 is native
+    (Inductor then lowers its matmuls to one int8-weight, bf16-activation kernel,
+    `_weight_int8pack_mm`), else fp32 (int8 dynamic quantizes fp32 activations itself)."""
+    return torch.bfloat16 if scheme == "int8_weight_only" and bf16_native else torch.float32
+
+
 def quantize_model(model: TissLM, scheme: str) -> TissLM:
-    """A quantized copy of `model` (eval mode); every nn.Linear, the output head included."""
+    """A quantized copy of `model` (eval mode, in `activation_dtype`); every nn.Linear, the output head included."""
     from torchao.quantization import quantize_
 
-    quantized = copy.deepcopy(model).eval()
+    from tisslm.core.decode import native_bf16
+
+    dtype = activation_dtype(scheme, native_bf16(next(model.parameters()).device.type))
+    quantized = copy.deepcopy(model).eval().to(dtype)
     quantize_(quantized, _config(scheme))
     return quantized
 

@@ -62,6 +62,9 @@ def serve(
         bool | None,
         typer.Option("--compile/--no-compile", help="Compile the decode step at start [params: serve.compile]."),
     ] = None,
+    precision: Annotated[
+        str | None, typer.Option(help="torch backend: fp32 or bf16 weights and activations [params: serve.precision].")
+    ] = None,
     lookahead: Annotated[
         int | None, typer.Option(help="Tokens drafted per step for a lone greedy request [params: serve.lookahead].")
     ] = None,
@@ -135,6 +138,7 @@ def serve(
         "max_batch": max_batch,
         "backend": backend,
         "compile": compile,
+        "precision": precision,
         "lookahead": lookahead,
         "max_queue": max_queue,
         "max_prompt_tokens": max_prompt_tokens,

@@ -18,6 +18,7 @@ from pathlib import Path
 
 from tisslm.core.chat import ChatTemplate
 from tisslm.core.config import ServeParams
+from tisslm.core.decode import for_decoding
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 from tisslm.core.tokenizer import load_tokenizer
@@ -90,6 +91,8 @@ def serve(
             model = load_with_adapter(model_dir, adapter)
         else:
             model = TissLM.from_pretrained(model_dir).eval()
+        if settings.backend == "torch":
+            model = for_decoding(model, settings.precision)
         tokenizer = load_tokenizer(model_dir)
         chat_template = ChatTemplate.load(model_dir)  # a bad template fails here, not on a request
         engine = Batcher(
