@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import copy
 import json
 import platform
 import statistics
@@ -133,8 +134,9 @@ def runtime_models(config: ModelConfig, directory: Path) -> tuple[TissLM, Tokeni
 
 def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
     """Greedy decode tokens/s of one model through every engine, alternating, 16-token prompts, at
-    batch 1 and 8: TissLM's engine eager and compiled (fp32, and torchao int8 weight-only and dynamic
-    through the same compiled step), TissLM's engine on llama.cpp (F16 and Q8_0 GGUF exports), and
+    batch 1 and 8: TissLM's engine eager and compiled (fp32, bf16, and the quantize stage's torchao int8
+    weight-only, on bf16 activations where bf16 is native, and int8 dynamic through the same compiled
+    step), TissLM's engine on llama.cpp (F16 and Q8_0 GGUF exports), and
     llama.cpp by itself: llama-cpp-python's `Llama.generate` at batch 1 (its own loop and sampler),
     and at batch 8 the llama.cpp engine's steps with a bare argmax (llama-cpp-python has no batched
     generate). All with this process's threads."""
@@ -142,6 +144,7 @@ def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
 
     import llama_cpp
 
+    from tisslm.core.decode import for_decoding
     from tisslm.release.llamacpp import LlamaCppDecoder
     from tisslm.release.quantize import quantize_model
 
@@ -149,6 +152,7 @@ def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
     with tempfile.TemporaryDirectory() as tmp:
         model, _, files = runtime_models(config, Path(tmp))
         int8 = {s: quantize_model(model, s) for s in ("int8_weight_only", "int8_dynamic_activation")}
+        bf16 = for_decoding(copy.deepcopy(model), "bf16")
         out: dict = {"config": model.config.model_dump(), "threads": threads, "llama_cpp_python": llama_cpp.__version__}
         for batch in (1, 8):
             prompts = [[1 + (7 * i + j) % 200 for j in range(16)] for i in range(batch)]
@@ -160,6 +164,7 @@ def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
             fns = {
                 "tisslm_eager": lambda p=prompts: generate(model, p, new_tokens, temperature=0),
                 "tisslm_compiled": lambda p=prompts: generate(model, p, new_tokens, temperature=0, compile=True),
+                "tisslm_bf16_compiled": lambda p=prompts: generate(bf16, p, new_tokens, temperature=0, compile=True),
                 **{
                     f"tisslm_{scheme}_compiled": lambda p=prompts, m=m: generate(m, p, new_tokens, temperature=0, compile=True)
                     for scheme, m in int8.items()
@@ -184,6 +189,11 @@ def decode_engines(config: ModelConfig, new_tokens: int, repeats: int) -> dict:
             row["best_tisslm_vs_llama_cpp_F16"] = seconds["llama_cpp_F16"] / min(
                 s for name, s in seconds.items() if name.startswith("tisslm")
             )
+            row["bf16_compiled_vs_llama_cpp_F16"] = seconds["llama_cpp_F16"] / seconds["tisslm_bf16_compiled"]
+            row["int8_weight_only_compiled_vs_llama_cpp_F16"] = (
+                seconds["llama_cpp_F16"] / seconds["tisslm_int8_weight_only_compiled"]
+            )
+            row["bf16_vs_fp32_compiled"] = seconds["tisslm_compiled"] / seconds["tisslm_bf16_compiled"]
             row["int8_weight_only_vs_fp32_compiled"] = (
                 seconds["tisslm_compiled"] / seconds["tisslm_int8_weight_only_compiled"]
             )

@@ -1,7 +1,7 @@
 """Serving benchmark: writes benchmarks/results/serve.json.
 
 Starts `tisslm serve` on loopback ports, once per decode engine (TissLM's own eager, its compiled
-step, and llama.cpp's, `--backend llama.cpp`), and llama.cpp's own server (`llama-server`, with as
+step in fp32 and in bf16, and llama.cpp's, `--backend llama.cpp`), and llama.cpp's own server (`llama-server`, with as
 many parallel slots) when `--llama-server PATH` names one (`make llama-server` builds it). All
 servers start first and every round runs 1, 8 and 32 concurrent streaming clients (httpx)
 against each in turn, so that load from elsewhere hits them alike. Each client sends
@@ -42,7 +42,12 @@ RESULTS = Path(__file__).parent / "results" / "serve.json"
 TRAINED = Path(__file__).parents[1] / "models" / "model"
 PROMPTS = ["def ", "import os\n", "class Config:\n    def __init__(self", "for i in range(", "# Compute the "]
 LEVELS = (1, 8, 32)
-ENGINES = {"tisslm_torch": [], "tisslm_torch_compiled": ["--compile"], "tisslm_llama_cpp": ["--backend", "llama.cpp"]}
+ENGINES = {
+    "tisslm_torch": [],
+    "tisslm_torch_compiled": ["--compile"],
+    "tisslm_torch_compiled_bf16": ["--compile", "--precision", "bf16"],
+    "tisslm_llama_cpp": ["--backend", "llama.cpp"],
+}
 
 
 def percentile(values: list[float], q: float) -> float | None:

@@ -6,6 +6,7 @@ import pytest
 import torch
 from conftest import make_model
 
+from tisslm.core.decode import Decoder, for_decoding
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
 from tisslm.core.sampling import filter_logits, sample_next
@@ -142,6 +143,29 @@ def test_compiled_step_decodes_what_the_eager_step_decodes(tiny_model):
     )
 
 
+def test_bf16_decoding_stays_within_bf16_rounding_of_the_fp32_reference():
+    """bf16 (`for_decoding`): the compiled step decodes the bf16 eager step's greedy tokens, and its
+    logits, fed the fp32 model's greedy tokens, stay within bf16's rounding (a few percent of the
+    largest logit) of the fp32 eager step's at every step and slot."""
+    reference, bf16 = make_model(), for_decoding(make_model(), "bf16")
+    assert next(bf16.parameters()).dtype == torch.bfloat16 and bf16.training is False
+    assert generate(bf16, PROMPTS, 24, temperature=0, compile=True) == generate(bf16, PROMPTS, 24, temperature=0)
+    slots = list(range(len(PROMPTS)))
+    with torch.inference_mode():
+        exact, fast = Decoder(reference, len(PROMPTS)), Decoder(bf16, len(PROMPTS), compile=True)
+        pairs = [(exact.prefill(s, p), fast.prefill(s, p)) for s, p in zip(slots, PROMPTS, strict=True)]
+        tokens = [5, 6, 7]
+        for _ in range(16):
+            pairs.append((exact.step(slots, tokens), fast.step(slots, tokens)))
+            tokens = pairs[-1][0].argmax(dim=-1).tolist()
+    for fp32_logits, bf16_logits in pairs:
+        assert bf16_logits.dtype == torch.bfloat16
+        error = (bf16_logits.float() - fp32_logits).abs().max().item()
+        assert 0 < error <= 0.04 * fp32_logits.abs().max().item()
+    with pytest.raises(TissLMError, match="precision 'fp16': one of fp32, bf16"):
+        for_decoding(make_model(), "fp16")
+
+
 def count_forwards(model) -> list[int]:
     calls = [0]
     model.layers[0].register_forward_pre_hook(lambda *_: calls.__setitem__(0, calls[0] + 1))
@@ -233,8 +257,6 @@ def test_compiled_decoding_across_a_length_bucket_decodes_what_the_eager_step_de
 def test_a_free_slot_past_the_attended_length_leaves_the_active_one_exact():
     """As in the server: slot 1 steps alone (over the 128 bucket its length needs) while slot 0, free,
     sits at position 200, past it; slot 1 still decodes what it decodes alone."""
-    from tisslm.core.decode import Decoder
-
     model = make_model(max_seq_len=256)
     prompt = [3, 1, 4, 1, 5]
     with torch.inference_mode():
@@ -248,7 +270,5 @@ def test_a_free_slot_past_the_attended_length_leaves_the_active_one_exact():
 
 
 def test_a_decoder_with_too_few_slots_is_refused(tiny_model):
-    from tisslm.core.decode import Decoder
-
     with pytest.raises(TissLMError, match="the decoder has 2 slots for 3 rows"):
         generate(tiny_model, PROMPTS, 4, temperature=0, decoder=Decoder(tiny_model, 2))

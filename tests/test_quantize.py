@@ -11,6 +11,7 @@ from tisslm.core.generate import generate
 from tisslm.core.tokenizer import END_OF_TEXT, byte_level_tokenizer
 from tisslm.release.quantize import (
     SCHEMES,
+    activation_dtype,
     compare,
     linear_weight_bytes,
     load_quantized,
@@ -50,6 +51,22 @@ def test_compare_reports_size_speed_and_quality(model, scheme):
     assert linear_weight_bytes(model) == result["linear_weight_bytes"]["reference"]
     assert abs(result["bits_per_byte_relative_increase"]) < 0.02
     assert result["decode_tokens_per_s"]["quantized"] > 0
+
+
+def test_weight_only_int8_computes_in_bf16_where_bf16_is_native():
+    """Weight-only int8 pays on a CPU only with bf16 activations (one int8-weight kernel per matmul);
+    int8 dynamic quantizes fp32 activations; without native bf16 everything stays fp32."""
+    assert activation_dtype("int8_weight_only", bf16_native=True) == torch.bfloat16
+    assert activation_dtype("int8_weight_only", bf16_native=False) == torch.float32
+    assert activation_dtype("int8_dynamic_activation", bf16_native=True) == torch.float32
+
+
+@pytest.mark.parametrize("scheme", SCHEMES)
+def test_a_quantized_model_decodes_the_same_tokens_compiled_and_eager(model, scheme):
+    quantized = quantize_model(model, scheme)
+    prompts = [[5, 17, 3, 44], [8]]
+    eager = generate(quantized, prompts, 16, temperature=0)
+    assert generate(quantized, prompts, 16, temperature=0, compile=True) == eager
 
 
 def test_damaged_quantized_directory_is_one_line_error(tmp_path):

@@ -17,6 +17,7 @@ from openai import OpenAI
 from serving import SERVE_MODEL, ServerProcess, save_tiny_model, stream_events
 
 from tisslm.core.chat import CHAT_TEMPLATE_FILE, ChatTemplate
+from tisslm.core.decode import for_decoding
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
 from tisslm.core.model import TissLM
@@ -386,6 +387,20 @@ def test_chat_route_renders_the_model_directorys_template(custom_model_dir, refe
         server.stop()
 
 
+def test_a_bf16_server_serves_what_generate_gives_in_bf16(model_dir, tmp_path):
+    """`--precision bf16`: the server decodes the bf16 model, batched and seeded, as `generate` does."""
+    bf16 = for_decoding(TissLM.from_pretrained(model_dir), "bf16")
+    server = ServerProcess(model_dir, "--precision", "bf16", workdir=tmp_path)
+    try:
+        prompts, sampling = ["def add(a, b):", "import os\n"], {"temperature": 0.9, "seed": 5}
+        body = {"prompt": prompts, "max_tokens": 16, **sampling}
+        answer = httpx.post(f"{server.url}/v1/completions", json=body, timeout=60).json()
+        texts = [choice["text"] for choice in answer["choices"]]
+        assert texts == [expected_text(bf16, prompt, 16, **sampling) for prompt in prompts]
+    finally:
+        server.stop()
+
+
 BAD_BODIES = [
     # (raw body, status, code, param)
     (b"{bad", 400, "invalid_json", None),
@@ -549,6 +564,7 @@ def one_line_error(result: subprocess.CompletedProcess, fragment: str) -> None:
 def test_serve_refuses_bad_arguments_in_one_line(model_dir, tmp_path):
     one_line_error(tisslm("serve", "--model", str(tmp_path / "missing"), cwd=tmp_path), "not a model directory")
     one_line_error(tisslm("serve", "--model", str(model_dir), "--port", "70000", cwd=tmp_path), "port=70000")
+    one_line_error(tisslm("serve", "--model", str(model_dir), "--precision", "fp16", cwd=tmp_path), "precision='fp16'")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()
