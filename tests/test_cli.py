@@ -101,6 +101,10 @@ def test_cli_init_info_generate(tmp_path):
 
     piped = tisslm("generate", "--model", str(model_dir), "--prompt", "-", "--max-new-tokens", "5", stdin="class A:")
     assert piped.returncode == 0 and piped.stdout.startswith("class A:")
+    bf16 = tisslm(
+        "generate", "--model", str(model_dir), "--prompt", "def ", "--max-new-tokens", "8", "--precision", "bf16"
+    )
+    assert bf16.returncode == 0 and bf16.stdout.startswith("def "), bf16.stderr
 
 
 @pytest.mark.parametrize(
@@ -109,6 +113,7 @@ def test_cli_init_info_generate(tmp_path):
         (["--temperature", "-1"], "generate.temperature=-1.0"),
         (["--top-p", "0"], "generate.top_p=0.0"),
         (["--max-new-tokens", "5000"], "exceeds max_seq_len"),
+        (["--precision", "fp16"], "precision 'fp16': one of fp32, bf16"),
     ],
 )
 def test_cli_generate_rejects_bad_arguments(tmp_path, args, message):

@@ -66,8 +66,9 @@ def generate(
         bool, typer.Option("--compile", help="torch: compile the decode step first (seconds, cached).")
     ] = False,
     precision: Annotated[
-        str, typer.Option(help="torch: fp32 or bf16 weights and activations (bf16: faster compiled where native).")
-    ] = "fp32",
+        str | None,
+        typer.Option(help="torch: fp32 or bf16 weights and activations (bf16: faster compiled where native)."),
+    ] = None,
     lookahead: Annotated[
         int, typer.Option(help="Speculative decoding: tokens drafted by prompt lookup per step (greedy only).")
     ] = 0,
@@ -113,7 +114,7 @@ def generate(
     settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
     lm, tokenizer = load_model(model, adapter), load_tokenizer(model)
-    if backend == "torch":
+    if precision is not None and backend == "torch":  # else as stored: a quantized model keeps its own
         lm = for_decoding(lm, precision)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)
