@@ -138,10 +138,14 @@ def test_the_llama_cpp_engine_decodes_what_tisslm_decodes(model_and_tokenizer, e
     ours = generate(reference, prompts, NEW_TOKENS, temperature=0)
     batched = generate(model, prompts, NEW_TOKENS, temperature=0, decoder=engine)
     alone = [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine)[0] for p in prompts]
-    for prompt, expected, got in zip(prompts, ours, batched, strict=True):
+    for prompt, expected, got, single in zip(prompts, ours, batched, alone, strict=True):
         assert_same_greedy(reference, prompt, expected, got)
-    assert alone == batched  # the engine itself: batching changes nothing
-    assert [generate(model, [p], NEW_TOKENS, temperature=0, decoder=engine, lookahead=4)[0] for p in prompts] == alone
+        # The engine itself: batching changes nothing but a near-tie, where llama.cpp's batched kernels round
+        # differently from its one-sequence ones.
+        assert_same_greedy(reference, prompt, single, got)
+    for prompt, single in zip(prompts, alone, strict=True):  # speculation: plain greedy's, as above
+        drafted = generate(model, [prompt], NEW_TOKENS, temperature=0, decoder=engine, lookahead=4)[0]
+        assert_same_greedy(reference, prompt, single, drafted)
 
 
 def test_the_server_on_the_llama_cpp_engine_serves_what_generate_gives(model_and_tokenizer):
@@ -175,7 +179,10 @@ def test_the_server_on_the_llama_cpp_engine_serves_what_generate_gives(model_and
     for (prompt, p), tokens in zip(jobs, served, strict=True):
         expected = generate(model, [prompt], p.max_new_tokens, p.temperature, p.top_k, p.top_p, p.seed,
                             vocab_limit=vocab, decoder=alone)[0]  # fmt: skip
-        assert tokens == expected
+        if p.temperature:
+            assert tokens == expected
+        else:  # greedy, two sequences per llama.cpp batch against one: equal but at a near-tie (see above)
+            assert_same_greedy(f16_matrices(model), prompt, expected, tokens)
 
 
 def test_a_missing_or_bad_gguf_gets_a_one_line_error(tmp_path):
