@@ -114,6 +114,8 @@ def test_cli_init_info_generate(tmp_path):
         (["--top-p", "0"], "generate.top_p=0.0"),
         (["--max-new-tokens", "5000"], "exceeds max_seq_len"),
         (["--precision", "fp16"], "precision 'fp16': one of fp32, bf16"),
+        (["--backend", "llama.cpp", "--precision", "bf16"], "apply to the torch backend"),
+        (["--backend", "llama.cpp", "--compile"], "apply to the torch backend"),
     ],
 )
 def test_cli_generate_rejects_bad_arguments(tmp_path, args, message):

@@ -2,11 +2,14 @@
 
 from __future__ import annotations
 
+from typing import get_args
+
 import pytest
 import torch
 from conftest import make_model
 
-from tisslm.core.decode import Decoder, for_decoding
+from tisslm.core.config import Precision
+from tisslm.core.decode import PRECISIONS, Decoder, for_decoding
 from tisslm.core.errors import TissLMError
 from tisslm.core.generate import generate
 from tisslm.core.sampling import filter_logits, sample_next
@@ -164,6 +167,7 @@ def test_bf16_decoding_stays_within_bf16_rounding_of_the_fp32_reference():
         assert 0 < error <= 0.04 * fp32_logits.abs().max().item()
     with pytest.raises(TissLMError, match="precision 'fp16': one of fp32, bf16"):
         for_decoding(make_model(), "fp16")
+    assert set(PRECISIONS) == set(get_args(Precision))  # the params' names are the engine's
 
 
 def count_forwards(model) -> list[int]:

@@ -565,6 +565,9 @@ def test_serve_refuses_bad_arguments_in_one_line(model_dir, tmp_path):
     one_line_error(tisslm("serve", "--model", str(tmp_path / "missing"), cwd=tmp_path), "not a model directory")
     one_line_error(tisslm("serve", "--model", str(model_dir), "--port", "70000", cwd=tmp_path), "port=70000")
     one_line_error(tisslm("serve", "--model", str(model_dir), "--precision", "fp16", cwd=tmp_path), "precision='fp16'")
+    for torch_only in (["--precision", "bf16"], ["--compile"]):  # silently ignored by llama.cpp, so refused
+        llama = tisslm("serve", "--model", str(model_dir), "--backend", "llama.cpp", *torch_only, cwd=tmp_path)
+        one_line_error(llama, "apply to the torch backend")
     with socket.socket() as taken:
         taken.bind(("127.0.0.1", 0))
         taken.listen()

@@ -113,8 +113,12 @@ def generate(
     config = project_params(params, [f"generate.{k}={v}" for k, v in given.items() if v is not None])
     settings = config.generate
     texts = [sys.stdin.read() if p == "-" else p for p in prompt]
+    if backend == "llama.cpp" and (compile or precision is not None):
+        raise TissLMError(
+            "--compile and --precision apply to the torch backend; llama.cpp decodes its GGUF export as exported"
+        )
     lm, tokenizer = load_model(model, adapter), load_tokenizer(model)
-    if precision is not None and backend == "torch":  # else as stored: a quantized model keeps its own
+    if precision is not None:  # else as stored: a quantized model keeps its own dtype
         lm = for_decoding(lm, precision)
     inputs = (
         texts if kb is None else _grounded(kb, kb_k, texts, tokenizer, lm.config.max_seq_len - settings.max_new_tokens)

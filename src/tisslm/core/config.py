@@ -17,6 +17,9 @@ from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt
 from tisslm.core.errors import ConfigError, parse
 
 DEFAULT_PARAMS = Path("params.yaml")
+# The dtype a model computes in: bf16 autocast while training, the weights' and activations' dtype
+# while decoding (`tisslm.core.decode.PRECISIONS` maps each to its torch dtype).
+Precision = Literal["fp32", "bf16"]
 
 
 # The model's and the sampler's settings live here, not beside the code that uses them, so that
@@ -261,7 +264,7 @@ class TrainParams(_Section):
     beta1: float = Field(0.9, ge=0, lt=1)
     beta2: float = Field(0.95, ge=0, lt=1)
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CPU and CUDA
+    precision: Precision = "bf16"  # bf16 autocast on CPU and CUDA
     compile: bool | Literal["auto"] = "auto"  # torch.compile each block; auto: on CUDA (pays a compile up front)
     eval_interval: PositiveInt = 200  # steps between validations
     eval_batches: PositiveInt = 10  # batches per validation
@@ -302,7 +305,7 @@ class DpoParams(_Section):
     seed: int = 0  # fixes the sampled answers, the order of the pairs and the adapters' init
     # fp32 by default: rewards are differences of log-probabilities summed over whole answers, where
     # bf16's rounding adds noise of the size of the early margins. bf16 about halves a CPU step.
-    precision: Literal["fp32", "bf16"] = "fp32"
+    precision: Precision = "fp32"
     device: Literal["auto", "cpu", "cuda"] = "auto"  # auto: CUDA when available
     lora: LoraParams | None = None  # LoRA adapters (the sft model frozen, and the reference) instead of full tuning
 
@@ -322,7 +325,7 @@ class SftParams(_Section):
     warmup_steps: NonNegativeInt = 20  # linear warmup, then a cosine down to 0 at the last step
     weight_decay: float = Field(0.0, ge=0)  # decoupled decay, on matrices only
     grad_clip: float = Field(1.0, ge=0)  # max global gradient norm; 0 turns clipping off
-    precision: Literal["fp32", "bf16"] = "bf16"  # bf16 autocast on CPU and CUDA
+    precision: Precision = "bf16"  # bf16 autocast on CPU and CUDA
     eval_interval: PositiveInt = 50  # steps between held-out losses (and one at the end)
     # Held-out conversations scored: the first N of the val split's functions for the default
     # set; for a JSONL, N conversations drawn with `seed` and kept out of training.
@@ -557,7 +560,7 @@ class ServeParams(_Section):
     max_batch: PositiveInt = 8  # sequences decoded together: the KV cache's slots
     backend: Literal["torch", "llama.cpp"] = "torch"  # decode engine; llama.cpp (the `llama` extra) is faster on CPUs
     compile: bool = False  # torch backend: compile the decode step at start (seconds, cached on disk)
-    precision: Literal["fp32", "bf16"] = "fp32"  # torch backend: the weights' and activations' dtype while serving
+    precision: Precision = "fp32"  # torch backend: the weights' and activations' dtype while serving
     lookahead: NonNegativeInt = (
         0  # speculative decoding: tokens drafted by prompt lookup per step of a lone greedy request
     )
@@ -567,6 +570,17 @@ class ServeParams(_Section):
     request_timeout_s: float = Field(120.0, gt=0)  # from arrival to the last token; then 504 (or an error event)
     max_body_bytes: PositiveInt = 1_000_000  # larger request bodies get 413
     attention_max_tokens: PositiveInt = 64  # longest text the attention view draws (T x T per head)
+
+    @model_validator(mode="after")
+    def _torch_settings_on_torch(self) -> ServeParams:
+        # llama.cpp decodes the model's GGUF export in that file's own types, uncompiled by torch:
+        # these settings would be silently ignored there, so they are refused.
+        if self.backend == "llama.cpp" and (self.compile or self.precision != "fp32"):
+            raise ValueError(
+                "compile and precision apply to the torch backend; llama.cpp decodes its GGUF export "
+                f"as exported (compile={self.compile}, precision={self.precision})"
+            )
+        return self
 
 
 class Params(_Section):

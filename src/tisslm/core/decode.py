@@ -24,10 +24,11 @@ from abc import ABC, abstractmethod
 import torch
 
 from tisslm.core.cache import KVCache
+from tisslm.core.config import Precision
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import TissLM
 
-PRECISIONS = {"fp32": torch.float32, "bf16": torch.bfloat16}
+PRECISIONS: dict[Precision, torch.dtype] = {"fp32": torch.float32, "bf16": torch.bfloat16}
 
 
 def for_decoding(model: TissLM, precision: str) -> TissLM:

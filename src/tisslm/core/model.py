@@ -82,7 +82,7 @@ def one_query_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, mask:
     grouped = q.reshape(B, n_kv_heads, H // n_kv_heads, D).float()  # (B, n_kv_heads, group, head_dim)
     scores = grouped @ k.float().transpose(-1, -2) * D**-0.5  # (B, n_kv_heads, group, S)
     if mask is not None:
-        scores = scores.masked_fill(~mask.reshape(mask.size(0), 1, 1, -1), float("-inf"))
+        scores = scores.masked_fill(~mask, float("-inf"))
     y = scores.softmax(dim=-1) @ v.float()  # (B, n_kv_heads, group, head_dim)
     return y.reshape(B, H, 1, D).to(q.dtype)
 
