@@ -47,6 +47,8 @@ GOAL_MRR, GOAL_MARGIN = 0.90, 0.08
 # no down-weighting, equal fusion; the name field now also holds its identifiers' words).
 ABLATION = [
     ("default", "fused", {}),
+    ("no file reranking (the fourth round's default)", "fused", {"rerank_weights": (0.0, 0.0, 0.0, 0.0)}),
+    ("reranking without MiniLM (lexical and dense features only)", "fused", {"rerank_weights": (1.0, 0.043, 0.0, 0.0)}),
     ("dense off (lexical only)", "bm25", {}),
     ("dense only", "dense", {}),
     ("dense at equal weight (1.0)", "fused", {"dense_weight": 1.0}),

@@ -23,7 +23,7 @@ BENCH = ROOT / "benchmarks" / "results" / "kb.json"
 README = ROOT / "README.md"
 DOCS = ROOT / "docs" / "knowledge_base.md"
 RUNS = {
-    "fused": "fused (BM25 + dense, RRF)",
+    "fused": "fused (BM25 + dense, RRF, files reranked)",
     "bm25": "BM25 chunks",
     "dense": "dense chunks (WordLlama)",
     "whole_file_bm25": "BM25 over whole files (baseline)",

@@ -397,6 +397,16 @@ class KnowledgeBaseFieldWeights(_Section):
     terms: float = Field(0.25, ge=0)  # the words of the text's compound identifiers
 
 
+class KnowledgeBaseRerankWeights(_Section):
+    """Fused mode: the weight of each feature of a candidate file in its rerank score
+    (tisslm.kb.index.RERANK_FEATURES; fit by tools/fit_kb_rerank.py on queries.jsonl). All 0: no reranking."""
+
+    lexical: float = 1.0  # its best chunk's lexical score over the query's best
+    dense: float = 0.043  # its best chunk's WordLlama cosine
+    card: float = 0.329  # MiniLM cosine of its path and module docstring
+    definition: float = 0.912  # best MiniLM cosine of its documented definitions
+
+
 class KnowledgeBaseRanking(_Section):
     """How searches of the index rank chunks (stored in the index: the server, CLI and TissLang use it)."""
 
@@ -407,6 +417,7 @@ class KnowledgeBaseRanking(_Section):
     test_evidence: float = Field(0.15, ge=0)  # a file's chunks + this x the scores of its tests' chunks
     deprecated_weight: float = Field(0.5, ge=0, le=1)  # deprecated modules' chunk scores x this
     dense_weight: float = Field(0.25, ge=0)  # fused mode: the dense ranking's weight against the lexical one's
+    rerank_weights: KnowledgeBaseRerankWeights = KnowledgeBaseRerankWeights()
 
 
 class KnowledgeBaseParams(_Section):

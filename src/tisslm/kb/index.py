@@ -34,7 +34,7 @@ from types import MappingProxyType
 import numpy as np
 
 from tisslm.core.errors import TissLMError
-from tisslm.kb import embed
+from tisslm.kb import embed, semantic
 from tisslm.kb.store import (
     FIELDS,
     TOKENIZE,
@@ -48,6 +48,10 @@ from tisslm.kb.store import (
 MODES = ("fused", "bm25", "dense")
 DEFAULT_MODE = "fused"
 RRF_K = 60
+# What the file reranker weighs (Ranking.rerank_weights), for each file among the fused candidates:
+# its best chunk's lexical score over the query's best; its best chunk's WordLlama cosine; the MiniLM
+# cosine of its card (path and module docstring); the best MiniLM cosine of its documented definitions.
+RERANK_FEATURES = ("lexical", "dense", "card", "definition")
 FUSION_DEPTH = 100  # candidates taken from each ranking before fusing
 MAX_K = 1000
 # A query is a question or a prompt, not a document: beyond this it is cut (its head is kept),
@@ -97,6 +101,10 @@ class Ranking:
       asyncore, ...): the maintained module that does the same job is the better answer.
     - dense_weight: in fused mode, the weight of the dense ranking's reciprocal ranks against the
       lexical ranking's (weight 1).
+    - rerank_weights: in fused mode, the files of the fused candidates are reordered by a linear
+      score of their RERANK_FEATURES, with these weights (fit by logistic regression on
+      queries.jsonl: tools/fit_kb_rerank.py); each chunk's score becomes its file's. All 0 keeps
+      the fused order (and scores).
     """
 
     split_identifiers: bool = True
@@ -107,33 +115,44 @@ class Ranking:
     deprecated_weight: float = 0.5
     dense_weight: float = 0.25
     depth: int = 500  # lexical candidates scored and aggregated per query
+    rerank_weights: tuple[float, ...] = (1.0, 0.043, 0.329, 0.912)
 
     def __post_init__(self) -> None:
         if len(self.field_weights) != len(FIELDS) or any(w < 0 for w in self.field_weights):
             raise TissLMError(f"kb ranking: field_weights needs {len(FIELDS)} weights >= 0 ({', '.join(FIELDS)})")
         if not (0 <= self.test_weight <= 1 and 0 <= self.deprecated_weight <= 1):
             raise TissLMError("kb ranking: test_weight and deprecated_weight must be in [0, 1]")
+        if len(self.rerank_weights) != len(RERANK_FEATURES):
+            raise TissLMError(
+                f"kb ranking: rerank_weights needs {len(RERANK_FEATURES)} weights ({', '.join(RERANK_FEATURES)})"
+            )
         if min(self.file_weight, self.dense_weight, self.test_evidence) < 0:
             raise TissLMError("kb ranking: file_weight, dense_weight and test_evidence must be >= 0")
 
     def to_json(self) -> dict:
-        return {**asdict(self), "field_weights": dict(zip(FIELDS, self.field_weights, strict=True))}
+        return {
+            **asdict(self),
+            "field_weights": dict(zip(FIELDS, self.field_weights, strict=True)),
+            "rerank_weights": dict(zip(RERANK_FEATURES, self.rerank_weights, strict=True)),
+        }
 
     @classmethod
     def from_json(cls, data: dict) -> Ranking:
-        """The inverse of to_json; field_weights as {field: weight} (missing fields keep their default)."""
+        """The inverse of to_json; field_weights and rerank_weights as {name: weight} (missing names
+        keep their default)."""
         data = dict(data)
-        if isinstance(data.get("field_weights"), dict):
-            given = data["field_weights"]
-            unknown = set(given) - set(FIELDS)
-            if unknown:
-                raise TissLMError(
-                    f"kb ranking: unknown field(s) {', '.join(sorted(unknown))}; fields: {', '.join(FIELDS)}"
-                )
-            defaults = dict(zip(FIELDS, cls.field_weights, strict=True))
-            data["field_weights"] = tuple(float(given.get(f, defaults[f])) for f in FIELDS)
-        elif "field_weights" in data:
-            data["field_weights"] = tuple(data["field_weights"])
+        for key, names in (("field_weights", FIELDS), ("rerank_weights", RERANK_FEATURES)):
+            if isinstance(data.get(key), dict):
+                given = data[key]
+                unknown = set(given) - set(names)
+                if unknown:
+                    raise TissLMError(
+                        f"kb ranking: unknown {key} name(s) {', '.join(sorted(unknown))}; names: {', '.join(names)}"
+                    )
+                defaults = dict(zip(names, cls.__dataclass_fields__[key].default, strict=True))
+                data[key] = tuple(float(given.get(n, defaults[n])) for n in names)
+            elif key in data:
+                data[key] = tuple(data[key])
         unknown = set(data) - set(cls.__dataclass_fields__)
         if unknown:
             raise TissLMError(f"kb ranking: unknown setting(s) {', '.join(sorted(unknown))}")
@@ -300,6 +319,12 @@ class KnowledgeBase:
                 f"{index_path(directory)}: built with {meta['embedding_model']}, this TissLM embeds with "
                 f"{embed.model_name()}: rebuild it"
             )
+        if meta.get("semantic_model") not in (None, semantic.MODEL_NAME):
+            conn.close()
+            raise TissLMError(
+                f"{index_path(directory)}: its reranking vectors are {meta['semantic_model']}'s, this TissLM "
+                f"reranks with {semantic.MODEL_NAME}: rebuild it"
+            )
         return cls(Path(directory), conn, meta)
 
     def close(self) -> None:
@@ -440,6 +465,75 @@ class KnowledgeBase:
         top = top[np.argsort(-scores[top], kind="stable")]
         return [(int(self._ids[candidates[i]]), float(scores[i])) for i in top]
 
+    def _fused(
+        self, query: str, query_vector: np.ndarray, depth: int, ranking: Ranking
+    ) -> tuple[list[tuple[int, float]], list[tuple[int, float]], list[tuple[int, float]]]:
+        """The fused ranking of the best `depth` of each side (best first), and the two sides."""
+        lexical, dense = self._bm25(query, depth, ranking), self._dense(query_vector, depth, ranking)
+        fused = rrf([[i for i, _ in lexical], [i for i, _ in dense]], weights=[1.0, ranking.dense_weight])
+        return sorted(fused.items(), key=lambda item: -item[1]), lexical, dense
+
+    def _file_features(
+        self,
+        query: str,
+        ranked: list[tuple[int, float]],
+        lexical: list[tuple[int, float]],
+        dense: list[tuple[int, float]],
+    ) -> tuple[dict[int, str], list[str], np.ndarray]:
+        """For the files of the `ranked` chunks: chunk id -> document, the documents in rank order, and
+        their RERANK_FEATURES, shape (documents, 4)."""
+        ids = [i for i, _ in ranked]
+        placeholders = ",".join("?" * len(ids))
+        document_of = dict(self._conn.execute(f"SELECT id, document FROM chunks WHERE id IN ({placeholders})", ids))
+        documents = list(dict.fromkeys(document_of[i] for i in ids))
+        position = {d: n for n, d in enumerate(documents)}
+        features = np.zeros((len(documents), len(RERANK_FEATURES)), dtype=np.float32)
+        top = max((s for _, s in lexical), default=0.0)
+        for column, scores, scale in ((0, lexical, top if top > 0 else 1.0), (1, dense, 1.0)):
+            for i, score in scores:
+                row = position[document_of[i]]
+                features[row, column] = max(features[row, column], score / scale)
+        query_vector = semantic.encode([query])[0]
+        placeholders = ",".join("?" * len(documents))
+        for document, is_card, blob in self._conn.execute(
+            f"SELECT document, is_card, vector FROM semantic WHERE document IN ({placeholders})", documents
+        ):
+            cosine = float(np.frombuffer(blob, dtype=np.float16).astype(np.float32) @ query_vector)
+            row, column = position[document], 2 if is_card else 3
+            features[row, column] = max(features[row, column], cosine)
+        return document_of, documents, features
+
+    def _rerank(
+        self,
+        query: str,
+        ranked: list[tuple[int, float]],
+        lexical: list[tuple[int, float]],
+        dense: list[tuple[int, float]],
+        ranking: Ranking,
+    ) -> list[tuple[int, float]]:
+        """The fused chunks reordered by their files' rerank scores (ties keep the fused order), each
+        chunk scored as its file."""
+        document_of, documents, features = self._file_features(query, ranked, lexical, dense)
+        file_score = dict(zip(documents, (features @ np.asarray(ranking.rerank_weights)).tolist(), strict=True))
+        rescored = [(i, file_score[document_of[i]]) for i, _ in ranked]
+        return sorted(rescored, key=lambda item: -item[1])  # stable: the fused order within a file
+
+    def rerank_features(self, query: str, ranking: Ranking | None = None) -> list[tuple[str, list[float]]]:
+        """(path, RERANK_FEATURES) of each file among the fused candidates for `query`, in fused order:
+        what tools/fit_kb_rerank.py fits the rerank weights on."""
+        ranking = ranking or self.ranking
+        query_vector = embed.embed([query])[0]
+
+        def work() -> list[tuple[str, list[float]]]:
+            ranked, lexical, dense = self._fused(query, query_vector, FUSION_DEPTH, ranking)
+            if not ranked:
+                return []
+            _, documents, features = self._file_features(query, ranked, lexical, dense)
+            paths = dict(self._conn.execute("SELECT key, path FROM documents"))
+            return [(paths[d], row) for d, row in zip(documents, features.tolist(), strict=True)]
+
+        return self._read(work)
+
     def _hits(self, ranked: list[tuple[int, float]]) -> list[Hit]:
         if not ranked:
             return []
@@ -472,10 +566,10 @@ class KnowledgeBase:
                 return self._hits(self._bm25(query, k, ranking))
             if mode == "dense":
                 return self._hits(self._dense(query_vector, k, ranking))
-            lexical, dense = self._bm25(query, depth, ranking), self._dense(query_vector, depth, ranking)
-            fused = rrf([[i for i, _ in lexical], [i for i, _ in dense]], weights=[1.0, ranking.dense_weight])
-            best = sorted(fused.items(), key=lambda item: -item[1])[:k]
-            return self._hits(best)
+            ranked, lexical, dense = self._fused(query, query_vector, depth, ranking)
+            if ranked and any(ranking.rerank_weights):
+                ranked = self._rerank(query, ranked, lexical, dense, ranking)
+            return self._hits(ranked[:k])
 
         return self._read(work)
 

@@ -13,7 +13,8 @@ text, and `terms`, the words of every compound identifier in the text (`raw_deco
 `JSONDecoder` -> `json decoder`), so a question in plain words still reaches snake_case and
 CamelCase code. `term_df` counts the chunks holding each indexed term, recounted by every build, so
 that a search can skip words common enough to be slow and uninformative. `is_test` marks chunks of
-test files (`is_test_path`), which a search can down-weight or leave out.
+test files (`is_test_path`), which a search can down-weight or leave out. `semantic` holds the
+MiniLM vectors that rerank files (index.py): one card a document and one a documented definition.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ from tisslm.core.errors import TissLMError
 
 INDEX_FILE = "index.sqlite"
 FORMAT = "tisslm-kb"
-FORMAT_VERSION = 2  # 2: name, signature, doc, text, terms fields; is_test; deprecated
+FORMAT_VERSION = 3  # 2: name, signature, doc, text, terms fields; is_test; deprecated. 3: semantic vectors
 TOKENIZE = "porter unicode61 tokenchars '_'"
 FIELDS = ("name", "signature", "doc", "text", "terms")
 # A test file: under a test(s)/ or idle_test/ directory, or named test_*.py, *_test.py, conftest.py.
@@ -62,6 +63,12 @@ CREATE TABLE chunks (
     vector BLOB NOT NULL       -- float16, unit length
 );
 CREATE INDEX chunks_document ON chunks(document);
+CREATE TABLE semantic (        -- the reranker's MiniLM vectors (semantic.py), apart from the chunks so that
+    document TEXT NOT NULL REFERENCES documents(key),  -- reading them never walks past a chunk's text
+    is_card INTEGER NOT NULL,  -- 1: the document's card (path and module docstring); 0: a documented definition
+    vector BLOB NOT NULL       -- float16, unit length
+);
+CREATE INDEX semantic_document ON semantic(document);
 CREATE TABLE term_df (term TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;  -- chunks holding each term
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
     name_terms, signature_terms, doc_terms, text, terms, content='chunks', content_rowid='id', tokenize="{TOKENIZE}"
