@@ -100,6 +100,24 @@ def test_the_index_holds_a_card_per_document_and_a_vector_per_documented_definit
     assert card_text("tabular.py", chunks).startswith("tabular.py: Comma-separated values")
     stored = np.frombuffer(cards["tabular.py"], dtype=np.float16).astype(np.float32)
     np.testing.assert_allclose(stored, expected[0], atol=2e-3)  # float16 storage
+    with KnowledgeBase.open(small_kb) as kb:
+        stats = kb.stats()
+    assert (stats["semantic_model"], stats["semantic_cards"], stats["semantic_definitions"]) == (semantic.MODEL_NAME, 3, 2)
+
+
+def test_a_rebuild_replaces_the_vectors_of_changed_and_removed_documents(tmp_path):
+    root = tmp_path / "src"
+    root.mkdir()
+    for name, text in LIBRARY.items():
+        (root / name).write_text(text, encoding="utf-8")
+    build_index(tmp_path / "kb", directory=root, progress=False)
+    (root / "netcode.py").unlink()
+    (root / "tabular.py").write_text(LIBRARY["tabular.py"] + '\n\ndef more():\n    """Another documented one."""\n')
+    report = build_index(tmp_path / "kb", directory=root, progress=False)
+    assert (report["removed"], report["updated"], report["unchanged"]) == (1, 1, 1)
+    with sqlite3.connect(tmp_path / "kb" / "index.sqlite") as db:
+        rows = db.execute("SELECT document, is_card, COUNT(*) FROM semantic GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
+    assert rows == [("notes.md", 1, 1), ("tabular.py", 0, 2), ("tabular.py", 1, 1)]
 
 
 def test_reranking_follows_the_weights_and_zero_weights_keep_the_fused_order(small_kb):

