@@ -4,6 +4,9 @@ Lexical search finds exact identifiers and rare words; dense search finds paraph
 no word with the chunk. Reciprocal rank fusion (Cormack et al., 2009) combines the two rankings
 without calibrating their scores against each other: score(d) = sum over rankings of w / (60 + rank),
 the dense ranking weighted down (Ranking.dense_weight), as WordLlama ranks code far worse than BM25.
+The fused candidates' files are then reranked (Ranking.rerank_weights): a linear score of each file's
+best lexical and dense scores and of how close all-MiniLM-L6-v2 (semantic.py) puts the query to the
+file's card and documented definitions, which bridges the words a question uses and the code's.
 
 The lexical side is code-aware (Ranking): query identifiers split into their words, BM25 weighted
 per field (name, signature, docstring, text, identifier words), test files and deprecated modules
