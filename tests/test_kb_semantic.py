@@ -90,19 +90,23 @@ def small_kb(tmp_path_factory) -> Path:
 
 def test_the_index_holds_a_card_per_document_and_a_vector_per_documented_definition(small_kb):
     with sqlite3.connect(small_kb / "index.sqlite") as db:
-        rows = db.execute("SELECT document, is_card, vector FROM semantic ORDER BY document, is_card").fetchall()
-    cards = {d: v for d, card, v in rows if card}
-    definitions = [(d, v) for d, card, v in rows if not card]
-    assert set(cards) == set(LIBRARY)  # every document has a card, documented or not
-    assert sorted(d for d, _ in definitions) == ["netcode.py", "tabular.py"]  # notes.md documents no definition
+        rows = dict(db.execute("SELECT document, vectors FROM semantic"))
+    stored = {
+        d: np.frombuffer(v, dtype=np.float16).reshape(-1, semantic.DIM).astype(np.float32) for d, v in rows.items()
+    }
+    # Every document has its card; the two modules each document one definition, notes.md none.
+    assert {d: len(v) for d, v in stored.items()} == {"tabular.py": 2, "netcode.py": 2, "notes.md": 1}
     chunks = chunk_document("tabular.py", LIBRARY["tabular.py"])
-    expected = semantic.encode([card_text("tabular.py", chunks), definition_text(chunks[1])])
     assert card_text("tabular.py", chunks).startswith("tabular.py: Comma-separated values")
-    stored = np.frombuffer(cards["tabular.py"], dtype=np.float16).astype(np.float32)
-    np.testing.assert_allclose(stored, expected[0], atol=2e-3)  # float16 storage
+    expected = semantic.encode([card_text("tabular.py", chunks), definition_text(chunks[1])])
+    np.testing.assert_allclose(stored["tabular.py"], expected, atol=2e-3)  # float16 storage, the card first
     with KnowledgeBase.open(small_kb) as kb:
         stats = kb.stats()
-    assert (stats["semantic_model"], stats["semantic_cards"], stats["semantic_definitions"]) == (semantic.MODEL_NAME, 3, 2)
+    assert (stats["semantic_model"], stats["semantic_cards"], stats["semantic_definitions"]) == (
+        semantic.MODEL_NAME,
+        3,
+        2,
+    )
 
 
 def test_a_rebuild_replaces_the_vectors_of_changed_and_removed_documents(tmp_path):
@@ -116,8 +120,8 @@ def test_a_rebuild_replaces_the_vectors_of_changed_and_removed_documents(tmp_pat
     report = build_index(tmp_path / "kb", directory=root, progress=False)
     assert (report["removed"], report["updated"], report["unchanged"]) == (1, 1, 1)
     with sqlite3.connect(tmp_path / "kb" / "index.sqlite") as db:
-        rows = db.execute("SELECT document, is_card, COUNT(*) FROM semantic GROUP BY 1, 2 ORDER BY 1, 2").fetchall()
-    assert rows == [("notes.md", 1, 1), ("tabular.py", 0, 2), ("tabular.py", 1, 1)]
+        rows = db.execute("SELECT document, LENGTH(vectors) FROM semantic ORDER BY document").fetchall()
+    assert rows == [("notes.md", 2 * semantic.DIM), ("tabular.py", 3 * 2 * semantic.DIM)]  # the card + 2 definitions
 
 
 def test_reranking_follows_the_weights_and_zero_weights_keep_the_fused_order(small_kb):

@@ -187,10 +187,9 @@ def _write(conn, prepared: list[Prepared], removed: Iterable[str], meta: dict[st
                     for c, v in zip(p.chunks, p.vectors, strict=True)
                 ],
             )
-            conn.executemany(
-                "INSERT INTO semantic (document, is_card, vector) VALUES (?, ?, ?)",
-                [(doc.key, 1, p.card.astype(np.float16).tobytes())]
-                + [(doc.key, 0, v.astype(np.float16).tobytes()) for v in p.definitions],
+            conn.execute(
+                "INSERT INTO semantic (document, vectors) VALUES (?, ?)",
+                (doc.key, np.vstack([p.card, p.definitions]).astype(np.float16).tobytes()),
             )
         refresh_term_df(conn)
         generation = int(conn.execute("SELECT value FROM meta WHERE key = 'generation'").fetchone()[0]) + 1

@@ -478,13 +478,13 @@ class KnowledgeBase:
 
     def _file_features(
         self,
-        query: str,
+        query_vector: np.ndarray,
         ranked: list[tuple[int, float]],
         lexical: list[tuple[int, float]],
         dense: list[tuple[int, float]],
     ) -> tuple[dict[int, str], list[str], np.ndarray]:
         """For the files of the `ranked` chunks: chunk id -> document, the documents in rank order, and
-        their RERANK_FEATURES, shape (documents, 4)."""
+        their RERANK_FEATURES, shape (documents, 4). `query_vector` is the query's MiniLM vector."""
         ids = [i for i, _ in ranked]
         placeholders = ",".join("?" * len(ids))
         document_of = dict(self._conn.execute(f"SELECT id, document FROM chunks WHERE id IN ({placeholders})", ids))
@@ -498,18 +498,23 @@ class KnowledgeBase:
                 features[row, column] = max(features[row, column], score / scale)
         placeholders = ",".join("?" * len(documents))
         rows = self._conn.execute(
-            f"SELECT document, is_card, vector FROM semantic WHERE document IN ({placeholders})", documents
+            f"SELECT document, vectors FROM semantic WHERE document IN ({placeholders})", documents
         ).fetchall()
         if rows:
-            vectors = np.frombuffer(b"".join(r[2] for r in rows), dtype=np.float16).reshape(len(rows), semantic.DIM)
-            cosines = np.einsum("ij,j->i", vectors.astype(np.float32), semantic.encode([query])[0])  # (rows,)
-            where = np.array([position[r[0]] for r in rows]), np.array([2 if r[1] else 3 for r in rows])
-            np.maximum.at(features, where, cosines)  # a file's best card / definition cosine (features start at 0)
+            vectors = np.frombuffer(b"".join(r[1] for r in rows), dtype=np.float16).reshape(-1, semantic.DIM)
+            cosines = np.einsum("ij,j->i", vectors.astype(np.float32), query_vector)  # (vectors,)
+            start = 0
+            for document, blob in rows:  # the card's cosine, then the best documented definition's
+                end = start + len(blob) // (2 * semantic.DIM)
+                row = position[document]
+                features[row, 2] = max(cosines[start], 0.0)
+                features[row, 3] = max(cosines[start + 1 : end].max(initial=0.0), 0.0)
+                start = end
         return document_of, documents, features
 
     def _rerank(
         self,
-        query: str,
+        query_vector: np.ndarray,
         ranked: list[tuple[int, float]],
         lexical: list[tuple[int, float]],
         dense: list[tuple[int, float]],
@@ -517,7 +522,7 @@ class KnowledgeBase:
     ) -> list[tuple[int, float]]:
         """The fused chunks reordered by their files' rerank scores (ties keep the fused order), each
         chunk scored as its file."""
-        document_of, documents, features = self._file_features(query, ranked, lexical, dense)
+        document_of, documents, features = self._file_features(query_vector, ranked, lexical, dense)
         file_score = dict(zip(documents, (features @ np.asarray(ranking.rerank_weights)).tolist(), strict=True))
         rescored = [(i, file_score[document_of[i]]) for i, _ in ranked]
         return sorted(rescored, key=lambda item: -item[1])  # stable: the fused order within a file
@@ -532,7 +537,7 @@ class KnowledgeBase:
             ranked, lexical, dense = self._fused(query, query_vector, FUSION_DEPTH, ranking)
             if not ranked:
                 return []
-            _, documents, features = self._file_features(query, ranked, lexical, dense)
+            _, documents, features = self._file_features(semantic.encode([query])[0], ranked, lexical, dense)
             paths = dict(self._conn.execute("SELECT key, path FROM documents"))
             return [(paths[d], row) for d, row in zip(documents, features.tolist(), strict=True)]
 
@@ -572,7 +577,7 @@ class KnowledgeBase:
                 return self._hits(self._dense(query_vector, k, ranking))
             ranked, lexical, dense = self._fused(query, query_vector, depth, ranking)
             if ranked and any(ranking.rerank_weights):
-                ranked = self._rerank(query, ranked, lexical, dense, ranking)
+                ranked = self._rerank(semantic.encode([query])[0], ranked, lexical, dense, ranking)
             return self._hits(ranked[:k])
 
         return self._read(work)
@@ -586,8 +591,8 @@ class KnowledgeBase:
                 "SELECT COUNT(*), COALESCE(SUM(n_chunks), 0), COALESCE(SUM(n_bytes), 0) FROM documents"
             ).fetchone()
             meta = dict(self._conn.execute("SELECT key, value FROM meta").fetchall())
-            cards, definitions = self._conn.execute(
-                "SELECT COALESCE(SUM(is_card), 0), COALESCE(SUM(1 - is_card), 0) FROM semantic"
+            cards, vectors = self._conn.execute(
+                f"SELECT COUNT(*), COALESCE(SUM(LENGTH(vectors)), 0) / {2 * semantic.DIM} FROM semantic"
             ).fetchone()
             return {
                 "directory": str(self.directory),
@@ -599,7 +604,7 @@ class KnowledgeBase:
                 "embedding_dim": int(meta.get("embedding_dim", embed.DIM)),
                 "semantic_model": meta.get("semantic_model"),
                 "semantic_cards": cards,
-                "semantic_definitions": definitions,
+                "semantic_definitions": vectors - cards,
                 "index_bytes": index_path(self.directory).stat().st_size,
                 "format_version": int(meta["format_version"]),
             }

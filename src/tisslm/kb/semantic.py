@@ -188,7 +188,9 @@ def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
         header = json.loads(handle.read(length))
     data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
     return {
-        name: data[start:end].view(np.float32).reshape(entry["shape"])
+        name: np.asarray(data[start:end])
+        .view(np.float32)
+        .reshape(entry["shape"])  # plain arrays: no memmap indexing cost
         for name, entry in header.items()
         if name != "__metadata__" and entry["dtype"] == "F32"
         for start, end in [entry["data_offsets"]]

@@ -14,7 +14,7 @@ text, and `terms`, the words of every compound identifier in the text (`raw_deco
 CamelCase code. `term_df` counts the chunks holding each indexed term, recounted by every build, so
 that a search can skip words common enough to be slow and uninformative. `is_test` marks chunks of
 test files (`is_test_path`), which a search can down-weight or leave out. `semantic` holds the
-MiniLM vectors that rerank files (index.py): one card a document and one a documented definition.
+MiniLM vectors that rerank files (index.py): a document's card and each of its documented definitions.
 """
 
 from __future__ import annotations
@@ -63,12 +63,10 @@ CREATE TABLE chunks (
     vector BLOB NOT NULL       -- float16, unit length
 );
 CREATE INDEX chunks_document ON chunks(document);
-CREATE TABLE semantic (        -- the reranker's MiniLM vectors (semantic.py), apart from the chunks so that
-    document TEXT NOT NULL REFERENCES documents(key),  -- reading them never walks past a chunk's text
-    is_card INTEGER NOT NULL,  -- 1: the document's card (path and module docstring); 0: a documented definition
-    vector BLOB NOT NULL       -- float16, unit length
+CREATE TABLE semantic (        -- the reranker's MiniLM vectors (semantic.py), one row a document (a search
+    document TEXT PRIMARY KEY REFERENCES documents(key),  -- reads its candidates' in one fetch), apart from
+    vectors BLOB NOT NULL      -- the chunks: float16, unit length, the card's then each documented definition's
 );
-CREATE INDEX semantic_document ON semantic(document);
 CREATE TABLE term_df (term TEXT PRIMARY KEY, df INTEGER NOT NULL) WITHOUT ROWID;  -- chunks holding each term
 CREATE VIRTUAL TABLE chunks_fts USING fts5(
     name_terms, signature_terms, doc_terms, text, terms, content='chunks', content_rowid='id', tokenize="{TOKENIZE}"
