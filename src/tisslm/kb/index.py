@@ -169,7 +169,8 @@ FILE_TOP = 3  # chunks of a file that make its score
 @dataclass(frozen=True)
 class Hit:
     """A retrieved chunk: lines start_line..end_line (1-based, inclusive) of `path`, and its score
-    (higher is better in every mode: RRF for fused, -bm25() for bm25, cosine for dense)."""
+    (higher is better in every mode: fused, its file's rerank score, or RRF when rerank_weights are
+    all 0; -bm25() for bm25; cosine for dense)."""
 
     path: str
     name: str
