@@ -402,9 +402,9 @@ class KnowledgeBaseRerankWeights(_Section):
     (tisslm.kb.index.RERANK_FEATURES; fit by tools/fit_kb_rerank.py on queries.jsonl). All 0: no reranking."""
 
     lexical: float = 1.0  # its best chunk's lexical score over the query's best
-    dense: float = 0.043  # its best chunk's WordLlama cosine
-    card: float = 0.329  # MiniLM cosine of its path and module docstring
-    definition: float = 0.912  # best MiniLM cosine of its documented definitions
+    dense: float = 0.173  # its best chunk's WordLlama cosine
+    card: float = 0.463  # MiniLM cosine of its path and module docstring
+    definition: float = 1.021  # best MiniLM cosine of its documented definitions
 
 
 class KnowledgeBaseRanking(_Section):

@@ -118,7 +118,7 @@ class Ranking:
     deprecated_weight: float = 0.5
     dense_weight: float = 0.25
     depth: int = 500  # lexical candidates scored and aggregated per query
-    rerank_weights: tuple[float, ...] = (1.0, 0.043, 0.329, 0.912)
+    rerank_weights: tuple[float, ...] = (1.0, 0.173, 0.463, 1.021)
 
     def __post_init__(self) -> None:
         if len(self.field_weights) != len(FIELDS) or any(w < 0 for w in self.field_weights):
