@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import re
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -259,10 +260,28 @@ atoms = st.one_of(
     TEXT.map(lambda t: _node(ast.FileExists, t)),
 )
 OPS = ["AND", "OR", "CONTAINS", "NOT CONTAINS", "MATCHES", "==", "!=", "<", "<=", ">", ">="]
+
+
+def _valid_regex_operand(op: str, right: ast.Expr) -> bool:
+    """The parser refuses a literal pattern that does not compile (tested above), so a valid AST's
+    MATCHES has none on its right: the round trip is drawn from valid ASTs only."""
+    if op != "MATCHES" or not isinstance(right, ast.Literal) or not isinstance(right.value, str):
+        return True
+    if "{{" in right.value:  # interpolated when the script runs: checked then
+        return True
+    try:
+        re.compile(right.value)
+    except re.error:
+        return False
+    return True
+
+
 exprs = st.recursive(
     atoms,
     lambda inner: st.one_of(
-        st.tuples(st.sampled_from(OPS), inner, inner).map(lambda t: _node(ast.Binary, *t)),
+        st.tuples(st.sampled_from(OPS), inner, inner)
+        .filter(lambda t: _valid_regex_operand(t[0], t[2]))
+        .map(lambda t: _node(ast.Binary, *t)),
         inner.map(lambda e: _node(ast.Not, e)),
         inner.map(lambda e: _node(ast.IsEmpty, e)),
     ),
