@@ -41,9 +41,10 @@ def main() -> None:
     )  # fmt: skip
     rates = ", ".join(f"{n} tokens {r:.0%}" for n, r in marked["detection_rate"].items())
     looping = marked["repetition"]["repetitive"]
+    false_positives = ", ".join(f"{name} {rate:.1%}" for name, rate in marked["false_positive_rate"].items())
     print(
-        f"safety: watermark detected at {rates}; false positives {marked['false_positive_rate']};"
-        f" {looping['samples']} repetitive samples, detected {looping['detected']}"
+        f"safety: watermark detected at {rates}; false positives: {false_positives}; repetitive samples:"
+        f" {looping['samples']}" + ("" if looping["detected"] is None else f", {looping['detected']:.0%} detected")
     )
     attacks = red_team(paths.red_team, paths.model, params, flag_everything(safety.filters))
     totals = attacks["totals"]

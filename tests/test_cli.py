@@ -331,3 +331,18 @@ def test_loading_a_model_skips_its_random_init_and_torch_dynamo(tmp_path):
     assert loaded.lm_head.weight is loaded.tok_emb.weight
     fresh = TissLM(loaded.config)  # a new model still gets its random init
     assert 0.015 < float(fresh.tok_emb.weight.detach().std()) < 0.025
+
+
+@pytest.mark.parametrize("ran", [True, False])
+def test_the_pipeline_summary_says_once_to_version_dvc_lock_when_a_stage_ran(ran, capsys):
+    """The flow's log leaves out DVC's per-stage `git add dvc.lock` advice; the summary gives it, once."""
+    from tisslm.cli import _summarise
+    from tisslm.flows.pipeline import PipelineOutcome, StageOutcome
+
+    decision = {"promoted": True, "reasons": ["first registered model"], "challenger_version": "1",
+                "challenger_pass_at_1": 0.0}  # fmt: skip
+    stages = [StageOutcome("train", ran, 1.0, "r1"), StageOutcome("export", False, 1.0, "r2")]
+    _summarise(PipelineOutcome(decision, stages, "parent", 60.0))
+    summary = capsys.readouterr().out
+    assert f"{int(ran)} stages ran" in summary and "promoted to champion" in summary
+    assert summary.count("git add dvc.lock") == int(ran)

@@ -159,3 +159,41 @@ def test_onnxruntime_genai_runs_the_onnx_export_with_tisslm_tokens_and_greedy_te
             generator.generate_next_token()
             theirs.append(int(generator.get_next_tokens()[0]))
         assert theirs == generate(model, [ids], 16, temperature=0)[0]
+
+
+STAGE_WORK = """
+import sys
+from pathlib import Path
+
+from tisslm.core.errors import run_main
+from tisslm.core.generate import generate
+from tisslm.core.model import ModelConfig, TissLM
+from tisslm.core.tokenizer import byte_level_tokenizer
+from tisslm.release.export import export_onnx
+from tisslm.release.quantize import quantize_model
+
+
+def main():
+    model = TissLM(ModelConfig(vocab_size=257, d_model=32, n_layers=1, n_heads=4, n_kv_heads=2, d_ff=64)).eval()
+    generate(quantize_model(model, "int8_weight_only"), [[1, 2, 3]], 4, temperature=0, compile=True)
+    export_onnx(model, byte_level_tokenizer(), Path(sys.argv[1]))
+    print("done")
+
+
+run_main(main)
+"""
+
+
+def test_the_work_of_the_quantize_and_export_stages_writes_nothing_to_stderr(tmp_path):
+    """What the quantize stage (an int8 model's compiled decode) and the export stage (ONNX) do, run
+    under the entry point every stage uses: torch's warnings about its own internals (Int8Tensor's
+    cache hash, LeafSpec, shared axis names, torchvision's absent operators) filled the stage logs."""
+    import subprocess
+    import sys
+
+    result = subprocess.run(
+        [sys.executable, "-c", STAGE_WORK, str(tmp_path / "onnx")], capture_output=True, text=True, timeout=300
+    )
+    assert result.returncode == 0 and result.stdout.endswith("done\n"), result.stderr
+    assert result.stderr == ""
+    assert (tmp_path / "onnx" / "model.onnx").is_file()

@@ -128,6 +128,11 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     train_json = json.loads((workspace / "metrics/train.json").read_text())
     assert train.data.metrics["val_bits_per_byte"] == pytest.approx(train_json["val_bits_per_byte"])
     assert train.data.tags["dvc.out.models/base"]  # lineage: the md5 dvc.lock holds for the output
+    # Each stage's whole log is in its run, DVC's advice included (the flow's own log leaves that out).
+    safety_log = client.download_artifacts(runs["safety"].info.run_id, "stage.log", str(workspace / ".."))
+    safety_log = Path(safety_log).read_text()
+    assert "git add dvc.lock" in safety_log
+    assert re.search(r"false positives: plain_samples \d+\.\d%.*repetitive samples: \d+", safety_log), safety_log
     assert [m.name for m in client.search_model_versions("name='tisslm'")] == ["tisslm"]
     model_version = client.get_model_version("tisslm", "1")
     assert model_version.run_id == runs["register"].info.run_id  # the register stage logged into its child run
@@ -350,3 +355,30 @@ def test_a_study_reopened_after_a_kill_fails_the_trial_left_running(tmp_path):
     study.ask()  # a process killed here leaves this trial RUNNING in the journal
     reopened = open_study(tmp_path, hpo)
     assert [t.state for t in reopened.get_trials()] == [optuna.trial.TrialState.COMPLETE, optuna.trial.TrialState.FAIL]
+
+
+def test_the_flow_log_leaves_out_dvcs_git_hints_and_nothing_else(tmp_path):
+    """DVC's advice to `git add dvc.lock` after every stage filled the flow's log fifteen times; the
+    summary says it once. Checked on what this DVC prints, so that a change of its wording shows."""
+    from tisslm.flows.pipeline import DVC_GIT_HINT
+
+    (tmp_path / "dvc.yaml").write_text("stages:\n  make:\n    cmd: echo made > out.txt\n    outs:\n      - out.txt\n")
+    for command in (["git", "init", "-q"], [sys.executable, "-m", "dvc", "init", "-q"]):
+        assert run(command, tmp_path).returncode == 0
+    repro = run([sys.executable, "-m", "dvc", "repro", "--single-item", "make"], tmp_path)
+    assert repro.returncode == 0, repro.stderr
+    lines = [line.strip() for line in (repro.stdout + repro.stderr).splitlines() if line.strip()]
+    hidden = [line for line in lines if DVC_GIT_HINT.match(line)]
+    assert hidden == [
+        "To track the changes with git, run:",
+        "git add dvc.lock .gitignore",
+        "To enable auto staging, run:",
+        "dvc config core.autostage true",
+        "Use `dvc push` to send your updates to remote storage.",
+    ]
+    assert [line for line in lines if line not in hidden] == [
+        "Running stage 'make':",
+        "> echo made > out.txt",
+        "Generating lock file 'dvc.lock'",
+        "Updating lock file 'dvc.lock'",
+    ]

@@ -368,6 +368,8 @@ Results:
   MLflow         run {outcome.mlflow_run_id} in {tracking_uri()}
                  open it with: tisslm ui   (then http://127.0.0.1:5000)"""
     )
+    if ran:
+        typer.echo("  versioning     git add dvc.lock: it names the data, params and code that made these results")
 
 
 @pipeline_app.command("run")

@@ -1,15 +1,27 @@
-"""Library log noise: what libraries log at import that a user can neither act on nor silence."""
+"""Library noise: what libraries log or warn that a user can neither act on nor silence."""
 
 from __future__ import annotations
 
 import logging
+import warnings
 
-# What libraries log at import that a user can neither act on nor silence: torchao's kernels built
-# for GPUs this machine lacks, and torch's deprecation notice about torchao registering its enums.
+# What libraries log that a user can neither act on nor silence: torchao's kernels built for GPUs this
+# machine lacks, torch's deprecation notice about torchao registering its enums, and the ONNX
+# exporter's note that torchvision's operators (which no TissLM graph uses) are not registered.
 LIBRARY_NOISE = {
     "torchao": ("Failed to load ",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
+    "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
 }
+# What torch warns at run time about its own internals, as (category, message regex from the start):
+# AOT autograd's cache asking torchao's Int8Tensor for a hash method (the quantize stage's compiled
+# decode), the ONNX exporter calling its own deprecated LeafSpec, and the exporter noting that an
+# axis name shared by several inputs is used once (the export stage).
+LIBRARY_WARNINGS = (
+    (UserWarning, r".* does not implement _stable_hash_for_caching"),
+    (FutureWarning, r"`isinstance\(treespec, LeafSpec\)` is deprecated"),
+    (UserWarning, r"# The axis name: .* will not be used, since it shares the same shape constraints"),
+)
 
 
 class _DropMessages(logging.Filter):
@@ -23,9 +35,12 @@ class _DropMessages(logging.Filter):
 
 
 def quiet_library_logs() -> None:
-    """Drop the import-time messages of LIBRARY_NOISE, by logger and message, and nothing else: the
-    loggers stay as they are, and configuring them imports nothing."""
+    """Drop the messages of LIBRARY_NOISE, by logger and message, and the warnings of
+    LIBRARY_WARNINGS, and nothing else: the loggers stay as they are, other warnings still show, and
+    configuring them imports nothing."""
     for name, fragments in LIBRARY_NOISE.items():
         logger = logging.getLogger(name)
         if not any(isinstance(f, _DropMessages) for f in logger.filters):
             logger.addFilter(_DropMessages(fragments))
+    for category, message in LIBRARY_WARNINGS:
+        warnings.filterwarnings("ignore", message=message, category=category)

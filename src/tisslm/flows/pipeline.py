@@ -39,6 +39,11 @@ from tisslm.release.registry import verdict
 from tisslm.tracking import RUN_ENV, flatten, log_numbers, log_params, open_run, tracking_uri
 
 PARAMS_FILE = "params.yaml"
+# DVC's advice after each stage on versioning dvc.lock: said once, in the run's summary, instead of
+# fifteen times in the flow's log (the stage's MLflow log keeps it).
+DVC_GIT_HINT = re.compile(
+    r"To track the changes with git, run:|git add dvc\.lock|To enable auto staging, run:|dvc config core\.autostage|Use `dvc push`"
+)
 # Failures worth another attempt: DVC's repository lock held by another process, a stage killed by a
 # signal (OOM killer, preemption), SQLite busy under concurrent MLflow writers.
 TRANSIENT = re.compile(r"Unable to acquire lock|exited with -\d+|exited with 13[07]|database is locked")
@@ -169,6 +174,16 @@ def _stage_environment() -> dict[str, str]:
     }
 
 
+def _without_dvc_git_hints(logger):
+    """The flow log's writer: every line of a stage but DVC's DVC_GIT_HINT."""
+
+    def log(line: str) -> None:
+        if not DVC_GIT_HINT.match(line.strip()):
+            logger.info(line)
+
+    return log
+
+
 def _stream(command: list[str], root: Path, env: dict[str, str], timeout_s: float, log) -> tuple[int | None, list[str]]:
     """Run `command`, passing each output line to `log`; returns (exit code or None on timeout, all lines)."""
     process = subprocess.Popen(
@@ -208,9 +223,8 @@ def run_stage(stage: str, root: Path, parent_run_id: str, timeout_s: float) -> S
     client = MlflowClient()
     env = _stage_environment() | {RUN_ENV: run_id}
     started = time.perf_counter()
-    code, lines = _stream(
-        [sys.executable, "-m", "dvc", "repro", "--single-item", stage], root, env, timeout_s, logger.info
-    )
+    repro = [sys.executable, "-m", "dvc", "repro", "--single-item", stage]
+    code, lines = _stream(repro, root, env, timeout_s, _without_dvc_git_hints(logger))
     seconds = time.perf_counter() - started
     client.log_text(run_id, "\n".join(lines) + "\n", "stage.log")
     client.log_metric(run_id, "stage_seconds", seconds)
