@@ -20,7 +20,7 @@ def main() -> None:
     atomic_write_json(args.metrics, metrics)
     if metrics["steps"]:
         print(
-            f"sft: held-out loss {metrics['heldout_loss_before']} -> {metrics['heldout_loss_after']} "
+            f"sft: held-out loss {metrics['heldout_loss_before']:.3f} -> {metrics['heldout_loss_after']:.3f} "
             f"({metrics['examples_train']} conversations, {metrics['steps']} steps, {metrics['seconds']} s); "
             f"model in {args.model}/"
         )

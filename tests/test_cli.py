@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import os
 import re
 import subprocess
 import sys
@@ -346,3 +347,34 @@ def test_the_pipeline_summary_says_once_to_version_dvc_lock_when_a_stage_ran(ran
     summary = capsys.readouterr().out
     assert f"{int(ran)} stages ran" in summary and "promoted to champion" in summary
     assert summary.count("git add dvc.lock") == int(ran)
+
+
+TRACKED_RUN = """
+import mlflow
+
+from tisslm.core.config import load_params
+from tisslm.core.errors import run_main
+from tisslm.tracking import Tracker
+
+
+def main():
+    Tracker.start(load_params(None))  # what the train stage opens: a run that logs system metrics
+    mlflow.end_run()
+    print("done")
+
+
+run_main(main)
+"""
+
+
+def test_a_tracked_run_under_an_entry_point_writes_nothing_to_stderr(tmp_path):
+    """MLflow's system-metrics monitor said at INFO that it skipped GPUs, started, stopped and
+    terminated: four lines in every train stage's log that nobody can act on."""
+    env = {**os.environ, "MLFLOW_TRACKING_URI": f"sqlite:///{tmp_path / 'mlflow.db'}"}
+    runs = [
+        subprocess.run([sys.executable, "-c", TRACKED_RUN], capture_output=True, text=True, env=env, timeout=120)
+        for _ in range(2)
+    ]
+    assert all(run.returncode == 0 and run.stdout == "done\n" for run in runs), runs[0].stderr
+    assert "Creating initial MLflow database tables" in runs[0].stderr  # a new store: said once, and kept
+    assert runs[1].stderr == ""

@@ -6,12 +6,20 @@ import logging
 import warnings
 
 # What libraries log that a user can neither act on nor silence: torchao's kernels built for GPUs this
-# machine lacks, torch's deprecation notice about torchao registering its enums, and the ONNX
-# exporter's note that torchvision's operators (which no TissLM graph uses) are not registered.
+# machine lacks, torch's deprecation notice about torchao registering its enums, the ONNX exporter's
+# note that torchvision's operators (which no TissLM graph uses) are not registered, and MLflow's
+# account of its own doings in the train and register stages.
 LIBRARY_NOISE = {
     "torchao": ("Failed to load ",),
     "torch.utils._pytree": ("is an Enum subclass and is now natively supported",),
     "torch.onnx._internal.exporter._registration": ("torchvision is not installed",),
+    "mlflow.system_metrics.system_metrics_monitor": (
+        "Skip logging GPU metrics",
+        "Started monitoring system metrics",
+        "Stopping system metrics monitoring",
+        "Successfully terminated system metrics monitoring",
+    ),
+    "mlflow.pyfunc": ("Validating input example against model signature",),
 }
 # What torch warns at run time about its own internals, as (category, message regex from the start):
 # AOT autograd's cache asking torchao's Int8Tensor for a hash method (the quantize stage's compiled
