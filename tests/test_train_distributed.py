@@ -59,6 +59,20 @@ def test_one_two_and_four_processes_train_the_same_model(corpus, tmp_path, optim
     assert metrics["processes"] == 4 and metrics["global_batch"] == 8 and metrics["micro_batch"] == 2
 
 
+def test_torchrun_workers_share_the_cores_without_a_banner(corpus, tmp_path):
+    """Launched under torchrun, each worker gets its share of the cores as OpenMP threads (torchrun
+    alone gives one each, whatever the host, and prints a banner saying so)."""
+    from tisslm.train.plan import threads_per_process
+
+    env = {key: value for key, value in os.environ.items() if key != "OMP_NUM_THREADS"}
+    command = train_command(corpus, tmp_path / "run", "train.max_steps=2", "train.nproc=2")
+    result = subprocess.run(command, capture_output=True, text=True, env=env, timeout=300)
+    assert result.returncode == 0, result.stderr[-3000:]
+    assert "OMP_NUM_THREADS" not in result.stderr
+    metrics = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    assert metrics["processes"] == 2 and metrics["threads_per_process"] == threads_per_process(os.cpu_count(), 2)
+
+
 def test_gradient_accumulation_gives_the_same_steps(corpus, tmp_path):
     """A smaller micro-batch (more forwards per step) saves memory and changes nothing else."""
     common = ("train.max_steps=6", "train.checkpoint_interval=6", "model.dropout=0.0", "train.optimizer=adamw")

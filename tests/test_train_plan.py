@@ -9,7 +9,7 @@ from tisslm.core.config import load_params
 from tisslm.core.errors import TissLMError
 from tisslm.core.model import ModelConfig, TissLM
 from tisslm.train.perf import datasheet_peak_flops, measured_peak_flops
-from tisslm.train.plan import plan_batches, resolve_compile, resolve_nproc, uses_cuda
+from tisslm.train.plan import plan_batches, resolve_compile, resolve_nproc, threads_per_process, uses_cuda
 from tisslm.train.trainer import COMPILE_CACHE_ENV, OPERATIONAL, TrainingLoss, run_fingerprint
 
 
@@ -27,6 +27,14 @@ from tisslm.train.trainer import COMPILE_CACHE_ENV, OPERATIONAL, TrainingLoss, r
 )
 def test_process_count(nproc, cuda, gpus, cores, expected):
     assert resolve_nproc(nproc, cuda, gpus, cores) == expected
+
+
+@pytest.mark.parametrize(
+    ("cores", "nproc", "expected"),
+    [(2, 2, 1), (16, 2, 8), (17, 2, 8), (2, 4, 1), (128, 8, 16), (1, 1, 1)],
+)
+def test_processes_share_the_cores_out(cores, nproc, expected):
+    assert threads_per_process(cores, nproc) == expected
 
 
 def test_more_processes_than_gpus_is_refused_in_one_line():

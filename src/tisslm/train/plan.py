@@ -46,6 +46,13 @@ def resolve_nproc(nproc: int | Literal["auto"], cuda: bool, cuda_devices: int, c
     return nproc
 
 
+def threads_per_process(cpu_count: int, nproc: int) -> int:
+    """Intra-op (OpenMP) threads for each of `nproc` processes on one host: the cores shared out.
+    torchrun's own default is one thread per process whatever the host, which leaves most of a
+    many-core CPU idle (and says so on stderr); on the 2-core machines measured here both are 1."""
+    return max(1, cpu_count // nproc)
+
+
 def resolve_compile(compile_model: bool | Literal["auto"], device_type: str) -> bool:
     """`auto` compiles on CUDA, where fusing the small kernels pays for the compile many times over;
     on a CPU the compile takes longer than a short run gains."""

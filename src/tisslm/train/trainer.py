@@ -471,6 +471,7 @@ class Trainer:
             # Where the last steps ran, for the model card: a resumed run may have moved.
             "device": device_name(self.d.device),
             "processes": self.d.world_size,
+            "threads_per_process": torch.get_num_threads(),
             "global_batch": self.plan.global_batch,
             "micro_batch": self.plan.micro_batch,
             "precision": p.precision,
