@@ -42,7 +42,8 @@ PARAMS_FILE = "params.yaml"
 # DVC's advice after each stage on versioning dvc.lock: said once, in the run's summary, instead of
 # fifteen times in the flow's log (the stage's MLflow log keeps it).
 DVC_GIT_HINT = re.compile(
-    r"To track the changes with git, run:|git add dvc\.lock|To enable auto staging, run:|dvc config core\.autostage|Use `dvc push`"
+    r"To track the changes with git, run:|git add .*dvc\.lock|To enable auto staging, run:|dvc config core\.autostage"
+    r"|Use `dvc push`"
 )
 # Failures worth another attempt: DVC's repository lock held by another process, a stage killed by a
 # signal (OOM killer, preemption), SQLite busy under concurrent MLflow writers.
