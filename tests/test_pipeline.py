@@ -131,10 +131,11 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     # Each stage's whole log is in its run, DVC's advice included (the flow's own log leaves that out),
     # and none of MLflow's account of its own doings.
     logs = {
-        stage: Path(client.download_artifacts(runs[stage].info.run_id, "stage.log", str(workspace / f"../{stage}")))
+        stage: Path(
+            client.download_artifacts(runs[stage].info.run_id, "stage.log", str(workspace / f"../{stage}"))
+        ).read_text()
         for stage in ("train", "safety", "register")
     }
-    logs = {stage: path.read_text() for stage, path in logs.items()}
     assert all("git add dvc.lock" in log for log in logs.values())
     assert "train: val " in logs["train"] and "system metrics" not in logs["train"]
     assert "register: tisslm version 1" in logs["register"] and "Validating input example" not in logs["register"]
