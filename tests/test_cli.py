@@ -196,6 +196,16 @@ def test_help_and_tiss_check_import_neither_torch_nor_rich(tmp_path):
     assert sorted(modules.intersection(HEAVY)) == []
 
 
+def test_help_loads_no_pydantic_and_tiss_check_no_params_schema(tmp_path):
+    """The params schema (pydantic's models, about 0.1 s) loads in the commands that read params.yaml."""
+    result, modules = imported("--help")
+    assert result.returncode == 0 and sorted(modules & {"pydantic", "yaml", "tisslm.core.config"}) == []
+    result, modules = imported("tiss", "check", str(REPO / "examples" / "tiss" / "hello.tiss"), cwd=tmp_path)
+    assert result.returncode == 0 and "tisslm.core.config" not in modules
+    result, modules = imported("safety", "scan", "-", stdin="nothing to see", cwd=tmp_path)
+    assert result.returncode == 0 and "tisslm.core.config" in modules  # the filter's policy is a param
+
+
 def test_the_package_root_loads_its_public_names_on_first_use():
     code = (
         "import sys, tisslm, tisslm.core.config\n"

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 import re
+from pathlib import Path
 
 import pytest
 from hypothesis import HealthCheck, given, settings
@@ -13,6 +14,8 @@ from tisslm.agent import ast
 from tisslm.agent.ast import NO_SPAN
 from tisslm.agent.checks import check, parse_duration
 from tisslm.agent.parser import TissSyntaxError, format_script, parse
+
+REPO = Path(__file__).parents[1]
 
 
 def body(text: str) -> tuple:
@@ -342,3 +345,68 @@ def test_format_then_parse_gives_the_same_ast(generated):
     reparsed = parse(text)
     assert reparsed.to_dict(spans=False) == script.to_dict(spans=False), text
     assert format_script(reparsed) == text
+
+
+# ---- the saved parse tables ----------------------------------------------------------------------
+
+
+def test_the_shipped_parse_tables_are_those_of_the_grammar():
+    """grammar.lark changed without `python tools/tisslang_tables.py`: the parser still works (it
+    builds the tables) but every start pays 50 ms again; this fails until the file is rewritten."""
+    from tisslm.agent import parser
+
+    saved = json.loads(parser.PARSE_TABLES.read_text())
+    assert saved["key"] == json.loads(json.dumps(parser._tables_key(parser.GRAMMAR.read_text())))
+
+
+def test_the_parser_loads_the_saved_tables_and_parses_as_the_built_one(monkeypatch):
+    from lark import Lark
+
+    from tisslm.agent import parser
+
+    scripts = sorted((REPO / "examples").rglob("*.tiss")) + sorted((REPO / "tests").rglob("*.tiss"))
+    assert len(scripts) >= 5
+    built = [parser.parse_file(path) for path in scripts]  # whichever way the cached parser was made
+    bad = '#TISS!\nRUNN "x"\nVAR a = \nIF {{a}} = 0 {\n}\n'
+    with pytest.raises(TissSyntaxError) as built_error:
+        parse(bad, "t.tiss")
+
+    def no_building(*args, **kwargs):
+        raise AssertionError("the parser computed its tables instead of loading them")
+
+    monkeypatch.setattr(Lark, "__init__", no_building)  # Lark.load makes its instance without __init__
+    parser._lark.cache_clear()
+    try:
+        assert [parser.parse_file(path) for path in scripts] == built
+        with pytest.raises(TissSyntaxError) as loaded_error:
+            parse(bad, "t.tiss")
+        assert loaded_error.value.render() == built_error.value.render()
+    finally:
+        parser._lark.cache_clear()
+
+
+def test_tables_of_another_grammar_are_ignored_for_a_built_parser(monkeypatch, tmp_path):
+    from tisslm.agent import parser
+
+    expected = [parser.parse_file(path) for path in sorted((REPO / "examples").rglob("*.tiss"))]
+    stale = json.loads(parser.PARSE_TABLES.read_text())
+    stale["key"]["grammar_sha256"] = "0" * 64
+    built = []
+
+    class CountingLark(parser.Lark):
+        def __init__(self, *args, **kwargs):
+            built.append(kwargs)
+            super().__init__(*args, **kwargs)
+
+    monkeypatch.setattr(parser, "Lark", CountingLark)
+    for name, text in (("stale.json", json.dumps(stale)), ("corrupt.json", '{"key": '), ("missing.json", None)):
+        if text is not None:
+            (tmp_path / name).write_text(text)
+        monkeypatch.setattr(parser, "PARSE_TABLES", tmp_path / name)
+        parser._lark.cache_clear()
+        try:
+            assert [parser.parse_file(path) for path in sorted((REPO / "examples").rglob("*.tiss"))] == expected, name
+            assert len(built) == 1, name
+            built.clear()
+        finally:
+            parser._lark.cache_clear()

@@ -17,7 +17,6 @@ from typing import TYPE_CHECKING, Annotated
 import typer
 
 from tisslm.agent.commands import app as tiss_app
-from tisslm.core.config import project_params
 from tisslm.core.errors import TissLMError, run_main
 from tisslm.kb.commands import app as kb_app
 from tisslm.safety.commands import app as audit_app
@@ -102,6 +101,7 @@ def generate(
     detect` can later tell the continuation came from a model holding the key. On a terminal, a
     progress bar of the tokens generated (and their rate) shows on stderr; stdout holds only the
     text."""
+    from tisslm.core.config import project_params
     from tisslm.core.decode import for_decoding
     from tisslm.core.generate import complete
     from tisslm.core.tokenizer import load_tokenizer
@@ -239,6 +239,7 @@ def init_model(
     """Write a randomly initialised model with a byte-level tokenizer (for tests and demos)."""
     import torch
 
+    from tisslm.core.config import project_params
     from tisslm.core.model import TissLM
     from tisslm.core.tokenizer import byte_level_tokenizer
 
@@ -285,6 +286,7 @@ def train_command(
     params: ParamsFile = None,
 ) -> None:
     """Train (or resume) a model; with more than one process (train.nproc), relaunch under torchrun."""
+    from tisslm.core.config import project_params
     from tisslm.train.launch import launch
     from tisslm.train.trainer import Paths
 

@@ -16,12 +16,18 @@ Parsing happens in three passes:
 from __future__ import annotations
 
 import difflib
+import hashlib
+import json
 import re
 from dataclasses import dataclass
 from functools import cache
 from pathlib import Path
+from typing import Any
 
+import lark
 from lark import Lark, Token, Transformer, Tree, UnexpectedCharacters, UnexpectedInput, UnexpectedToken, v_args
+from lark.grammar import Rule
+from lark.lexer import TerminalDef
 
 from tisslm.agent import ast
 from tisslm.agent.ast import Span
@@ -65,10 +71,48 @@ class TissSyntaxError(TissLMError):
         return "\n".join(d.render(self.filename, self.source) for d in self.diagnostics)
 
 
+GRAMMAR = Path(__file__).with_name("grammar.lark")
+# The parser lark builds from GRAMMAR, saved as JSON (`tools/tisslang_tables.py` writes it). Computing
+# the LALR tables takes about 50 ms, a sixth of `tisslm tiss check`; loading them about 6 ms. JSON, not
+# lark's pickle-based cache: nothing is unpickled from disk.
+PARSE_TABLES = Path(__file__).with_name("grammar_tables.json")
+LARK_OPTIONS: dict[str, Any] = {
+    "parser": "lalr",
+    "lexer": "contextual",
+    "propagate_positions": True,
+    "maybe_placeholders": False,
+}
+
+
+def _tables_key(grammar: str) -> dict[str, Any]:
+    """What saved tables must have been made from to stand for a parser of `grammar`."""
+    sha256 = hashlib.sha256(grammar.encode()).hexdigest()
+    return {"grammar_sha256": sha256, "lark": lark.__version__, "options": LARK_OPTIONS}
+
+
+def parse_tables(grammar: str) -> dict[str, Any]:
+    """A parser of `grammar` as JSON-ready data: what PARSE_TABLES holds."""
+    data, memo = Lark(grammar, **LARK_OPTIONS).memo_serialize([TerminalDef, Rule])
+    return {"key": _tables_key(grammar), "data": data, "memo": memo}
+
+
+def _int_keys(obj: dict[str, Any]) -> dict[Any, Any]:
+    # JSON turned the tables' integer keys (states, memo ids) into strings; no other key is all digits
+    return {int(k) if k.isdigit() else k: v for k, v in obj.items()}
+
+
 @cache
 def _lark() -> Lark:
-    grammar = (Path(__file__).with_name("grammar.lark")).read_text()
-    return Lark(grammar, parser="lalr", lexer="contextual", propagate_positions=True, maybe_placeholders=False)
+    """The parser: loaded from PARSE_TABLES when they were made from this grammar by this lark and with
+    these options, else built (correct, only slower; a test keeps the shipped tables current)."""
+    grammar = GRAMMAR.read_text()
+    try:
+        saved = json.loads(PARSE_TABLES.read_text(), object_hook=_int_keys)
+    except (OSError, ValueError):
+        saved = None
+    if isinstance(saved, dict) and saved.get("key") == _tables_key(grammar):
+        return Lark.load({"data": saved["data"], "memo": saved["memo"]})  # a dict: lark reads it as is
+    return Lark(grammar, **LARK_OPTIONS)
 
 
 # ---- pass 1: heredocs ----------------------------------------------------------------------------

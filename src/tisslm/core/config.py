@@ -14,6 +14,7 @@ from typing import Annotated, Any, Literal
 import yaml
 from pydantic import BaseModel, ConfigDict, Discriminator, Field, NonNegativeInt, PositiveInt, Tag, model_validator
 
+from tisslm.core.choices import SearchMode
 from tisslm.core.errors import ConfigError, parse
 
 DEFAULT_PARAMS = Path("params.yaml")
@@ -425,7 +426,7 @@ class KnowledgeBaseParams(_Section):
     ranks, and what it measures."""
 
     k: PositiveInt = 8  # chunks retrieved per held-out document for the context-gain figure
-    mode: Literal["fused", "bm25", "dense"] = "fused"  # ranking used for that retrieval
+    mode: SearchMode = "fused"  # ranking used for that retrieval
     context_documents: PositiveInt = 16  # val documents scored with and without retrieved context
     index_tests: bool = True  # index test files (down-weighted by ranking.test_weight); false leaves them out
     ranking: KnowledgeBaseRanking = KnowledgeBaseRanking()

@@ -12,15 +12,15 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Annotated, get_args
+from typing import Annotated
 
 import typer
 
-from tisslm.core.config import KnowledgeBaseParams, TokenizeParams
+from tisslm.core.choices import SEARCH_MODES
 from tisslm.core.errors import TissLMError
 
-# The retrieval stack loads inside each command: `tisslm --help` and `kb search` pay only for what they use.
-MODES = get_args(KnowledgeBaseParams.model_fields["mode"].annotation)  # the ranking modes, as params.yaml has them
+# The retrieval stack and the params schema load inside each command: `tisslm --help` and `kb search`
+# pay only for what they use.
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -51,7 +51,7 @@ def build_command(
         float | None,
         typer.Option(
             "--val-fraction",
-            help=f"The held-out share the tokenize stage uses, not indexed [default: {TokenizeParams().val_fraction}].",
+            help="The held-out share the tokenize stage uses, not indexed [default: the schema's tokenize.val_fraction].",
         ),
     ] = None,
     no_tests: Annotated[
@@ -94,7 +94,7 @@ def search_command(
     query: Annotated[str, typer.Argument(help="What to look for, in words or identifiers.")],
     kb: KbDir,
     k: Annotated[int, typer.Option("--k", help="How many hits.")] = 10,
-    mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(MODES)}.")] = "fused",
+    mode: Annotated[str, typer.Option("--mode", help=f"One of {', '.join(SEARCH_MODES)}.")] = "fused",
     as_json: AsJson = False,
 ) -> None:
     """The best chunks for QUERY, best first."""

@@ -34,6 +34,7 @@ import ir_measures
 from ir_measures import Qrel, ScoredDoc
 from tokenizers import Tokenizer
 
+from tisslm.core.choices import SEARCH_MODES
 from tisslm.core.errors import TissLMError
 from tisslm.core.io import read_jsonl
 from tisslm.core.model import TissLM
@@ -42,7 +43,7 @@ from tisslm.data.ingest import STDLIB_EXCLUDED_DIRS, STDLIB_TEST_DIRS
 from tisslm.eval.evaluate import document_loglikelihoods, perplexity_metrics
 from tisslm.kb.chunk import module_name
 from tisslm.kb.context import with_context
-from tisslm.kb.index import MODES, KnowledgeBase, Ranking, fts_query
+from tisslm.kb.index import KnowledgeBase, Ranking, fts_query
 from tisslm.kb.store import TOKENIZE, identifier_terms
 
 DEFAULT_QUERIES = Path(str(package_files("tisslm.kb") / "queries.jsonl"))
@@ -135,7 +136,7 @@ def whole_file_rankings(documents: Sequence[tuple[str, str]], queries: Sequence[
 def evaluate_retrieval(
     kb_dir: Path,
     queries_path: Path = DEFAULT_QUERIES,
-    modes: Sequence[str] = MODES,
+    modes: Sequence[str] = SEARCH_MODES,
     ranking: Ranking | None = None,
     baseline: bool = True,
 ) -> dict:

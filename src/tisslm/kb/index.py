@@ -36,6 +36,7 @@ from types import MappingProxyType
 
 import numpy as np
 
+from tisslm.core.choices import SEARCH_MODES
 from tisslm.core.errors import TissLMError
 from tisslm.kb import embed, semantic
 from tisslm.kb.store import (
@@ -48,7 +49,6 @@ from tisslm.kb.store import (
     split_identifier,
 )
 
-MODES = ("fused", "bm25", "dense")
 DEFAULT_MODE = "fused"
 RRF_K = 60
 # What the file reranker weighs (Ranking.rerank_weights), for each file among the fused candidates:
@@ -563,8 +563,8 @@ class KnowledgeBase:
         ranking = ranking or self.ranking
         if not isinstance(query, str) or not query.strip():
             raise TissLMError("kb search: the query is empty")
-        if mode not in MODES:
-            raise TissLMError(f"kb search: mode={mode!r}: expected one of {', '.join(MODES)}")
+        if mode not in SEARCH_MODES:
+            raise TissLMError(f"kb search: mode={mode!r}: expected one of {', '.join(SEARCH_MODES)}")
         if not 1 <= k <= MAX_K:
             raise TissLMError(f"kb search: k={k}: expected 1..{MAX_K}")
         query = query[:MAX_QUERY_CHARS]

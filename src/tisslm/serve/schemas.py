@@ -40,6 +40,7 @@ from typing import Annotated, Any, Literal
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from pydantic.json_schema import SkipJsonSchema
 
+from tisslm.core.choices import SearchMode
 from tisslm.core.sampling import MAX_PENALTY, PenalizedSampling
 
 # ---- errors ----
@@ -182,7 +183,6 @@ class _Sampling(_Strict):
             raise invalid(err, {"max_new_tokens": "max_tokens"}) from None
 
 
-RetrievalMode = Literal["fused", "bm25", "dense"]  # the knowledge base's modes (`KnowledgeBase.search`)
 MAX_RETRIEVE_K = 50
 
 
@@ -199,7 +199,7 @@ class RetrieveOptions(_Strict):
 
     query: str | None = Field(None, min_length=1)
     k: int = Field(5, ge=1, le=MAX_RETRIEVE_K)
-    mode: RetrievalMode = "fused"
+    mode: SearchMode = "fused"
 
 
 MAX_COMPLETION_LOGPROBS = 5  # OpenAI's limit for the legacy completions
@@ -265,7 +265,7 @@ class RetrieveRequest(_Strict):
 
     query: str = Field(min_length=1)
     k: int = Field(5, ge=1, le=MAX_RETRIEVE_K)
-    mode: RetrievalMode = "fused"  # bm25 (words), dense (embeddings) or both fused by reciprocal rank
+    mode: SearchMode = "fused"  # bm25 (words), dense (embeddings) or both fused by reciprocal rank
 
 
 class AttentionRequest(_Strict):
