@@ -2,7 +2,8 @@
 
 The parser loads them instead of computing them at every start (`tisslm.agent.parser._lark`); tables
 made from another grammar, lark version or options are ignored, so a stale file costs only time, and
-`tests/test_tisslang_tables.py` fails until this is run. Usage: python tools/tisslang_tables.py
+`tests/test_tisslang_parser.py::test_the_shipped_parse_tables_are_those_of_the_grammar` fails
+until this is run. Usage: python tools/tisslang_tables.py
 """
 
 from __future__ import annotations
