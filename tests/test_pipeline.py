@@ -2,8 +2,8 @@
 `mlflow server` on loopback and a temporary Prefect server.
 
 One workspace serves the module's tests in order: the pipeline flow makes every artifact, DVC then
-finds nothing to do, a DVC experiment changes a param, the HPO flow studies the trained data, and a
-broken param makes the flow fail naming its stage.
+finds nothing to do, a DVC experiment changes a param and is discarded, the HPO flow studies the
+trained data, and a broken param makes the flow fail naming its stage.
 """
 
 from __future__ import annotations
@@ -105,6 +105,16 @@ def children(client, parent_run_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+def back_to_the_committed_outputs(workspace: Path) -> None:
+    """Discard what a test changed (params, dvc.lock, the outputs DVC removed before a stage ran), so
+    that the tests after it find nothing stale and rerun no stage."""
+    assert run(["git", "reset", "--hard", "-q"], workspace).returncode == 0
+    checkout = run([sys.executable, "-m", "dvc", "checkout", "--force"], workspace)
+    assert checkout.returncode == 0, checkout.stderr
+    status = run([sys.executable, "-m", "dvc", "status"], workspace)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
 def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
     from mlflow import MlflowClient
 
@@ -186,6 +196,7 @@ def test_dvc_experiment_metrics_and_plots(workspace):
     assert "plots/train_loss.csv" in plots.stdout
     html = run([sys.executable, "-m", "dvc", "plots", "show", "-o", "dvc_plots"], workspace)
     assert html.returncode == 0 and (workspace / "dvc_plots/index.html").is_file()
+    back_to_the_committed_outputs(workspace)  # as a user discards an experiment
 
 
 def test_hpo_flow_runs_pruned_or_complete_trials_and_resumes(workspace, mlflow_server):
@@ -221,13 +232,12 @@ def test_a_failing_stage_fails_the_flow_naming_it(workspace, mlflow_server):
 
     from tisslm.flows.pipeline import StageFailed, tisslm_pipeline
 
-    original = (workspace / "params.yaml").read_text()
     try:
         with pytest.raises(StageFailed, match=r"stage 'train' failed: dvc repro exited with \d+") as failure:
             tisslm_pipeline(["train.seq_len=200"])  # longer than model.max_seq_len=128: the trainer refuses
         assert "train.seq_len=200 exceeds model.max_seq_len=128" in "\n".join(failure.value.tail)
     finally:
-        (workspace / "params.yaml").write_text(original)
+        back_to_the_committed_outputs(workspace)  # DVC removed train's outputs before the trainer refused
     client = MlflowClient(tracking_uri=mlflow_server)
     experiment = client.get_experiment_by_name("tisslm").experiment_id
     failed = client.search_runs([experiment], "attributes.run_name = 'pipeline'", order_by=["start_time DESC"])[0]
@@ -276,6 +286,7 @@ def test_a_transient_failure_is_retried(workspace, mlflow_server):
     runs = client.search_runs([experiment.experiment_id], f"attributes.start_time > {since}")
     attempts = sorted((r for r in runs if r.info.run_name == first), key=lambda r: r.info.start_time)
     assert [r.info.status for r in attempts] == ["FAILED", "FINISHED"]
+    assert not any(s.ran for s in outcome.stages)  # nothing was stale: the lock alone failed the stage
     log = Path(client.download_artifacts(attempts[0].info.run_id, "stage.log", str(workspace.parent)))
     assert "Unable to acquire lock" in log.read_text()
 
