@@ -105,14 +105,18 @@ def children(client, parent_run_id: str) -> list:
     return client.search_runs([experiment.experiment_id], f"tags.mlflow.parentRunId = '{parent_run_id}'")
 
 
+def assert_dvc_finds_nothing_stale(workspace: Path) -> None:
+    status = run([sys.executable, "-m", "dvc", "status"], workspace)
+    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+
+
 def back_to_the_committed_outputs(workspace: Path) -> None:
     """Discard what a test changed (params, dvc.lock, the outputs DVC removed before a stage ran), so
     that the tests after it find nothing stale and rerun no stage."""
     assert run(["git", "reset", "--hard", "-q"], workspace).returncode == 0
     checkout = run([sys.executable, "-m", "dvc", "checkout", "--force"], workspace)
     assert checkout.returncode == 0, checkout.stderr
-    status = run([sys.executable, "-m", "dvc", "status"], workspace)
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    assert_dvc_finds_nothing_stale(workspace)
 
 
 def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
@@ -157,8 +161,7 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
         assert (workspace / "models" / name).exists(), name
 
     # The flow made exactly what `dvc repro` makes: DVC finds nothing stale and runs nothing.
-    status = run([sys.executable, "-m", "dvc", "status"], workspace)
-    assert status.returncode == 0 and "up to date" in status.stdout, status.stdout
+    assert_dvc_finds_nothing_stale(workspace)
     repro = run([sys.executable, "-m", "dvc", "repro"], workspace)
     assert repro.returncode == 0 and "Running stage" not in repro.stdout, repro.stdout
     commit = ["git", "-c", "user.name=t", "-c", "user.email=t@t", "commit", "-qm", "pipeline outputs"]
