@@ -68,9 +68,13 @@ run: $(STAMP) sandbox
 ifeq ($(MAKECMDGOALS),test)
 MAKEFLAGS += --jobs=2
 endif
+
+# Two workers, each test file on one (its fixtures set up once). In collection order: xdist's default
+# sends the files with the most tests first, which leaves the end-to-end files of one to three tests
+# (a minute or more each) for last, and one worker running them alone.
 test: $(STAMP) $(TRANSFORMERS4_STAMP) $(ACTIONLINT) system
 	$(BIN)/lint-imports
-	$(BIN)/python -m pytest -n 2 --dist loadfile  # two workers, each test file on one (its fixtures set up once)
+	$(BIN)/python -m pytest -n 2 --dist loadfile --no-loadscope-reorder
 
 # llama-cpp-python, compiled from its sdist the first time (about 5 minutes on 2 cores; pip's wheel
 # cache keeps the build): for the tests marked slow, `serve.backend: llama.cpp` and bench_model's

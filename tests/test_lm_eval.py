@@ -75,14 +75,18 @@ def harness(tmp_path_factory):
     server.stop()
 
 
-def lm_eval(root: Path, task: str, model: str, model_args: str) -> dict:
-    out = root / f"out-{model}-{task}-{hashlib.sha256(model_args.encode()).hexdigest()[:8]}"  # one per run
-    command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", task,
+TASKS = ("tisslm_docs", "tisslm_choice")
+
+
+def lm_eval(root: Path, model: str, model_args: str) -> dict:
+    """Both tasks in one run of lm_eval (each run costs seconds of imports): task -> its results."""
+    out = root / f"out-{model}-{hashlib.sha256(model_args.encode()).hexdigest()[:8]}"  # one per run
+    command = [sys.executable, "-m", "lm_eval", "--model", model, "--model_args", model_args, "--tasks", ",".join(TASKS),
                "--include_path", str(root / "tasks"), "--output_path", str(out), "--batch_size", "1", "--device", "cpu"]  # fmt: skip
     result = subprocess.run(command, capture_output=True, text=True, timeout=300, cwd=root)
     assert result.returncode == 0, result.stderr[-3000:]
     [found] = out.rglob("results*.json")
-    return json.loads(found.read_text())["results"][task]
+    return json.loads(found.read_text())["results"]
 
 
 def served(root: Path, server: ServerProcess) -> str:
@@ -92,24 +96,19 @@ def served(root: Path, server: ServerProcess) -> str:
 
 
 @pytest.fixture(scope="module")
-def hf_docs(harness) -> dict:
+def hf_results(harness) -> dict:
     root, _ = harness
-    return lm_eval(root, "tisslm_docs", "hf", f"pretrained={root / 'hf'},dtype=float32")
+    return lm_eval(root, "hf", f"pretrained={root / 'hf'},dtype=float32")
 
 
 @pytest.mark.parametrize("requests", ["token ids", "texts"])
-def test_rolling_loglikelihood_through_the_server_matches_the_hf_backend(harness, hf_docs, requests):
+def test_the_server_scores_both_tasks_as_the_hf_backend_does(harness, hf_results, requests):
     root, server = harness
     model_args = (
         served(root, server) + ",max_length=2048" + (",tokenized_requests=False" if requests == "texts" else "")
     )
-    through_api = lm_eval(root, "tisslm_docs", "local-completions", model_args)
-    api_bpb, hf_bpb = through_api["bits_per_byte,none"], hf_docs["bits_per_byte,none"]
+    through_api = lm_eval(root, "local-completions", model_args)
+    api_bpb, hf_bpb = (r["tisslm_docs"]["bits_per_byte,none"] for r in (through_api, hf_results))
     assert abs(api_bpb - hf_bpb) / hf_bpb < 0.005, (api_bpb, hf_bpb)
-
-
-def test_a_multiple_choice_task_runs_through_the_server(harness):
-    root, server = harness
-    through_api = lm_eval(root, "tisslm_choice", "local-completions", served(root, server))
-    reference = lm_eval(root, "tisslm_choice", "hf", f"pretrained={root / 'hf'},dtype=float32")
-    assert through_api["acc,none"] == reference["acc,none"]  # the same choices win for the same weights
+    # The multiple-choice task runs too, and the same choices win for the same weights.
+    assert through_api["tisslm_choice"]["acc,none"] == hf_results["tisslm_choice"]["acc,none"]
