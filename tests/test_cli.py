@@ -206,6 +206,17 @@ def test_help_loads_no_pydantic_and_tiss_check_no_params_schema(tmp_path):
     assert result.returncode == 0 and "tisslm.core.config" in modules  # the filter's policy is a param
 
 
+def test_only_the_tiss_commands_load_the_tisslang_parser(tmp_path):
+    """lark and TissLang's parser, checks and AST (about 45 ms) load for `tiss` commands, not for the
+    others or the help."""
+    tisslang = {"lark", "tisslm.agent.parser", "tisslm.agent.checks", "tisslm.agent.ast"}
+    for args, stdin in ((["--help"], None), (["safety", "scan", "-"], "nothing to see")):
+        result, modules = imported(*args, stdin=stdin, cwd=tmp_path)
+        assert result.returncode == 0 and sorted(modules & tisslang) == [], args
+    result, modules = imported("tiss", "check", str(REPO / "examples" / "tiss" / "hello.tiss"), cwd=tmp_path)
+    assert result.returncode == 0 and tisslang <= modules
+
+
 def test_the_package_root_loads_its_public_names_on_first_use():
     code = (
         "import sys, tisslm, tisslm.core.config\n"

@@ -17,14 +17,14 @@ from typing import TYPE_CHECKING, Annotated
 
 import typer
 
-from tisslm.agent import ast
-from tisslm.agent.checks import check, check_warnings, interpolated
-from tisslm.agent.parser import TissSyntaxError, format_expr, parse_file
 from tisslm.core.errors import TissLMError
 
-# `run`'s engine, sandbox and model adapter (httpx) load inside run_command: check and plan skip them.
+# The parser (lark), the checks and the AST load when a tiss command runs, so that `tisslm`'s other
+# commands and its help skip them; `run`'s engine, sandbox and model adapter (httpx) load inside
+# run_command, so that check and plan skip them too.
 
 if TYPE_CHECKING:
+    from tisslm.agent import ast
     from tisslm.kb import KnowledgeBase
 
 app = typer.Typer(
@@ -53,6 +53,9 @@ def _variables(pairs: list[str] | None) -> dict[str, str]:
 
 def load_checked(path: Path, given: list[str]) -> ast.Script:
     """Parse and check a script; print every error and exit 2 if there is any (warnings: printed only)."""
+    from tisslm.agent.checks import check, check_warnings
+    from tisslm.agent.parser import TissSyntaxError, parse_file
+
     try:
         script = parse_file(path)
         source = path.read_text(encoding="utf-8")
@@ -71,6 +74,8 @@ def load_checked(path: Path, given: list[str]) -> ast.Script:
 @app.command("check")
 def check_command(script: Script, var: Vars = None) -> None:
     """Parse a script and check it: syntax, undefined variables, unknown directives, nested STEP."""
+    from tisslm.agent import ast
+
     parsed = load_checked(script, list(_variables(var)))
     print(f"{script}: ok ({sum(1 for _ in ast.walk(parsed))} statements)")
 
@@ -87,6 +92,9 @@ RISKS = [
 
 
 def _risks(node: ast.Node, model_vars: set[str]) -> list[str]:
+    from tisslm.agent import ast
+    from tisslm.agent.checks import interpolated
+
     risks = []
     match node:
         case ast.Run(command=command):
@@ -112,7 +120,9 @@ def _risks(node: ast.Node, model_vars: set[str]) -> list[str]:
 
 
 def _describe(node: ast.Node) -> str:
+    from tisslm.agent import ast
     from tisslm.agent.interpreter import DEFAULT_TOP
+    from tisslm.agent.parser import format_expr
 
     match node:
         case ast.Run(command=text) | ast.Log(text=text) | ast.Pause(text=text) | ast.RequestReview(text=text):
@@ -144,6 +154,9 @@ def _describe(node: ast.Node) -> str:
 
 def plan(script: ast.Script, filename: str) -> list[dict]:
     """Every statement in execution order, with the branch it sits in and the risks it carries."""
+    from tisslm.agent import ast
+    from tisslm.agent.parser import format_expr
+
     items: list[dict] = []
     model_vars = {n.into for n in ast.walk(script) if isinstance(n, ast.PromptAgent)}
 
