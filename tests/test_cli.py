@@ -140,10 +140,13 @@ def test_pipeline_commands_outside_a_project_exit_2_with_one_line(tmp_path):
 
 
 def test_ui_serves_the_mlflow_store_of_the_project(tmp_path):
-    """`tisslm ui` starts the MLflow UI on the working directory's store; it answers over HTTP."""
+    """`tisslm ui` starts the MLflow UI on the working directory's store; it answers over HTTP, and
+    without MLflow's job runners (the project submits no jobs; tisslm.tracking.SERVER_ENVIRONMENT)."""
     import os
     import time
     import urllib.request
+
+    import psutil
 
     assert "no MLflow store yet" in tisslm("ui", cwd=tmp_path).stderr
     setup = "from tisslm.tracking import use_experiment; use_experiment('tisslm')"
@@ -165,6 +168,9 @@ def test_ui_serves_the_mlflow_store_of_the_project(tmp_path):
             except OSError:
                 assert ui.poll() is None and time.monotonic() < deadline, "tisslm ui did not come up"
                 time.sleep(0.5)
+        processes = [" ".join(child.cmdline()) for child in psutil.Process(ui.pid).children(recursive=True)]
+        assert any("uvicorn" in command for command in processes), processes
+        assert not any("huey" in command for command in processes), processes
     finally:
         ui.terminate()
         ui.wait(timeout=30)

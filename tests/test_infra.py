@@ -839,6 +839,9 @@ def test_mlflow_server_uses_postgres_and_minio_through_the_server():
     assert urlsplit(env["MLFLOW_S3_ENDPOINT_URL"]).hostname == "minio"
     assert env["AWS_ACCESS_KEY_ID"] == services["minio"]["environment"]["MINIO_ROOT_USER"]
     assert env["AWS_SECRET_ACCESS_KEY"] == services["minio"]["environment"]["MINIO_ROOT_PASSWORD"]
+    from tisslm.tracking import SERVER_ENVIRONMENT
+
+    assert SERVER_ENVIRONMENT.items() <= env.items()  # the same server settings as `tisslm ui`'s
 
 
 def created_buckets() -> set[str]:

@@ -22,6 +22,8 @@ import yaml
 from conftest import copy_project, free_port, wait_until_up
 from synthetic import code_doc
 
+from tisslm.tracking import SERVER_ENVIRONMENT
+
 TINY_PARAMS = {
     "ingest": {"min_rows": 10},
     "clean": {"min_rows": 10, "workers": 1},
@@ -63,7 +65,7 @@ def mlflow_server(tmp_path_factory):
          "--backend-store-uri", f"sqlite:///{root / 'mlflow.db'}", "--artifacts-destination", str(root / "artifacts"),
          "--workers", "1"],
         cwd=root, stdout=(root / "server.log").open("w"), stderr=subprocess.STDOUT,
-        env={**os.environ, "MLFLOW_DISABLE_TELEMETRY": "true"},
+        env={**os.environ, **SERVER_ENVIRONMENT},
     )  # fmt: skip
     url = f"http://127.0.0.1:{port}"
     wait_until_up(f"{url}/health", server, root / "server.log", "mlflow server")

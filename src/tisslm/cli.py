@@ -420,7 +420,7 @@ def ui(
     port: Annotated[int, typer.Option(help="TCP port.")] = 5000,
 ) -> None:
     """The MLflow UI on the project's store (MLFLOW_TRACKING_URI, else ./mlflow.db)."""
-    from tisslm.tracking import tracking_uri
+    from tisslm.tracking import SERVER_ENVIRONMENT, tracking_uri
 
     uri = tracking_uri()
     if not uri.startswith("sqlite:"):
@@ -430,7 +430,7 @@ def ui(
         raise TissLMError(f"{uri}: no MLflow store yet; run the pipeline first (make run)")
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    os.execv(sys.executable, command)
+    os.execve(sys.executable, command, {**os.environ, **SERVER_ENVIRONMENT})
 
 
 # ---- serving: `serve`, `chat`, `attention` (tisslm.serve.commands; their modules load only when one runs) ----

@@ -19,6 +19,10 @@ from tisslm.core.config import Params
 
 EXPERIMENT = "tisslm"
 RUN_ENV = "TISSLM_MLFLOW_RUN_ID"  # the run a flow opened for this stage to log into
+# The environment of the MLflow servers the project starts (`tisslm ui`; infra/docker-compose.yml says the
+# same). MLflow 3 starts six job-runner processes (huey consumers) with every server by default, for GenAI
+# jobs the project never submits: they cost seconds of start-up and poll the store while it runs.
+SERVER_ENVIRONMENT = {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false", "MLFLOW_DISABLE_TELEMETRY": "true"}
 
 
 def tracking_uri() -> str:
