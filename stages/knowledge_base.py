@@ -58,6 +58,11 @@ def main() -> None:
         f"({build['added']} added, {build['updated']} updated, {build['removed']} removed, {build['unchanged']} unchanged)"
     )
     for label, result in (("project", retrieval), ("held-out", heldout)):
+        if not result["answerable"]:
+            print(
+                f"knowledge_base: {label} queries not scored: none of the {result['queries']} is about an indexed file"
+            )
+            continue
         mrr = {run: scores["file"]["mrr@10"] for run, scores in result["results"].items()}
         print(
             f"knowledge_base: {label} queries MRR@10 {', '.join(f'{run} {value:.3f}' for run, value in mrr.items())} "

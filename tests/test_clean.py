@@ -179,7 +179,7 @@ def test_private_addresses_and_ordinary_numbers_are_left_alone():
     assert anonymize(text, AnonymizeParams()) == (text, {})
 
 
-def test_corrupted_clean_shards_fail_validation_naming_the_expectations(tmp_path):
+def test_corrupted_clean_shards_fail_validation_naming_the_expectations(tmp_path, capfd):
     rng = random.Random(3)
     kept, _ = run_clean(["\n".join(code_doc(rng)) for _ in range(6)], tmp_path, CleanParams(workers=1))
     df = pd.DataFrame(kept)
@@ -203,6 +203,7 @@ def test_corrupted_clean_shards_fail_validation_naming_the_expectations(tmp_path
     assert "expect_column_values_to_not_match_regex_list(text)" in message
     assert "\n" not in message and err.value.exit_code == 1
     assert (tmp_path / "bad.json").exists()
+    assert "Calculating Metrics" not in capfd.readouterr().err  # no progress bar per checkpoint run
 
 
 def test_importing_the_anonymiser_keeps_warnings_visible():

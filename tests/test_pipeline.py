@@ -150,11 +150,15 @@ def test_pipeline_flow_makes_and_registers_the_model(workspace, mlflow_server):
         stage: Path(
             client.download_artifacts(runs[stage].info.run_id, "stage.log", str(workspace / f"../{stage}"))
         ).read_text()
-        for stage in ("train", "safety", "register")
+        for stage in ("train", "knowledge_base", "safety", "register")
     }
     assert all("git add dvc.lock" in log for log in logs.values())
     assert "train: val " in logs["train"] and "system metrics" not in logs["train"]
     assert "register: tisslm version 1" in logs["register"] and "Validating input example" not in logs["register"]
+    # The tiny corpus holds none of the files the query sets ask about: said so, not an empty figure.
+    assert (
+        "knowledge_base: project queries not scored: none of the 232 is about an indexed file" in logs["knowledge_base"]
+    )
     assert re.search(r"false positives: plain_samples \d+\.\d%.*repetitive samples: \d+", logs["safety"])
     assert [m.name for m in client.search_model_versions("name='tisslm'")] == ["tisslm"]
     model_version = client.get_model_version("tisslm", "1")

@@ -90,9 +90,12 @@ class Suite:
 
     def __init__(self, name: str, expectations: list, docs_dir: Path | None = None):
         import great_expectations as gx
+        from great_expectations.data_context.types.base import ProgressBarsConfig
 
         logging.getLogger("great_expectations").setLevel(logging.ERROR)
         context = gx.get_context(mode="ephemeral")
+        # A bar per checkpoint run, well under a second each: noise in the stage logs (four lines a run).
+        context.variables.progress_bars = ProgressBarsConfig(globally=False)
         actions = []
         if docs_dir is not None:
             site = {"class_name": "TupleFilesystemStoreBackend", "base_directory": str(Path(docs_dir).resolve())}
