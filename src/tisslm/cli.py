@@ -430,7 +430,7 @@ def ui(
         raise TissLMError(f"{uri}: no MLflow store yet; run the pipeline first (make run)")
     typer.echo(f"MLflow UI for {uri} on http://{host}:{port} (Ctrl-C stops it)")
     command = [sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", uri, "--host", host, "--port", str(port)]
-    os.execve(sys.executable, command, {**os.environ, **SERVER_ENVIRONMENT})
+    os.execve(sys.executable, command, {**SERVER_ENVIRONMENT, **os.environ})  # a user's own settings win
 
 
 # ---- serving: `serve`, `chat`, `attention` (tisslm.serve.commands; their modules load only when one runs) ----
